@@ -1,0 +1,82 @@
+"""Backend registry: which implementation of the ops runs on a device, and why.
+
+Backends:
+  ``triton``  fused multi-tensor Triton kernels; CUDA tensors, or CPU tensors under the Triton
+              interpreter (``TRITON_INTERPRET=1`` set before the first import, for testing).
+  ``torch``   the pure-torch reference (``reference.py``); runs anywhere.
+
+``auto`` picks Triton for CUDA tensors and the torch reference on the CPU (the Triton interpreter is a
+correctness tool, far slower than torch). ``SAM_KERNELS_BACKEND`` overrides ``auto``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from types import ModuleType
+
+import torch
+
+BACKEND_ENV = "SAM_KERNELS_BACKEND"
+BACKEND_NAMES = ("triton", "torch")
+_MODULES = {"triton": "triton_backend", "torch": "reference"}
+
+
+def triton_status(device_type: str) -> tuple[bool, str]:
+    """Whether the Triton backend can run on this device type, and why (not)."""
+    if importlib.util.find_spec("triton") is None:
+        return False, "the triton package is not installed"
+    if device_type == "cuda":
+        return True, "triton is installed and the tensors are on a CUDA device"
+    if device_type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            return True, "TRITON_INTERPRET=1: kernels run in the Triton interpreter"
+        return False, "CPU tensors need TRITON_INTERPRET=1 set before sam_kernels is imported"
+    return False, f"Triton has no support for device type {device_type!r}"
+
+
+def resolve(device: torch.device, requested: str | None = None) -> tuple[str, str]:
+    """(backend name, reason) for tensors on ``device``; ``requested`` None or "auto" means automatic."""
+    env = os.environ.get(BACKEND_ENV, "").strip().lower()
+    name = (requested or "auto").lower()
+    source = "backend argument"
+    if name == "auto" and env and env != "auto":
+        name, source = env, f"{BACKEND_ENV}={env}"
+    if name == "auto":
+        ok, why = triton_status(device.type)
+        if device.type == "cuda" and ok:
+            return "triton", f"auto: {why}"
+        return "torch", f"auto: torch reference on {device.type} (triton: {why})"
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"{source}: unknown backend {name!r}; choose one of 'auto', "
+                         + ", ".join(repr(n) for n in BACKEND_NAMES))
+    if name == "triton":
+        ok, why = triton_status(device.type)
+        if not ok:
+            raise RuntimeError(f"{source} asks for the triton backend, but {why}; "
+                               "use backend='torch' or 'auto'")
+        return name, f"{source}: {why}"
+    return name, f"{source}: pure-torch reference"
+
+
+def get(name: str) -> ModuleType:
+    """The module that implements backend ``name`` (imported on first use)."""
+    return importlib.import_module(f"{__name__}.{_MODULES[name]}")
+
+
+def report() -> str:
+    """Human-readable summary of the backends and the automatic choice on each present device."""
+    lines = [f"{BACKEND_ENV}={os.environ.get(BACKEND_ENV, '') or '(unset)'}"]
+    devices = [torch.device("cpu")]
+    if torch.cuda.is_available():
+        devices.append(torch.device("cuda"))
+    for device in devices:
+        ok, why = triton_status(device.type)
+        lines.append(f"{device.type}: triton {'available' if ok else 'unavailable'} ({why})")
+        try:
+            name, reason = resolve(device)
+            lines.append(f"{device.type}: runs {name!r} ({reason})")
+        except (ValueError, RuntimeError) as error:
+            lines.append(f"{device.type}: {error}")
+    return "\n".join(lines)

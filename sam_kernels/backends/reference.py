@@ -1,0 +1,154 @@
+"""Pure-torch reference of every op: the ground truth that all other backends are tested against.
+
+Written for reading, not for speed: one tensor at a time, fp32 math, no fusion. It runs on any device and
+makes no host sync except reading the RNG step. The op layer (``sam_kernels.ops``) has already validated
+the inputs, dropped tensors without a gradient and advanced Adam's step counters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .common import U32, split_u64
+
+# Philox4x32-10 constants (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11).
+PHILOX_M0 = 0xD2511F53
+PHILOX_M1 = 0xCD9E8D57
+PHILOX_W0 = 0x9E3779B9
+PHILOX_W1 = 0xBB67AE85
+PHILOX_ROUNDS = 10
+
+
+def _mulhilo32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """High and low 32-bit words of a * b for uint32 values held in int64 tensors (no overflow)."""
+    b_lo, b_hi = b & 0xFFFF, b >> 16
+    low_part = b_lo * a  # < 2**48
+    mid = b_hi * a + (low_part >> 16)  # < 2**49
+    return mid >> 16, ((mid & 0xFFFF) << 16) | (low_part & 0xFFFF)
+
+
+def philox4x32_10(counter: Sequence[torch.Tensor], key: tuple[int, int]) -> list[torch.Tensor]:
+    """Philox4x32-10 on int64 tensors holding uint32 words; returns the four output words."""
+    c0, c1, c2, c3 = (torch.as_tensor(c, dtype=torch.int64) & U32 for c in counter)
+    c0, c1, c2, c3 = torch.broadcast_tensors(c0, c1, c2, c3)
+    k0, k1 = key
+    for _ in range(PHILOX_ROUNDS):
+        hi0, lo0 = _mulhilo32(PHILOX_M0, c0)
+        hi1, lo1 = _mulhilo32(PHILOX_M1, c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0, k1 = (k0 + PHILOX_W0) & U32, (k1 + PHILOX_W1) & U32
+    return [c0, c1, c2, c3]
+
+
+def keep_mask(numel: int, tensor_index: int, seed: int, step: int, keep_threshold: int,
+              device: torch.device | str = "cpu") -> torch.Tensor:
+    """Boolean keep-mask of one flattened tensor, per the contract in ``backends/common.py``."""
+    element = torch.arange(numel, dtype=torch.int64, device=device)
+    step_lo, step_hi = split_u64(step)
+    word0 = philox4x32_10((element, tensor_index, step_lo, step_hi), split_u64(seed))[0]
+    return (word0 >> 8) < keep_threshold
+
+
+def grad_norm(grads: Sequence[torch.Tensor], weights: Sequence[torch.Tensor] | None,
+              adaptive_eta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global L2 norm of the grads (each scaled elementwise by |w| + eta when weights are given)."""
+    device = grads[0].device if grads else torch.device("cpu")
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    for i, grad in enumerate(grads):
+        g = grad.float()
+        if weights is not None:
+            g = (weights[i].float().abs() + adaptive_eta) * g
+        total = total + (g * g).sum()
+    return total.sqrt(), (~torch.isfinite(total)).float()
+
+
+def perturb_(params, grads, backups, tensor_indices, norm, *, rho, eps, keep_threshold, keep_prob,
+             normalize, adaptive, adaptive_eta, seed, step) -> None:
+    """backup = w; w += scale * mask * (T_w^2 if adaptive) * g, unless the norm is not finite."""
+    scale = rho / (norm + eps) if normalize else torch.full_like(norm, rho)
+    scale = scale / keep_prob
+    finite = torch.isfinite(norm)
+    step = int(step)
+    for param, grad, backup, index in zip(params, grads, backups, tensor_indices, strict=False):
+        backup.copy_(param)
+        w = param.float()
+        e = scale * grad.float()
+        if adaptive:
+            t = w.abs() + adaptive_eta
+            e = e * t * t
+        if keep_threshold < (1 << 24):
+            mask = keep_mask(param.numel(), index, seed, step, keep_threshold, param.device)
+            e = torch.where(mask.view_as(e), e, torch.zeros_like(e))
+        param.copy_(torch.where(finite, w + e, w))
+
+
+def restore_(params, backups) -> None:
+    """w = backup, bit for bit."""
+    for param, backup in zip(params, backups, strict=False):
+        param.copy_(backup)
+
+
+def _effective_grad(grad, multiplier, maximize):
+    g = grad.float()
+    if multiplier is not None:
+        g = g * multiplier
+    return -g if maximize else g
+
+
+def _skip_flag(found_inf, device):
+    if found_inf is None:
+        return torch.zeros((), dtype=torch.bool, device=device)
+    return found_inf != 0
+
+
+def restore_sgd_step_(params, backups, grads, momentum_buffers, first_step, *, lr, momentum,
+                      dampening, weight_decay, nesterov, maximize, grad_multiplier,
+                      found_inf) -> None:
+    """w = backup, then one torch.optim.SGD step with the second gradient (skipped on found_inf)."""
+    for i, (param, backup, grad) in enumerate(zip(params, backups, grads, strict=False)):
+        skip = _skip_flag(found_inf, param.device)
+        w = backup.float()
+        g = _effective_grad(grad, grad_multiplier, maximize)
+        if weight_decay != 0:
+            g = g + weight_decay * w
+        if momentum != 0:
+            buf = momentum_buffers[i]
+            new_buf = g if first_step[i] else momentum * buf.float() + (1 - dampening) * g
+            g = g + momentum * new_buf if nesterov else new_buf
+            buf.copy_(torch.where(skip, buf.float(), new_buf))
+        param.copy_(torch.where(skip, w, w - lr * g))
+
+
+def restore_adam_step_(params, backups, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *,
+                       lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize,
+                       grad_multiplier, found_inf) -> None:
+    """w = backup, then one torch.optim.Adam (or AdamW if decoupled) step; steps already advanced."""
+    for i, (param, backup, grad) in enumerate(zip(params, backups, grads, strict=False)):
+        skip = _skip_flag(found_inf, param.device)
+        w = backup.float()
+        g = _effective_grad(grad, grad_multiplier, maximize)
+        if weight_decay != 0:
+            if decoupled:
+                w_decayed = w * (1 - lr * weight_decay)
+            else:
+                g = g + weight_decay * w
+                w_decayed = w
+        else:
+            w_decayed = w
+        m = beta1 * exp_avgs[i].float() + (1 - beta1) * g
+        v = beta2 * exp_avg_sqs[i].float() + (1 - beta2) * g * g
+        step = steps[i].float()
+        bias_correction1 = 1 - torch.pow(beta1, step)
+        bias_correction2_sqrt = (1 - torch.pow(beta2, step)).sqrt()
+        if amsgrad:
+            v_max = torch.maximum(max_exp_avg_sqs[i].float(), v)
+            max_exp_avg_sqs[i].copy_(torch.where(skip, max_exp_avg_sqs[i].float(), v_max))
+            denom = v_max.sqrt() / bias_correction2_sqrt + eps
+        else:
+            denom = v.sqrt() / bias_correction2_sqrt + eps
+        new_w = w_decayed - (lr / bias_correction1) * m / denom
+        exp_avgs[i].copy_(torch.where(skip, exp_avgs[i].float(), m))
+        exp_avg_sqs[i].copy_(torch.where(skip, exp_avg_sqs[i].float(), v))
+        param.copy_(torch.where(skip, w, new_w))

@@ -1,0 +1,213 @@
+"""Launch glue of the Triton backend: metadata tables, one launch per op per dtype group.
+
+The kernels themselves are in ``triton_kernels.py``. Inputs arrive validated by ``sam_kernels.ops``
+(one device, supported dtypes, contiguous, no missing gradients).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+import triton.language as tl
+
+from . import triton_kernels as kernels
+from .common import group_by_dtype, split_u64
+
+TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+#: Elements per block (the vector width of one loop iteration).
+BLOCK = 1024
+#: Elements per chunk: one program handles one chunk of one tensor.
+CHUNK = 16 * BLOCK
+#: Width of the single program that sums the norm's partials.
+FINISH_BLOCK = 1024
+#: Metadata tables kept per device (they only change when the tensors are reallocated).
+METADATA_CACHE_SIZE = 64
+
+
+class _Metadata:
+    """Device tables of one launch: views into one packed int64 tensor (a single host-to-device copy).
+
+    NOTE (layout of the packed tensor): ``[pointer rows: n_lists x n_tensors | numels: n_tensors |
+    extra rows: n_extra x n_tensors | chunk_tensor: n_chunks | chunk_start: n_chunks]``.
+    """
+
+    def __init__(self, packed: torch.Tensor, n_lists: int, n_tensors: int, n_extra: int, n_chunks: int):
+        self.packed = packed
+        self.n_chunks = n_chunks
+        rows = packed[: (n_lists + 1 + n_extra) * n_tensors].view(n_lists + 1 + n_extra, n_tensors)
+        self.pointers = [rows[i] for i in range(n_lists)]
+        self.numels = rows[n_lists]
+        self.extra = [rows[n_lists + 1 + i] for i in range(n_extra)]
+        chunks = packed[(n_lists + 1 + n_extra) * n_tensors:]
+        self.chunk_tensor, self.chunk_start = chunks[:n_chunks], chunks[n_chunks:]
+
+
+_metadata_cache: OrderedDict[tuple, _Metadata] = OrderedDict()
+
+
+def _metadata(tensor_lists: Sequence[Sequence[torch.Tensor]],
+              extra_rows: Sequence[Sequence[int]] = ()) -> _Metadata:
+    """Pointer, size and chunk tables for tensors that share one device and dtype.
+
+    ``tensor_lists[k][i]`` is the k-th operand of tensor i (param, grad, backup, ...); ``extra_rows`` are
+    per-tensor integers (global tensor index, first-step flag). Cached by content: a list of tensors that
+    keeps its storage (the usual case in training) reuses its tables every step.
+    """
+    device = tensor_lists[0][0].device
+    numels = [t.numel() for t in tensor_lists[0]]
+    pointers = [t.data_ptr() for tensors in tensor_lists for t in tensors]
+    key = (device, len(tensor_lists), tuple(pointers), tuple(numels),
+           tuple(tuple(row) for row in extra_rows), CHUNK)
+    cached = _metadata_cache.get(key)
+    if cached is not None:
+        _metadata_cache.move_to_end(key)
+        return cached
+    chunk_tensor, chunk_start = [], []
+    for row, numel in enumerate(numels):
+        for start in range(0, numel, CHUNK):
+            chunk_tensor.append(row)
+            chunk_start.append(start)
+    values = pointers + numels + [v for row in extra_rows for v in row] + chunk_tensor + chunk_start
+    packed = torch.tensor(values, dtype=torch.int64)
+    if device.type != "cpu":
+        # NOTE: a pinned source makes the copy asynchronous; the caching host allocator keeps the pinned
+        # buffer alive until the copy has run, so the host never waits here.
+        packed = packed.pin_memory().to(device, non_blocking=True)
+    meta = _Metadata(packed, len(tensor_lists), len(numels), len(extra_rows), len(chunk_tensor))
+    _metadata_cache[key] = meta
+    if len(_metadata_cache) > METADATA_CACHE_SIZE:
+        _metadata_cache.popitem(last=False)
+    return meta
+
+
+def _device_guard(device: torch.device):
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _pick(tensors: Sequence, positions: Sequence[int]) -> list:
+    return [tensors[i] for i in positions]
+
+
+def grad_norm(grads, weights, adaptive_eta):
+    """Two-stage deterministic norm: one partials launch per dtype group, then one finishing launch."""
+    device = grads[0].device if grads else torch.device("cpu")
+    norm = torch.empty((), dtype=torch.float32, device=device)
+    nonfinite = torch.empty((), dtype=torch.float32, device=device)
+    groups = group_by_dtype(grads)
+    lists = [[_pick(grads, g)] + ([_pick(weights, g)] if weights is not None else []) for g in groups]
+    metas = [_metadata(group_lists) for group_lists in lists]
+    n_partials = sum(meta.n_chunks for meta in metas)
+    partials = torch.empty(max(n_partials, 1), dtype=torch.float32, device=device)
+    offset = 0
+    with _device_guard(device):
+        for group_lists, meta in zip(lists, metas, strict=False):
+            if meta.n_chunks == 0:
+                continue
+            adaptive = weights is not None
+            dtype = group_lists[0][0].dtype
+            kernels.sumsq_partials_kernel[(meta.n_chunks,)](
+                meta.pointers[0], meta.pointers[1] if adaptive else meta.pointers[0], meta.numels,
+                meta.chunk_tensor, meta.chunk_start, partials, offset, float(adaptive_eta),
+                GRAD_DTYPE=TL_DTYPES[dtype], WEIGHT_DTYPE=TL_DTYPES[group_lists[-1][0].dtype],
+                ADAPTIVE=adaptive, CHUNK=CHUNK, BLOCK=BLOCK,
+            )
+            offset += meta.n_chunks
+        kernels.finish_norm_kernel[(1,)](partials, n_partials, norm, nonfinite, BLOCK=FINISH_BLOCK)
+    return norm, nonfinite
+
+
+def perturb_(params, grads, backups, tensor_indices, norm, *, rho, eps, keep_threshold, keep_prob,
+             normalize, adaptive, adaptive_eta, seed, step) -> None:
+    seed_lo, seed_hi = split_u64(seed)
+    masked = keep_threshold < (1 << 24)
+    with _device_guard(params[0].device):
+        for group in group_by_dtype(params):
+            group_params = _pick(params, group)
+            meta = _metadata([group_params, _pick(grads, group), _pick(backups, group)],
+                             [_pick(tensor_indices, group)])
+            if meta.n_chunks == 0:
+                continue
+            kernels.perturb_kernel[(meta.n_chunks,)](
+                *meta.pointers, meta.numels, meta.extra[0], meta.chunk_tensor, meta.chunk_start,
+                norm, step, float(rho), float(eps), 1.0 / keep_prob, float(adaptive_eta),
+                seed_lo, seed_hi, keep_threshold,
+                PARAM_DTYPE=TL_DTYPES[group_params[0].dtype], GRAD_DTYPE=TL_DTYPES[grads[group[0]].dtype],
+                NORMALIZE=normalize, ADAPTIVE=adaptive, MASKED=masked, CHUNK=CHUNK, BLOCK=BLOCK,
+            )
+
+
+def restore_(params, backups) -> None:
+    with _device_guard(params[0].device):
+        for group in group_by_dtype(params):
+            group_params = _pick(params, group)
+            meta = _metadata([group_params, _pick(backups, group)])
+            if meta.n_chunks == 0:
+                continue
+            kernels.restore_kernel[(meta.n_chunks,)](
+                *meta.pointers, meta.numels, meta.chunk_tensor, meta.chunk_start,
+                PARAM_DTYPE=TL_DTYPES[group_params[0].dtype], CHUNK=CHUNK, BLOCK=BLOCK,
+            )
+
+
+def _optional_scalars(meta, grad_multiplier, found_inf):
+    """Device scalars for the kernels, with a placeholder pointer where one is absent."""
+    placeholder = meta.packed
+    return (grad_multiplier if grad_multiplier is not None else placeholder,
+            found_inf if found_inf is not None else placeholder)
+
+
+def restore_sgd_step_(params, backups, grads, momentum_buffers, first_step, *, lr, momentum,
+                      dampening, weight_decay, nesterov, maximize, grad_multiplier, found_inf) -> None:
+    has_momentum = momentum != 0
+    with _device_guard(params[0].device):
+        for group in group_by_dtype(params):
+            group_params = _pick(params, group)
+            lists = [group_params, _pick(backups, group), _pick(grads, group)]
+            if has_momentum:
+                lists.append(_pick(momentum_buffers, group))
+            meta = _metadata(lists, [[int(first_step[i]) for i in group]])
+            if meta.n_chunks == 0:
+                continue
+            pointers = meta.pointers + ([] if has_momentum else [meta.pointers[0]])
+            kernels.restore_sgd_kernel[(meta.n_chunks,)](
+                *pointers, meta.numels, meta.extra[0], meta.chunk_tensor, meta.chunk_start,
+                *_optional_scalars(meta, grad_multiplier, found_inf),
+                float(lr), float(momentum), float(dampening), float(weight_decay),
+                PARAM_DTYPE=TL_DTYPES[group_params[0].dtype], GRAD_DTYPE=TL_DTYPES[grads[group[0]].dtype],
+                HAS_MOMENTUM=has_momentum, NESTEROV=nesterov, MAXIMIZE=maximize,
+                HAS_MULTIPLIER=grad_multiplier is not None, HAS_FOUND_INF=found_inf is not None,
+                CHUNK=CHUNK, BLOCK=BLOCK,
+            )
+
+
+def restore_adam_step_(params, backups, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *,
+                       lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize,
+                       grad_multiplier, found_inf) -> None:
+    with _device_guard(params[0].device):
+        for group in group_by_dtype(params):
+            group_params = _pick(params, group)
+            max_sqs = _pick(max_exp_avg_sqs, group) if amsgrad else _pick(exp_avg_sqs, group)
+            meta = _metadata([group_params, _pick(backups, group), _pick(grads, group),
+                              _pick(exp_avgs, group), _pick(exp_avg_sqs, group), max_sqs,
+                              _pick(steps, group)])
+            if meta.n_chunks == 0:
+                continue
+            kernels.restore_adam_kernel[(meta.n_chunks,)](
+                *meta.pointers, meta.numels, meta.chunk_tensor, meta.chunk_start,
+                *_optional_scalars(meta, grad_multiplier, found_inf),
+                float(lr), float(beta1), float(beta2), _log2(beta1), _log2(beta2), float(eps),
+                float(weight_decay),
+                PARAM_DTYPE=TL_DTYPES[group_params[0].dtype], GRAD_DTYPE=TL_DTYPES[grads[group[0]].dtype],
+                DECOUPLED=decoupled, AMSGRAD=amsgrad, MAXIMIZE=maximize,
+                HAS_MULTIPLIER=grad_multiplier is not None, HAS_FOUND_INF=found_inf is not None,
+                CHUNK=CHUNK, BLOCK=BLOCK,
+            )
+
+
+def _log2(beta: float) -> float:
+    return math.log2(beta) if beta > 0 else -math.inf

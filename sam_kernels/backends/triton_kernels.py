@@ -1,0 +1,241 @@
+"""Triton kernels of the multi-tensor SAM ops; the launch glue is in ``triton_backend.py``.
+
+NOTE (multi-tensor layout): one launch covers every tensor of one dtype group. Program ``pid`` works on
+one chunk of one tensor, found through two tables built by the glue: ``chunk_tensor[pid]`` (the tensor's
+row in the group) and ``chunk_start[pid]`` (the chunk's first element). Tensor addresses live in int64
+pointer tables (one row per tensor list) that the kernel casts back to typed pointers. Every chunk is
+``CHUNK`` elements except a tensor's last one; empty tensors own no chunk. Math is fp32 for every dtype:
+values are cast to fp32 right after loading (the Triton interpreter also computes bf16 wrongly otherwise).
+
+NOTE (no host sync): every per-step scalar (norm, found-inf flag, gradient multiplier, RNG step, Adam
+step counters) is read from device memory inside the kernel, so no launch waits on the host.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _typed_ptr(table, row, DTYPE: tl.constexpr):
+    """Address stored at ``table[row]`` as a pointer to DTYPE."""
+    return tl.load(table + row).to(tl.pointer_type(DTYPE))
+
+
+@triton.jit
+def _chunk_bounds(chunk_tensor, chunk_start, numels, CHUNK: tl.constexpr):
+    """(tensor row, first element, end element) of this program's chunk."""
+    pid = tl.program_id(0)
+    row = tl.load(chunk_tensor + pid)
+    start = tl.load(chunk_start + pid)
+    end = tl.minimum(start + CHUNK, tl.load(numels + row))
+    return row, start, end
+
+
+@triton.jit(do_not_specialize=["partial_offset", "adaptive_eta"])
+def sumsq_partials_kernel(
+    grad_ptrs, weight_ptrs, numels, chunk_tensor, chunk_start, partials, partial_offset, adaptive_eta,
+    GRAD_DTYPE: tl.constexpr, WEIGHT_DTYPE: tl.constexpr, ADAPTIVE: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Stage 1 of the global norm: partials[partial_offset + pid] = sum over the chunk of (T_w g)^2.
+
+    NOTE (determinism): each chunk's sum is a fixed-shape tree reduction and the partials are summed in
+    index order by ``finish_norm_kernel``; no atomics, so the same input always gives the same bits.
+    """
+    row, start, end = _chunk_bounds(chunk_tensor, chunk_start, numels, CHUNK)
+    grad = _typed_ptr(grad_ptrs, row, GRAD_DTYPE)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for block_start in range(start, end, BLOCK):
+        offs = block_start + tl.arange(0, BLOCK)
+        inside = offs < end
+        g = tl.load(grad + offs, mask=inside, other=0.0).to(tl.float32)
+        if ADAPTIVE:
+            weight = _typed_ptr(weight_ptrs, row, WEIGHT_DTYPE)
+            w = tl.load(weight + offs, mask=inside, other=0.0).to(tl.float32)
+            g = (tl.abs(w) + adaptive_eta) * g
+        acc += g * g
+    tl.store(partials + partial_offset + tl.program_id(0), tl.sum(acc, axis=0))
+
+
+@triton.jit(do_not_specialize=["n_partials"])
+def finish_norm_kernel(partials, n_partials, norm_out, nonfinite_out, BLOCK: tl.constexpr):
+    """Stage 2 (one program): norm = sqrt(sum of partials) and a 0/1 flag for a non-finite norm."""
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for block_start in range(0, n_partials, BLOCK):
+        offs = block_start + tl.arange(0, BLOCK)
+        acc += tl.load(partials + offs, mask=offs < n_partials, other=0.0)
+    total = tl.sum(acc, axis=0)
+    tl.store(norm_out, tl.sqrt_rn(total))
+    # NOTE: x - x is 0 for every finite x and NaN for +-inf and NaN.
+    tl.store(nonfinite_out, tl.where(total - total == 0.0, 0.0, 1.0))
+
+
+@triton.jit
+def _keep_mask(offs, tensor_id, step_lo, step_hi, seed_lo, seed_hi, keep_threshold, BLOCK: tl.constexpr):
+    """Bernoulli keep-mask; the counter layout is documented in ``backends/common.py``."""
+    zero = tl.zeros([BLOCK], dtype=tl.uint32)
+    r, _, _, _ = tl.philox_impl(
+        offs.to(tl.uint32), zero + tensor_id.to(tl.uint32), zero + step_lo, zero + step_hi,
+        seed_lo, seed_hi, 10,
+    )
+    return (r >> 8).to(tl.int32) < keep_threshold
+
+
+@triton.jit(do_not_specialize=["rho", "eps", "inv_keep_prob", "adaptive_eta", "seed_lo", "seed_hi",
+                               "keep_threshold"])
+def perturb_kernel(
+    param_ptrs, grad_ptrs, backup_ptrs, numels, tensor_ids, chunk_tensor, chunk_start,
+    norm_ptr, step_ptr, rho, eps, inv_keep_prob, adaptive_eta, seed_lo, seed_hi, keep_threshold,
+    PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, NORMALIZE: tl.constexpr,
+    ADAPTIVE: tl.constexpr, MASKED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """backup = w; w += scale * mask * (T_w^2 if ADAPTIVE) * g, scale = rho / (norm + eps) / keep_prob.
+
+    A non-finite norm leaves w as it was (the backup is still written).
+    """
+    row, start, end = _chunk_bounds(chunk_tensor, chunk_start, numels, CHUNK)
+    param = _typed_ptr(param_ptrs, row, PARAM_DTYPE)
+    grad = _typed_ptr(grad_ptrs, row, GRAD_DTYPE)
+    backup = _typed_ptr(backup_ptrs, row, PARAM_DTYPE)
+    norm = tl.load(norm_ptr)
+    finite = norm - norm == 0.0
+    scale = rho / (norm + eps) * inv_keep_prob if NORMALIZE else rho * inv_keep_prob
+    step = tl.load(step_ptr)
+    step_lo = (step & 0xFFFFFFFF).to(tl.uint32)
+    step_hi = ((step >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    tensor_id = tl.load(tensor_ids + row)
+    for block_start in range(start, end, BLOCK):
+        offs = block_start + tl.arange(0, BLOCK)
+        inside = offs < end
+        w_raw = tl.load(param + offs, mask=inside)
+        tl.store(backup + offs, w_raw, mask=inside)
+        w = w_raw.to(tl.float32)
+        e = scale * tl.load(grad + offs, mask=inside, other=0.0).to(tl.float32)
+        if ADAPTIVE:
+            t = tl.abs(w) + adaptive_eta
+            e = e * t * t
+        if MASKED:
+            keep = _keep_mask(offs, tensor_id, step_lo, step_hi, seed_lo.to(tl.uint32),
+                              seed_hi.to(tl.uint32), keep_threshold, BLOCK)
+            e = tl.where(keep, e, 0.0)
+        w_new = tl.where(finite, w + e, w)
+        tl.store(param + offs, w_new.to(PARAM_DTYPE), mask=inside)
+
+
+@triton.jit
+def restore_kernel(param_ptrs, backup_ptrs, numels, chunk_tensor, chunk_start,
+                   PARAM_DTYPE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """w = backup, bit for bit (a raw copy, no conversion)."""
+    row, start, end = _chunk_bounds(chunk_tensor, chunk_start, numels, CHUNK)
+    param = _typed_ptr(param_ptrs, row, PARAM_DTYPE)
+    backup = _typed_ptr(backup_ptrs, row, PARAM_DTYPE)
+    for block_start in range(start, end, BLOCK):
+        offs = block_start + tl.arange(0, BLOCK)
+        inside = offs < end
+        tl.store(param + offs, tl.load(backup + offs, mask=inside), mask=inside)
+
+
+@triton.jit
+def _step_scalars(multiplier_ptr, found_inf_ptr, HAS_MULTIPLIER: tl.constexpr,
+                  HAS_FOUND_INF: tl.constexpr):
+    """(gradient multiplier, skip flag) read from device memory, or (1, False) when absent."""
+    multiplier = 1.0
+    if HAS_MULTIPLIER:
+        multiplier = tl.load(multiplier_ptr).to(tl.float32)
+    skip = False
+    if HAS_FOUND_INF:
+        skip = tl.load(found_inf_ptr) != 0
+    return multiplier, skip
+
+
+@triton.jit(do_not_specialize=["lr", "momentum", "dampening", "weight_decay"])
+def restore_sgd_kernel(
+    param_ptrs, backup_ptrs, grad_ptrs, buf_ptrs, numels, first_step, chunk_tensor, chunk_start,
+    multiplier_ptr, found_inf_ptr, lr, momentum, dampening, weight_decay,
+    PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
+    NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_MULTIPLIER: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """w = backup, then torch.optim.SGD's step with the second gradient, in one pass.
+
+    NOTE: weight decay uses the restored weights. On found-inf the weights are restored and the momentum
+    buffer is left as it was.
+    """
+    row, start, end = _chunk_bounds(chunk_tensor, chunk_start, numels, CHUNK)
+    param = _typed_ptr(param_ptrs, row, PARAM_DTYPE)
+    backup = _typed_ptr(backup_ptrs, row, PARAM_DTYPE)
+    grad = _typed_ptr(grad_ptrs, row, GRAD_DTYPE)
+    multiplier, skip = _step_scalars(multiplier_ptr, found_inf_ptr, HAS_MULTIPLIER, HAS_FOUND_INF)
+    is_first = tl.load(first_step + row) != 0
+    for block_start in range(start, end, BLOCK):
+        offs = block_start + tl.arange(0, BLOCK)
+        inside = offs < end
+        w = tl.load(backup + offs, mask=inside, other=0.0).to(tl.float32)
+        g = tl.load(grad + offs, mask=inside, other=0.0).to(tl.float32) * multiplier
+        if MAXIMIZE:
+            g = -g
+        g += weight_decay * w
+        if HAS_MOMENTUM:
+            buf = _typed_ptr(buf_ptrs, row, PARAM_DTYPE)
+            old = tl.load(buf + offs, mask=inside, other=0.0).to(tl.float32)
+            new = tl.where(is_first, g, momentum * old + (1.0 - dampening) * g)
+            tl.store(buf + offs, tl.where(skip, old, new).to(PARAM_DTYPE), mask=inside)
+            g = g + momentum * new if NESTEROV else new
+        w_new = tl.where(skip, w, w - lr * g)
+        tl.store(param + offs, w_new.to(PARAM_DTYPE), mask=inside)
+
+
+@triton.jit(do_not_specialize=["lr", "beta1", "beta2", "log2_beta1", "log2_beta2", "eps",
+                               "weight_decay"])
+def restore_adam_kernel(
+    param_ptrs, backup_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, max_exp_avg_sq_ptrs, step_ptrs,
+    numels, chunk_tensor, chunk_start, multiplier_ptr, found_inf_ptr,
+    lr, beta1, beta2, log2_beta1, log2_beta2, eps, weight_decay,
+    PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, DECOUPLED: tl.constexpr,
+    AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_MULTIPLIER: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """w = backup, then torch.optim.Adam's (AdamW's when DECOUPLED) step, in one pass.
+
+    NOTE: the per-tensor step counters were advanced by the glue before the launch (by 0 on found-inf);
+    beta^step is exp2(step * log2(beta)) in fp32.
+    """
+    row, start, end = _chunk_bounds(chunk_tensor, chunk_start, numels, CHUNK)
+    param = _typed_ptr(param_ptrs, row, PARAM_DTYPE)
+    backup = _typed_ptr(backup_ptrs, row, PARAM_DTYPE)
+    grad = _typed_ptr(grad_ptrs, row, GRAD_DTYPE)
+    exp_avg = _typed_ptr(exp_avg_ptrs, row, PARAM_DTYPE)
+    exp_avg_sq = _typed_ptr(exp_avg_sq_ptrs, row, PARAM_DTYPE)
+    multiplier, skip = _step_scalars(multiplier_ptr, found_inf_ptr, HAS_MULTIPLIER, HAS_FOUND_INF)
+    step = tl.load(_typed_ptr(step_ptrs, row, tl.float32))
+    step_size = lr / (1.0 - tl.exp2(step * log2_beta1))
+    bias_correction2_sqrt = tl.sqrt_rn(1.0 - tl.exp2(step * log2_beta2))
+    for block_start in range(start, end, BLOCK):
+        offs = block_start + tl.arange(0, BLOCK)
+        inside = offs < end
+        w = tl.load(backup + offs, mask=inside, other=0.0).to(tl.float32)
+        g = tl.load(grad + offs, mask=inside, other=0.0).to(tl.float32) * multiplier
+        if MAXIMIZE:
+            g = -g
+        if DECOUPLED:
+            w_decayed = w * (1.0 - lr * weight_decay)
+        else:
+            g += weight_decay * w
+            w_decayed = w
+        m_old = tl.load(exp_avg + offs, mask=inside, other=0.0).to(tl.float32)
+        v_old = tl.load(exp_avg_sq + offs, mask=inside, other=0.0).to(tl.float32)
+        m = beta1 * m_old + (1.0 - beta1) * g
+        v = beta2 * v_old + (1.0 - beta2) * g * g
+        tl.store(exp_avg + offs, tl.where(skip, m_old, m).to(PARAM_DTYPE), mask=inside)
+        tl.store(exp_avg_sq + offs, tl.where(skip, v_old, v).to(PARAM_DTYPE), mask=inside)
+        if AMSGRAD:
+            max_exp_avg_sq = _typed_ptr(max_exp_avg_sq_ptrs, row, PARAM_DTYPE)
+            v_max_old = tl.load(max_exp_avg_sq + offs, mask=inside, other=0.0).to(tl.float32)
+            v_max = tl.maximum(v_max_old, v)
+            tl.store(max_exp_avg_sq + offs, tl.where(skip, v_max_old, v_max).to(PARAM_DTYPE),
+                     mask=inside)
+            denom = tl.sqrt_rn(v_max) / bias_correction2_sqrt + eps
+        else:
+            denom = tl.sqrt_rn(v) / bias_correction2_sqrt + eps
+        w_new = tl.where(skip, w, w_decayed - step_size * m / denom)
+        tl.store(param + offs, w_new.to(PARAM_DTYPE), mask=inside)

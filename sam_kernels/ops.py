@@ -1,0 +1,303 @@
+"""The op layer: the multi-tensor operations of SAM-family optimizers, validated and dispatched.
+
+Every op takes lists of tensors (the optimizer's parameters and their companions), validates them with
+errors that name the argument, drops parameters without a gradient, and hands the rest to one backend
+(``sam_kernels.backends``), which launches a fixed number of kernels per dtype group, never one per
+tensor. Per-step scalars (norm, found-inf, gradient multiplier, steps) stay device tensors: no op reads
+them on the host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from . import backends
+from .backends.common import SUPPORTED_DTYPES, mask_threshold
+
+Tensors = Sequence[torch.Tensor]
+OptionalTensors = Sequence[torch.Tensor | None]
+
+
+# ----------------------------------------------------------------------------------------- validation
+
+
+def _check_list(name: str, tensors, length: int) -> None:
+    if len(tensors) != length:
+        raise ValueError(f"{name}: expected {length} tensors (one per parameter), got {len(tensors)}")
+
+
+def _check_tensor(where: str, tensor, device: torch.device) -> None:
+    """A dense, contiguous, real floating tensor of a supported dtype on ``device``."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{where}: expected a tensor, got {type(tensor).__name__}")
+    if tensor.is_sparse or tensor.layout != torch.strided:
+        raise ValueError(f"{where}: sparse tensors are not supported; use dense gradients "
+                         "(e.g. nn.Embedding(sparse=False))")
+    if tensor.is_complex():
+        raise ValueError(f"{where}: complex tensors are not supported; view them as real with "
+                         "torch.view_as_real")
+    if tensor.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"{where}: dtype {tensor.dtype} is not supported; use float32, float16 "
+                         "or bfloat16")
+    if tensor.device != device:
+        raise ValueError(f"{where}: on {tensor.device} but the first parameter is on {device}; "
+                         "all tensors of one call must share one device")
+    if not tensor.is_contiguous():
+        raise ValueError(f"{where}: must be contiguous (channels_last and strided views are not "
+                         "supported); make the model's parameters contiguous")
+
+
+def _check_like(name: str, tensor: torch.Tensor, param: torch.Tensor, index: int) -> None:
+    """``tensor`` is parameter ``index``'s companion (gradient, backup, state): same device, shape, dtype."""
+    where = f"{name}[{index}]"
+    _check_tensor(where, tensor, param.device)
+    if tensor.shape != param.shape:
+        raise ValueError(f"{where}: shape {tuple(tensor.shape)} differs from parameter {index}'s "
+                         f"{tuple(param.shape)}")
+    if tensor.dtype != param.dtype:
+        raise ValueError(f"{where}: dtype {tensor.dtype} differs from parameter {index}'s {param.dtype}")
+
+
+def _check_params(params: Tensors) -> None:
+    for index, param in enumerate(params):
+        _check_tensor(f"params[{index}]", param, params[0].device)
+
+
+def _check_scalar(name: str, value: torch.Tensor | None, device: torch.device) -> None:
+    if value is None:
+        return
+    if not isinstance(value, torch.Tensor) or value.numel() != 1:
+        raise ValueError(f"{name}: expected a one-element tensor on the parameters' device")
+    if value.device != device:
+        raise ValueError(f"{name}: on {value.device}, expected {device} (the parameters' device)")
+
+
+def _check_probability(name: str, value: float) -> None:
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"{name}: must be in (0, 1], got {value}")
+
+
+def _with_grads(params: Tensors, grads: OptionalTensors | None) -> list[int]:
+    """Positions of the parameters that have a gradient; validates those gradients."""
+    _check_params(params)
+    grads = [p.grad for p in params] if grads is None else grads
+    _check_list("grads", grads, len(params))
+    kept = [i for i, g in enumerate(grads) if g is not None]
+    for i in kept:
+        _check_like("grads", grads[i], params[i], i)
+    return kept
+
+
+def _resolve_grads(params: Tensors, grads: OptionalTensors | None) -> OptionalTensors:
+    return [p.grad for p in params] if grads is None else grads
+
+
+def _backend(params: Tensors, backend: str | None):
+    device = params[0].device if len(params) else torch.device("cpu")
+    name, _ = backends.resolve(device, backend)
+    return backends.get(name)
+
+
+def _pick(items, positions):
+    return [items[i] for i in positions]
+
+
+# ----------------------------------------------------------------------------------------------- ops
+
+
+def grad_norm(params: Tensors, grads: OptionalTensors | None = None, *, adaptive: bool = False,
+              adaptive_eta: float = 0.0, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global L2 norm of the gradients of ``params`` and a non-finite flag, both 0-d fp32 device tensors.
+
+    ``grads`` defaults to each parameter's ``.grad``; parameters without one are skipped. With
+    ``adaptive`` each gradient is weighted elementwise by ``|w| + adaptive_eta`` (ASAM). The sum runs in
+    fp32 in a fixed order (deterministic). The flag is 1.0 when the norm is not finite (a NaN or inf in
+    the gradients, or squares overflowing fp32), else 0.0: the ``found_inf`` convention of torch.amp.
+    """
+    kept = _with_grads(params, grads)
+    grads = _resolve_grads(params, grads)
+    weights = _pick(params, kept) if adaptive else None
+    if not kept:
+        device = params[0].device if len(params) else torch.device("cpu")
+        zero = torch.zeros((), dtype=torch.float32, device=device)
+        return zero, zero.clone()
+    return _backend(params, backend).grad_norm(_pick(grads, kept), weights, adaptive_eta)
+
+
+def perturb_(params: Tensors, backups: Tensors, norm: torch.Tensor, *, rho: float,
+             grads: OptionalTensors | None = None, eps: float = 1e-12, keep_prob: float = 1.0,
+             normalize: bool = True, adaptive: bool = False, adaptive_eta: float = 0.0, seed: int = 0,
+             step: int | torch.Tensor = 0, tensor_indices: Sequence[int] | None = None,
+             backend: str | None = None) -> None:
+    """Write ``backup = w``, then ``w += scale * m * (T_w^2 if adaptive) * g`` in place.
+
+    ``scale = rho / (norm + eps) / keep_prob`` (``rho / keep_prob`` when ``normalize`` is False: the
+    unnormalized ascent of USAM), computed on the device from the ``norm`` tensor. ``m`` is a
+    Bernoulli(``keep_prob``) mask regenerated from (seed, step, tensor index, element index), see
+    ``backends/common.py``; ``keep_prob=1`` means no mask. ``tensor_indices`` are the parameters'
+    positions in the optimizer's global order (default: their positions in ``params``). A non-finite
+    ``norm`` leaves every weight untouched (the backup is still written). Parameters without a gradient
+    are neither perturbed nor backed up.
+    """
+    kept = _with_grads(params, grads)
+    grads = _resolve_grads(params, grads)
+    _check_list("backups", backups, len(params))
+    _check_probability("keep_prob", keep_prob)
+    if rho < 0:
+        raise ValueError(f"rho: must be non-negative, got {rho}")
+    if eps < 0:
+        raise ValueError(f"eps: must be non-negative, got {eps}")
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"seed: must be in [0, 2**64), got {seed}")
+    tensor_indices = list(range(len(params))) if tensor_indices is None else list(tensor_indices)
+    _check_list("tensor_indices", tensor_indices, len(params))
+    if any(not 0 <= t < 2**32 for t in tensor_indices):
+        raise ValueError("tensor_indices: every index must be in [0, 2**32)")
+    for i in kept:
+        _check_like("backups", backups[i], params[i], i)
+    if not kept:
+        return
+    device = params[0].device
+    _check_scalar("norm", norm, device)
+    step = _device_step(step, device)
+    _backend(params, backend).perturb_(
+        _pick(params, kept), _pick(grads, kept), _pick(backups, kept), _pick(tensor_indices, kept),
+        norm.reshape(()).float(), rho=rho, eps=eps, keep_threshold=mask_threshold(keep_prob),
+        keep_prob=keep_prob, normalize=normalize, adaptive=adaptive, adaptive_eta=adaptive_eta,
+        seed=seed, step=step)
+
+
+def _device_step(step: int | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The RNG step as a 0-d int64 tensor on ``device``.
+
+    NOTE: pass a device tensor in a training loop; a Python int costs a host-to-device copy.
+    """
+    if isinstance(step, torch.Tensor):
+        _check_scalar("step", step, device)
+        if step.dtype != torch.int64:
+            raise ValueError(f"step: expected an int64 tensor, got {step.dtype}")
+        return step.reshape(())
+    if not 0 <= step < 2**63:
+        raise ValueError(f"step: must be in [0, 2**63), got {step}")
+    return torch.tensor(step, dtype=torch.int64, device=device)
+
+
+def restore_(params: Tensors, backups: Tensors, *, backend: str | None = None) -> None:
+    """``w = backup`` for every parameter, bit for bit."""
+    _check_params(params)
+    _check_list("backups", backups, len(params))
+    for i, backup in enumerate(backups):
+        _check_like("backups", backup, params[i], i)
+    if len(params):
+        _backend(params, backend).restore_(list(params), list(backups))
+
+
+def _split_restore(params, backups, grads, backend):
+    """Restore the parameters without a gradient; return the positions of those with one."""
+    kept = _with_grads(params, grads)
+    _check_list("backups", backups, len(params))
+    missing = [i for i in range(len(params)) if i not in set(kept)]
+    if missing:
+        restore_(_pick(params, missing), _pick(backups, missing), backend=backend)
+    for i in kept:
+        _check_like("backups", backups[i], params[i], i)
+    return kept
+
+
+def _check_step_scalars(params, grad_multiplier, found_inf):
+    if len(params):
+        _check_scalar("grad_multiplier", grad_multiplier, params[0].device)
+        _check_scalar("found_inf", found_inf, params[0].device)
+    return (grad_multiplier.reshape(()) if grad_multiplier is not None else None,
+            found_inf.reshape(()) if found_inf is not None else None)
+
+
+def restore_sgd_step_(params: Tensors, backups: Tensors, momentum_buffers: OptionalTensors, *,
+                      lr: float, grads: OptionalTensors | None = None, momentum: float = 0.0,
+                      dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False,
+                      maximize: bool = False, grad_multiplier: torch.Tensor | None = None,
+                      found_inf: torch.Tensor | None = None,
+                      backend: str | None = None) -> list[torch.Tensor | None]:
+    """``w = backup``, then one ``torch.optim.SGD`` step with the current gradient, fused in one pass.
+
+    Weight decay acts on the restored weights. ``grad_multiplier`` (a device scalar) multiplies every
+    gradient first (SSAM's renormalization, an AMP unscale). A nonzero ``found_inf`` restores the weights
+    and leaves the momentum buffers unchanged. A ``None`` momentum buffer is created (torch's first
+    step: ``buf = g``); returns the buffer list to keep in the optimizer state. Parameters without a
+    gradient are only restored.
+    """
+    if momentum < 0 or dampening < 0 or weight_decay < 0 or lr < 0:
+        raise ValueError("lr, momentum, dampening and weight_decay must be non-negative")
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ValueError("nesterov: requires a momentum > 0 and zero dampening")
+    kept = _split_restore(params, backups, grads, backend)
+    grads = _resolve_grads(params, grads)
+    _check_list("momentum_buffers", momentum_buffers, len(params))
+    buffers = list(momentum_buffers)
+    first_step = [buffers[i] is None for i in range(len(params))]
+    if momentum != 0:
+        for i in kept:
+            if buffers[i] is None:
+                buffers[i] = torch.zeros_like(params[i], memory_format=torch.contiguous_format)
+            _check_like("momentum_buffers", buffers[i], params[i], i)
+    grad_multiplier, found_inf = _check_step_scalars(params, grad_multiplier, found_inf)
+    if kept:
+        _backend(params, backend).restore_sgd_step_(
+            _pick(params, kept), _pick(backups, kept), _pick(grads, kept), _pick(buffers, kept),
+            _pick(first_step, kept), lr=lr, momentum=momentum, dampening=dampening,
+            weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
+            grad_multiplier=grad_multiplier, found_inf=found_inf)
+    return buffers
+
+
+def restore_adam_step_(params: Tensors, backups: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tensors,
+                       max_exp_avg_sqs: Tensors | None, steps: Tensors, *, lr: float,
+                       grads: OptionalTensors | None = None, betas: tuple[float, float] = (0.9, 0.999),
+                       eps: float = 1e-8, weight_decay: float = 0.0,
+                       decoupled_weight_decay: bool = False, amsgrad: bool = False,
+                       maximize: bool = False, grad_multiplier: torch.Tensor | None = None,
+                       found_inf: torch.Tensor | None = None, backend: str | None = None) -> None:
+    """``w = backup``, then one ``torch.optim.Adam`` step (``AdamW`` with ``decoupled_weight_decay``).
+
+    ``steps`` are the per-parameter step counters (0-d float32 tensors on the parameters' device, as
+    torch keeps them for fused Adam); they are advanced here, by 0 where ``found_inf`` is set, in which
+    case the weights are restored and every state tensor is left unchanged.
+    """
+    beta1, beta2 = betas
+    if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
+        raise ValueError(f"betas: each must be in [0, 1), got {betas}")
+    if lr < 0 or eps < 0 or weight_decay < 0:
+        raise ValueError("lr, eps and weight_decay must be non-negative")
+    kept = _split_restore(params, backups, grads, backend)
+    grads = _resolve_grads(params, grads)
+    state_lists = {"exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs}
+    if amsgrad:
+        if max_exp_avg_sqs is None:
+            raise ValueError("max_exp_avg_sqs: required when amsgrad=True")
+        state_lists["max_exp_avg_sqs"] = max_exp_avg_sqs
+    for name, tensors in state_lists.items():
+        _check_list(name, tensors, len(params))
+        for i in kept:
+            _check_like(name, tensors[i], params[i], i)
+    _check_list("steps", steps, len(params))
+    for i in kept:
+        step = steps[i]
+        if step.dtype != torch.float32 or step.numel() != 1 or step.device != params[i].device:
+            raise ValueError(f"steps[{i}]: expected a one-element float32 tensor on "
+                             f"{params[i].device}, got {step.dtype} on {step.device}")
+    grad_multiplier, found_inf = _check_step_scalars(params, grad_multiplier, found_inf)
+    if not kept:
+        return
+    kept_steps = _pick(steps, kept)
+    if found_inf is None:
+        torch._foreach_add_(kept_steps, 1.0)
+    else:
+        torch._foreach_add_(kept_steps, 1.0 - found_inf.float())
+    _backend(params, backend).restore_adam_step_(
+        _pick(params, kept), _pick(backups, kept), _pick(grads, kept), _pick(exp_avgs, kept),
+        _pick(exp_avg_sqs, kept), _pick(max_exp_avg_sqs, kept) if amsgrad else None, kept_steps,
+        lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+        decoupled=decoupled_weight_decay, amsgrad=amsgrad, maximize=maximize,
+        grad_multiplier=grad_multiplier, found_inf=found_inf)
