@@ -1,0 +1,86 @@
+"""Triton backend specifics: launches per op do not grow with the number of tensors; metadata caching."""
+
+import pytest
+import torch
+
+from sam_kernels import ops
+from sam_kernels.backends import triton_backend, triton_kernels
+
+KERNEL_NAMES = ["sumsq_partials_kernel", "finish_norm_kernel", "perturb_kernel", "restore_kernel",
+                "restore_sgd_kernel", "restore_adam_kernel"]
+
+
+class CountingKernel:
+    """Stands in for a @triton.jit function and counts ``kernel[grid](...)`` launches."""
+
+    def __init__(self, kernel, counts, name):
+        self.kernel, self.counts, self.name = kernel, counts, name
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def counted(*args, **kwargs):
+            self.counts[self.name] = self.counts.get(self.name, 0) + 1
+            return launch(*args, **kwargs)
+
+        return counted
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    counts = {}
+    for name in KERNEL_NAMES:
+        monkeypatch.setattr(triton_kernels, name, CountingKernel(getattr(triton_kernels, name), counts, name))
+    return counts
+
+
+def launches_per_op(n_tensors, launches, dtypes=(torch.float32,)):
+    """Kernel launches of each op for ``n_tensors`` parameters (sizes 1..40) spread over ``dtypes``."""
+    params = [torch.randn(1 + i % 40).to(dtypes[i % len(dtypes)]) for i in range(n_tensors)]
+    grads = [torch.randn_like(p) for p in params]
+    backups = [torch.empty_like(p) for p in params]
+    per_op = {}
+
+    def count(op, call):
+        launches.clear()
+        call()
+        per_op[op] = sum(launches.values())
+
+    norm = torch.tensor(1.0)
+    count("grad_norm", lambda: ops.grad_norm(params, grads, backend="triton"))
+    count("perturb_", lambda: ops.perturb_(params, backups, norm, grads=grads, rho=0.1, keep_prob=0.5,
+                                           backend="triton"))
+    count("restore_", lambda: ops.restore_(params, backups, backend="triton"))
+    count("restore_sgd_step_", lambda: ops.restore_sgd_step_(
+        params, backups, [None] * n_tensors, grads=grads, lr=0.1, momentum=0.9, backend="triton"))
+    state = [[torch.zeros_like(p) for p in params] for _ in range(3)]
+    steps = [torch.tensor(0.0) for _ in params]
+    count("restore_adam_step_", lambda: ops.restore_adam_step_(
+        params, backups, *state, steps, grads=grads, lr=0.1, amsgrad=True, backend="triton"))
+    return per_op
+
+
+def test_launches_per_op_do_not_grow_with_tensor_count(launches):
+    few, many = launches_per_op(3, launches), launches_per_op(300, launches)
+    print(f"\nTriton kernel launches per op, 3 tensors: {few}; 300 tensors: {many}")
+    assert few == many
+    assert many == {"grad_norm": 2, "perturb_": 1, "restore_": 1, "restore_sgd_step_": 1,
+                    "restore_adam_step_": 1}
+
+
+def test_one_launch_per_dtype_group(launches):
+    per_op = launches_per_op(30, launches, dtypes=(torch.float32, torch.bfloat16))
+    assert per_op == {"grad_norm": 3, "perturb_": 2, "restore_": 2, "restore_sgd_step_": 2,
+                      "restore_adam_step_": 2}
+
+
+def test_metadata_is_cached_while_storage_is_unchanged():
+    params = [torch.randn(10), torch.randn(triton_backend.CHUNK + 1)]
+    first = triton_backend._metadata([params])
+    assert triton_backend._metadata([params]) is first
+    assert first.n_chunks == 3
+    assert first.chunk_tensor.tolist() == [0, 1, 1]
+    assert first.chunk_start.tolist() == [0, 0, triton_backend.CHUNK]
+    assert first.pointers[0].tolist() == [p.data_ptr() for p in params]
+    moved = [params[0], torch.randn(triton_backend.CHUNK + 1)]
+    assert triton_backend._metadata([moved]) is not first

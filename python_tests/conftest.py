@@ -1,0 +1,12 @@
+"""Test set-up: Triton kernels run on CPU tensors through the Triton interpreter.
+
+NOTE: TRITON_INTERPRET must be set before any module with ``@triton.jit`` is imported, so it is set here,
+at collection time, ahead of every test module.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+sys.path.insert(0, str(Path(__file__).parent))  # the shared helpers (tolerance.py) import from anywhere
