@@ -54,6 +54,7 @@ def test_reference_ascent_matches_eager_sam(adaptive, eta):
     params, grads, _ = model_and_grads(0)
     expected, expected_norm = eager_sam_perturbation(params, grads, rho=0.05, adaptive=adaptive, eta=eta)
     norm, flag = ops.grad_norm(params, grads, adaptive=adaptive, adaptive_eta=eta, backend="torch")
+    assert flag.item() == 0.0
     assert_close(norm, expected_norm)
     perturbed = [p.clone() for p in params]
     backups = [torch.empty_like(p) for p in params]

@@ -1,0 +1,411 @@
+"""Optimizer-side cost of one SAM iteration: eager implementations against the fused sam_kernels ops.
+
+One iteration's optimizer work is everything SAM adds around the two backward passes plus the base step:
+global gradient norm, backup and perturbation, restore and the base optimizer's step (SGD with momentum
+0.9 and weight decay 5e-4). The gradients already in ``.grad`` stand in for both passes' gradients, so
+every SAM variant ends an iteration with the same weights, which ``check_variants`` verifies.
+
+Bytes-moved model per parameter (b = bytes per element): base SGD step reads w, g, buf and writes w, buf:
+5b. SAM: norm reads g (1b), perturb reads w, g and writes backup, w (4b), restore-and-step reads backup,
+g, buf and writes w, buf (5b): 10b, so 2.0x the base step is the floor. SSAM adds the second norm (1b).
+ESAM with keep fraction beta: beta * 5b for norm and perturb, 5b for the restore-and-step.
+
+    python -m benchmarks.optimizer_step [--sets resnet50 vit_b16] [--dtypes float32 bfloat16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from benchmarks.shapes import PARAM_SETS, numel
+from sam_kernels import backends, ops
+
+RHO, LR, MOMENTUM, WEIGHT_DECAY = 0.05, 0.1, 0.9, 5e-4
+ESAM_BETA = 0.6
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# -------------------------------------------------------------------------------------- the variants
+
+
+class Variant:
+    """One way of doing an iteration's optimizer work; ``step()`` runs one iteration in place."""
+
+    bytes_per_element = 10  # SAM's model; subclasses override
+
+    def __init__(self, params: list[torch.nn.Parameter]):
+        self.params = params
+
+    def step(self) -> None:
+        raise NotImplementedError
+
+
+class FusedBaseSGD(Variant):
+    """torch.optim.SGD(fused=True): the base optimizer's step alone, the floor everything is compared to."""
+
+    bytes_per_element = 5
+
+    def __init__(self, params):
+        super().__init__(params)
+        self.optimizer = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY,
+                                         fused=True)
+
+    def step(self):
+        self.optimizer.step()
+
+
+class EagerSAM(Variant):
+    """SAM as the popular per-tensor implementation writes it: a Python loop, ~5 ATen ops per tensor."""
+
+    def __init__(self, params, adaptive=False):
+        super().__init__(params)
+        self.adaptive = adaptive
+        self.base = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+        self.old = {}
+
+    @torch.no_grad()
+    def step(self):
+        grad_norm = torch.norm(torch.stack([p.grad.norm(p=2) for p in self.params]), p=2)
+        scale = RHO / (grad_norm + 1e-12)
+        for p in self.params:
+            self.old[p] = p.data.clone()
+            p.add_((torch.pow(p, 2) if self.adaptive else 1.0) * p.grad * scale.to(p))
+        for p in self.params:
+            p.data = self.old[p]
+        self.base.step()
+
+
+class EagerESAM(Variant):
+    """ESAM's optimizer side as the official code writes it: per-tensor SWP, subtract-to-restore."""
+
+    bytes_per_element = 5 + 5 * ESAM_BETA
+
+    def __init__(self, params, beta=ESAM_BETA, seed=0):
+        super().__init__(params)
+        self.beta = beta
+        self.rng = random.Random(seed)
+        self.base = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+        self.e_w = {}
+
+    @torch.no_grad()
+    def step(self):
+        kept = [p for p in self.params if self.rng.random() < self.beta]
+        grad_norm = torch.norm(torch.stack([p.grad.norm(p=2) for p in kept]), p=2) if kept else 0.0
+        scale = RHO / (grad_norm + 1e-12) / self.beta
+        for p in kept:
+            self.e_w[p] = p.grad * scale
+            p.add_(self.e_w[p])
+        for p in kept:
+            p.sub_(self.e_w[p])
+        self.base.step()
+
+
+class ForeachSAM(Variant):
+    """SAM with torch's own multi-tensor foreach ops and SGD(foreach=True): the best one can do in torch."""
+
+    def __init__(self, params):
+        super().__init__(params)
+        self.base = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY,
+                                    foreach=True)
+        self.backups = [torch.empty_like(p) for p in params]
+
+    @torch.no_grad()
+    def step(self):
+        grads = [p.grad for p in self.params]
+        grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        torch._foreach_copy_(self.backups, self.params)
+        torch._foreach_add_(self.params, torch._foreach_mul(grads, RHO / (grad_norm + 1e-12)))
+        torch._foreach_copy_(self.params, self.backups)
+        self.base.step()
+
+
+@dataclass
+class FusedSAM(Variant):
+    """sam_kernels: norm, perturb with backup, restore fused with the SGD step; one backend."""
+
+    params: list
+    backend: str
+    renormalize: bool = False
+    keep: float = 1.0  # ESAM's per-tensor keep probability
+    seed: int = 0
+    bytes_per_element: float = 10
+
+    def __post_init__(self):
+        device = self.params[0].device
+        self.backups = [torch.empty_like(p) for p in self.params]
+        self.buffers = [None] * len(self.params)
+        self.step_tensor = torch.zeros((), dtype=torch.int64, device=device)
+        self.rng = random.Random(self.seed)
+        if self.renormalize:
+            self.bytes_per_element = 11
+        if self.keep < 1:
+            self.bytes_per_element = 5 + 5 * self.keep
+
+    @torch.no_grad()
+    def step(self):
+        grads = [p.grad for p in self.params]
+        kept = list(range(len(self.params)))
+        if self.keep < 1:
+            kept = [i for i in kept if self.rng.random() < self.keep]
+        kept_params = [self.params[i] for i in kept]
+        norm, _ = ops.grad_norm(kept_params, [grads[i] for i in kept], backend=self.backend)
+        ops.perturb_(kept_params, [self.backups[i] for i in kept], norm, rho=RHO / self.keep,
+                     step=self.step_tensor, tensor_indices=kept, backend=self.backend)
+        multiplier = None
+        if self.renormalize:
+            second_norm, _ = ops.grad_norm(self.params, grads, backend=self.backend)
+            multiplier = norm / (second_norm + 1e-12)
+        # Tensors ESAM dropped were never perturbed: their backup is the weight itself.
+        kept_set = set(kept)
+        backups = [self.backups[i] if i in kept_set else p for i, p in enumerate(self.params)]
+        self.buffers = ops.restore_sgd_step_(
+            self.params, backups, self.buffers, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY,
+            grad_multiplier=multiplier, backend=self.backend)
+
+
+def available_backends(device: torch.device) -> list[str]:
+    """The sam_kernels backends that can run on ``device`` at full speed (not the Triton interpreter)."""
+    names = []
+    for name in backends.BACKEND_NAMES:
+        if name == "triton" and device.type != "cuda":
+            continue
+        try:
+            backends.resolve(device, name)
+        except (RuntimeError, ValueError):
+            continue
+        names.append(name)
+    return names
+
+
+def make_variants(params_factory, device) -> dict[str, callable]:
+    """Name -> constructor of a variant over a fresh copy of the parameters."""
+    variants = {
+        "sgd fused (base only)": lambda: FusedBaseSGD(params_factory()),
+        "eager SAM": lambda: EagerSAM(params_factory()),
+        "eager ESAM": lambda: EagerESAM(params_factory()),
+        "foreach SAM": lambda: ForeachSAM(params_factory()),
+    }
+    for name in available_backends(device):
+        variants[f"sam_kernels SAM [{name}]"] = lambda n=name: FusedSAM(params_factory(), n)
+        variants[f"sam_kernels SSAM [{name}]"] = lambda n=name: FusedSAM(params_factory(), n,
+                                                                          renormalize=True)
+        variants[f"sam_kernels ESAM [{name}]"] = lambda n=name: FusedSAM(params_factory(), n,
+                                                                          keep=ESAM_BETA)
+    return variants
+
+
+# --------------------------------------------------------------------------------------- measurement
+
+
+def make_params(shapes, dtype, device, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    params = []
+    for shape in shapes:
+        p = torch.nn.Parameter(torch.randn(shape, generator=generator).to(device, dtype))
+        p.grad = (torch.randn(shape, generator=generator) * 1e-2).to(device, dtype)
+        params.append(p)
+    return params
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_time(fn, device, repeats, warmup=2) -> float:
+    """Median wall time of ``fn`` in seconds (CUDA work is waited for before the clock stops)."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+class _CountOps(TorchDispatchMode):
+    """Counts the ATen ops that run under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_launches(fn) -> int:
+    """ATen ops plus Triton kernel launches of one call of ``fn``."""
+    launched = [0]
+    restore = _patch_triton_launches(launched)
+    try:
+        with _CountOps() as counter:
+            fn()
+    finally:
+        restore()
+    return counter.ops + launched[0]
+
+
+def _patch_triton_launches(launched):
+    try:
+        from sam_kernels.backends import triton_kernels
+    except ImportError:
+        return lambda: None
+    originals = {}
+    for name in dir(triton_kernels):
+        kernel = getattr(triton_kernels, name)
+        if name.endswith("_kernel") and hasattr(kernel, "__getitem__"):
+            originals[name] = kernel
+            setattr(triton_kernels, name, _CountedKernel(kernel, launched))
+
+    def restore():
+        for name, kernel in originals.items():
+            setattr(triton_kernels, name, kernel)
+
+    return restore
+
+
+class _CountedKernel:
+    def __init__(self, kernel, launched):
+        self.kernel, self.launched = kernel, launched
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def counted(*args, **kwargs):
+            self.launched[0] += 1
+            return launch(*args, **kwargs)
+
+        return counted
+
+
+def copy_bandwidth(device, dtype=torch.float32, elements=32 * 2**20, repeats=5) -> float:
+    """Measured bytes per second of a large tensor copy (read + write)."""
+    src = torch.randn(elements, device=device).to(dtype)
+    dst = torch.empty_like(src)
+    seconds = median_time(lambda: dst.copy_(src), device, repeats)
+    return 2 * src.numel() * src.element_size() / seconds
+
+
+def peak_extra_memory(variant: Variant, device) -> int | None:
+    """Bytes a CUDA iteration needs beyond the parameters, gradients and persistent state (CUDA only)."""
+    if device.type != "cuda":
+        return None
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    variant.step()
+    synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+@dataclass
+class Row:
+    param_set: str
+    dtype: str
+    variant: str
+    tensors: int
+    parameters: int
+    median_ms: float
+    vs_eager_sam: float = 0.0
+    vs_fused_sgd: float = 0.0
+    gbytes_per_s: float = 0.0
+    of_copy_bandwidth: float = 0.0
+    ops_per_iteration: int = 0
+    peak_extra_mb: float | None = None
+
+
+def run(param_sets, dtype_names, device, repeats) -> tuple[list[Row], float]:
+    bandwidth = copy_bandwidth(device)
+    rows = []
+    for set_name in param_sets:
+        shapes = PARAM_SETS[set_name]()
+        for dtype_name in dtype_names:
+            dtype = DTYPES[dtype_name]
+            template = make_params(shapes, dtype, device)
+
+            def fresh(template=template):
+                params = [torch.nn.Parameter(p.detach().clone()) for p in template]
+                for p, t in zip(params, template):
+                    p.grad = t.grad.clone()
+                return params
+
+            set_rows = []
+            for name, build in make_variants(fresh, device).items():
+                variant = build()
+                seconds = median_time(variant.step, device, repeats)
+                bytes_moved = variant.bytes_per_element * numel(shapes) * torch.finfo(dtype).bits / 8
+                peak = peak_extra_memory(variant, device)
+                set_rows.append(Row(
+                    set_name, dtype_name, name, len(shapes), numel(shapes), seconds * 1e3,
+                    gbytes_per_s=bytes_moved / seconds / 1e9,
+                    of_copy_bandwidth=bytes_moved / seconds / bandwidth,
+                    ops_per_iteration=count_launches(variant.step),
+                    peak_extra_mb=None if peak is None else peak / 2**20))
+                del variant
+            eager = next(r.median_ms for r in set_rows if r.variant == "eager SAM")
+            base = next(r.median_ms for r in set_rows if r.variant.startswith("sgd fused"))
+            for row in set_rows:
+                row.vs_eager_sam = row.median_ms / eager
+                row.vs_fused_sgd = row.median_ms / base
+            rows += set_rows
+            print(format_table(set_rows), flush=True)
+    return rows, bandwidth
+
+
+def format_table(rows: list[Row]) -> str:
+    head = rows[0]
+    lines = [f"\n{head.param_set} ({head.tensors} tensors, {head.parameters / 1e6:.1f}M parameters, "
+             f"{head.dtype})",
+             f"{'variant':<28} {'median ms':>10} {'/eager SAM':>11} {'/fused SGD':>11} {'GB/s':>8} "
+             f"{'of copy':>8} {'ops/iter':>9} {'peak MB':>8}"]
+    for r in rows:
+        peak = "n/a" if r.peak_extra_mb is None else f"{r.peak_extra_mb:.0f}"
+        lines.append(f"{r.variant:<28} {r.median_ms:>10.2f} {r.vs_eager_sam:>10.2f}x "
+                     f"{r.vs_fused_sgd:>10.2f}x {r.gbytes_per_s:>8.1f} {r.of_copy_bandwidth:>7.0%} "
+                     f"{r.ops_per_iteration:>9} {peak:>8}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sets", nargs="+", default=["resnet50", "vit_b16", "many_small", "few_large"],
+                        choices=sorted(PARAM_SETS))
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=sorted(DTYPES))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    rows, bandwidth = run(args.sets, args.dtypes, device, args.repeats)
+    args.out.mkdir(parents=True, exist_ok=True)
+    record = {"device": device_name(device), "threads": torch.get_num_threads(),
+              "torch": torch.__version__, "copy_bandwidth_gb_s": bandwidth / 1e9,
+              "rows": [asdict(r) for r in rows]}
+    path = args.out / f"optimizer_step_{device.type}.json"
+    path.write_text(json.dumps(record, indent=2))
+    print(f"\ncopy bandwidth {bandwidth / 1e9:.1f} GB/s on {record['device']}; results in {path}")
+
+
+def device_name(device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+if __name__ == "__main__":
+    main()
