@@ -1,0 +1,80 @@
+"""The benchmarks at tiny sizes: every timed variant does the work it claims (checked against torch.optim)."""
+
+import json
+
+import pytest
+import torch
+from tolerance import assert_close
+
+from benchmarks import optimizer_step
+from benchmarks.shapes import PARAM_SETS, numel
+
+TINY_SHAPES = [(4, 3), (7,), (1,), (33,)]
+
+
+def tiny_params():
+    return optimizer_step.make_params(TINY_SHAPES, torch.float32, torch.device("cpu"), seed=3)
+
+
+def sgd_reference_step():
+    """With the same gradient in both passes, a SAM iteration ends where one SGD step from w ends."""
+    params = tiny_params()
+    torch.optim.SGD(params, lr=optimizer_step.LR, momentum=optimizer_step.MOMENTUM,
+                    weight_decay=optimizer_step.WEIGHT_DECAY).step()
+    return [p.detach() for p in params]
+
+
+VARIANTS = {
+    "eager SAM": optimizer_step.EagerSAM,
+    "eager ESAM": optimizer_step.EagerESAM,
+    "foreach SAM": optimizer_step.ForeachSAM,
+    "fused SGD": optimizer_step.FusedBaseSGD,
+    "sam_kernels SAM torch": lambda p: optimizer_step.FusedSAM(p, "torch"),
+    "sam_kernels SAM triton": lambda p: optimizer_step.FusedSAM(p, "triton"),
+    "sam_kernels SSAM triton": lambda p: optimizer_step.FusedSAM(p, "triton", renormalize=True),
+    "sam_kernels ESAM triton": lambda p: optimizer_step.FusedSAM(p, "triton", keep=0.6),
+}
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_each_variant_ends_at_the_base_step(name):
+    params = tiny_params()
+    variant = VARIANTS[name](params)
+    variant.step()
+    assert_close([p.detach() for p in params], sgd_reference_step(), msg=name)
+
+
+def test_fused_variant_perturbs_before_it_restores(monkeypatch):
+    """The fused variant really applies the SAM perturbation (seen by the restore-and-step op)."""
+    params = tiny_params()
+    seen = {}
+    original = optimizer_step.ops.restore_sgd_step_
+
+    def spy(params_, backups, *args, **kwargs):
+        seen["perturbed"] = [p.detach().clone() for p in params_]
+        seen["backups"] = [b.clone() for b in backups]
+        return original(params_, backups, *args, **kwargs)
+
+    monkeypatch.setattr(optimizer_step.ops, "restore_sgd_step_", spy)
+    optimizer_step.FusedSAM(params, "torch").step()
+    grads = [p.grad for p in tiny_params()]
+    norm = torch.cat([g.flatten() for g in grads]).norm()
+    expected = [b + optimizer_step.RHO * g / norm for b, g in zip(seen["backups"], grads)]
+    assert_close(seen["perturbed"], expected)
+
+
+def test_model_shapes_have_the_published_sizes():
+    assert len(PARAM_SETS["resnet50"]()) == 161 and numel(PARAM_SETS["resnet50"]()) == 25_557_032
+    assert len(PARAM_SETS["vit_b16"]()) == 152 and numel(PARAM_SETS["vit_b16"]()) == 86_567_656
+
+
+def test_cli_runs_and_writes_its_record(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(PARAM_SETS, "tiny", lambda: TINY_SHAPES)
+    monkeypatch.setattr(optimizer_step, "copy_bandwidth", lambda device: 1e10)
+    optimizer_step.main(["--sets", "tiny", "--dtypes", "float32", "--repeats", "1", "--out", str(tmp_path)])
+    record = json.loads((tmp_path / "optimizer_step_cpu.json").read_text())
+    variants = {row["variant"] for row in record["rows"]}
+    assert {"eager SAM", "eager ESAM", "foreach SAM", "sgd fused (base only)"} <= variants
+    assert any(v.startswith("sam_kernels SAM") for v in variants)
+    assert all(row["median_ms"] > 0 and row["ops_per_iteration"] > 0 for row in record["rows"])
+    assert "eager SAM" in capsys.readouterr().out
