@@ -198,7 +198,8 @@ def _split_restore(params, backups, grads, backend):
     """Restore the parameters without a gradient; return the positions of those with one."""
     kept = _with_grads(params, grads)
     _check_list("backups", backups, len(params))
-    missing = [i for i in range(len(params)) if i not in set(kept)]
+    kept_set = set(kept)
+    missing = [i for i in range(len(params)) if i not in kept_set]
     if missing:
         restore_(_pick(params, missing), _pick(backups, missing), backend=backend)
     for i in kept:
