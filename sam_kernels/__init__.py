@@ -1,7 +1,8 @@
 """sam_kernels: fused multi-tensor kernels for sharpness-aware minimization and its variants."""
 
-from . import ops
+from . import ops, optim
 from .backends import report as backend_report
+from .optim import ESAM, SAM, freeze_bn_stats, sample_losses_closure
 
-__all__ = ["backend_report", "ops"]
+__all__ = ["ESAM", "SAM", "backend_report", "freeze_bn_stats", "ops", "optim", "sample_losses_closure"]
 __version__ = "0.1.0"

@@ -15,6 +15,10 @@ import torch
 
 from . import backends
 from .backends.common import SUPPORTED_DTYPES, mask_threshold
+from .backends.reference import keep_mask
+
+__all__ = ["grad_norm", "keep_mask", "mask_threshold", "perturb_", "restore_", "restore_adam_step_",
+           "restore_sgd_step_"]
 
 Tensors = Sequence[torch.Tensor]
 OptionalTensors = Sequence[torch.Tensor | None]
@@ -227,7 +231,8 @@ def restore_sgd_step_(params: Tensors, backups: Tensors, momentum_buffers: Optio
     gradient first (SSAM's renormalization, an AMP unscale). A nonzero ``found_inf`` restores the weights
     and leaves the momentum buffers unchanged. A ``None`` momentum buffer is created (torch's first
     step: ``buf = g``); returns the buffer list to keep in the optimizer state. Parameters without a
-    gradient are only restored.
+    gradient are only restored. ``backups[i]`` may be ``params[i]`` itself (a parameter that was not
+    perturbed): every element is read before it is written.
     """
     if momentum < 0 or dampening < 0 or weight_decay < 0 or lr < 0:
         raise ValueError("lr, momentum, dampening and weight_decay must be non-negative")

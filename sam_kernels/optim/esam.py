@@ -1,0 +1,201 @@
+"""ESAM (Du et al. 2022): SAM made cheaper by stochastic weight perturbation (SWP) and
+sharpness-sensitive data selection (SDS), with the official code's semantics (REFERENCE.md, section 1).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .. import ops
+from .bn import freeze_bn_stats
+from .sam import SAM, check_probability
+
+#: Philox "tensor index" of the per-tensor SWP draw. NOTE: parameter positions are below 2**32 - 1, so
+#: the per-tensor stream never coincides with the elementwise mask of a parameter (same seed and step).
+SWP_TENSOR_STREAM = 2**32 - 1
+
+SampleLosses = Callable[[torch.Tensor | None], torch.Tensor]
+
+
+def selected_count(gamma: float, batch_size: int) -> int:
+    """Number of samples SDS keeps: ``round(gamma * batch_size)``, halves rounded up, at least one.
+
+    The official code keeps the samples strictly sharper than the k-th sharpest, ``k - 1`` of them (fewer
+    on ties); here exactly k are kept.
+    """
+    return min(batch_size, max(1, math.floor(gamma * batch_size + 0.5)))
+
+
+def _select(batch, indices: torch.Tensor):
+    if isinstance(batch, torch.Tensor):
+        return batch.index_select(0, indices.to(batch.device))
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_select(item, indices) for item in batch)
+    if isinstance(batch, dict):
+        return {key: _select(value, indices) for key, value in batch.items()}
+    raise TypeError(f"inputs/targets: expected tensors (or tuples, lists, dicts of them), got "
+                    f"{type(batch).__name__}")
+
+
+def sample_losses_closure(model: Callable, inputs, targets,
+                          loss_fn: Callable[[Any, Any], torch.Tensor]) -> SampleLosses:
+    """The ``sample_losses`` argument of ``ESAM.sds_step`` for a plain supervised batch.
+
+    ``loss_fn(model(inputs), targets)`` must return one loss per sample (``reduction="none"``). Inputs and
+    targets are tensors, or tuples, lists or dicts of tensors, indexed along their first dimension.
+    """
+    def sample_losses(indices: torch.Tensor | None) -> torch.Tensor:
+        if indices is None:
+            return loss_fn(model(inputs), targets)
+        return loss_fn(model(_select(inputs, indices)), _select(targets, indices))
+
+    return sample_losses
+
+
+def _per_sample(losses: Any, expected: int | None = None) -> torch.Tensor:
+    if not isinstance(losses, torch.Tensor) or losses.dim() != 1:
+        shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
+        raise ValueError(f"sample_losses: must return one loss per sample (a 1-d tensor, e.g. from "
+                         f"reduction='none'), got {shape}")
+    if expected is not None and losses.numel() != expected:
+        raise ValueError(f"sample_losses: returned {losses.numel()} losses for {expected} samples")
+    return losses
+
+
+class ESAM(SAM):
+    """Efficient SAM: SWP keeps each parameter tensor in the ascent with probability ``beta``; SDS runs
+    the descent on the ``gamma`` fraction of the batch with the largest sharpness.
+
+    ``swp="tensor"`` (the official semantics): before each ascent pass every tensor is independently
+    dropped with probability ``1 - beta`` by setting its ``requires_grad`` to False, so autograd skips
+    its weight-gradient work; the norm covers the kept tensors and the scale is ``rho / (||g|| + eps) /
+    beta``; every tensor requires grad again for the descent pass. ``swp="element"``: an elementwise
+    Bernoulli(beta) mask scaled by ``1 / beta`` (same expected perturbation, no compute saved).
+
+    SDS needs per-sample losses: use ``sds_step``. ``step(closure)`` runs SWP only and needs ``gamma=1``.
+    With ``beta = gamma = 1`` ESAM is SAM.
+    """
+
+    def __init__(self, params, base_optimizer, *, rho: float = 0.05, beta: float = 0.6,
+                 gamma: float = 0.5, swp: str = "tensor", **kwargs: Any) -> None:
+        check_probability("beta", beta)
+        check_probability("gamma", gamma)
+        if swp not in ("tensor", "element"):
+            raise ValueError(f"swp: must be 'tensor' or 'element', got {swp!r}")
+        self.beta = float(beta)
+        self.gamma = float(gamma)
+        self.swp = swp
+        self._dropped: list[torch.Tensor] = []
+        super().__init__(params, base_optimizer, rho=rho, **kwargs)
+        self._drop_tensors()
+
+    @property
+    def dropped_tensors(self) -> tuple[torch.Tensor, ...]:
+        """The parameter tensors left out of the next ascent pass (``requires_grad`` is off)."""
+        return tuple(self._dropped)
+
+    # ------------------------------------------------------------------------- training loops
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """SAM's closure step with SWP; SDS needs per-sample losses, so this requires ``gamma == 1``."""
+        if self.gamma != 1.0:
+            raise ValueError(f"gamma={self.gamma}: data selection needs per-sample losses; use "
+                             "sds_step(sample_losses), or gamma=1 to run step(closure) with SWP only")
+        return super().step(closure)
+
+    def sds_step(self, sample_losses: SampleLosses) -> torch.Tensor:
+        """One ESAM step with SWP and SDS; returns the mean loss at w.
+
+        ``sample_losses(indices)`` computes the per-sample losses (forward only: no backward, no
+        ``zero_grad``) of the whole batch when ``indices`` is None, else of the samples at ``indices``
+        (a 1-d int64 tensor); ``sample_losses_closure`` builds one from a model, a batch and a loss.
+        Passes: full batch at w (ascent backward, the only pass that updates BatchNorm statistics), a
+        no-grad full batch at w + e, and the selected samples at w + e (descent backward). The no-grad
+        pass is skipped when every sample is selected.
+        """
+        with torch.enable_grad():
+            self.zero_grad()
+            before = _per_sample(sample_losses(None))
+            before.mean().backward()
+        before = before.detach()
+        self.first_step(zero_grad=True)
+        indices = None
+        with self._restoring_on_error():
+            if selected_count(self.gamma, before.numel()) < before.numel():
+                with torch.no_grad(), freeze_bn_stats():
+                    after = _per_sample(sample_losses(None), before.numel())
+                indices = self.select_samples(before, after)
+            with torch.enable_grad(), freeze_bn_stats():
+                expected = before.numel() if indices is None else indices.numel()
+                _per_sample(sample_losses(indices), expected).mean().backward()
+        self.second_step()
+        return before.mean()
+
+    def select_samples(self, loss_before: torch.Tensor, loss_after: torch.Tensor) -> torch.Tensor:
+        """Indices (ascending) of the ``selected_count(gamma, batch)`` samples with the largest sharpness
+        ``loss_after - loss_before``; computed on the device without a host sync.
+        """
+        sharpness = (loss_after.detach() - loss_before.detach()).reshape(-1)
+        count = selected_count(self.gamma, sharpness.numel())
+        return torch.topk(sharpness, count, sorted=False).indices.sort().values
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restore_dropped()
+        super().load_state_dict(state_dict)
+        self._drop_tensors()
+
+    # ----------------------------------------------------------------------- SAM hooks
+
+    def _excluded_from_ascent(self) -> set[torch.Tensor]:
+        return set(self._dropped)
+
+    def _perturb_options(self, group: dict) -> dict[str, Any]:
+        if self.swp == "tensor":
+            # NOTE: the op divides by keep_prob but also masks elementwise when keep_prob < 1, so the
+            # per-tensor 1/beta goes into rho instead.
+            return {"rho": group["rho"] / self.beta, "keep_prob": 1.0}
+        return {"rho": group["rho"], "keep_prob": self.beta}
+
+    def _end_of_ascent(self) -> None:
+        self._restore_dropped()
+
+    def _end_of_step(self) -> None:
+        self._drop_tensors()
+
+    # ------------------------------------------------------------------------------ SWP
+
+    def _drop_tensors(self) -> None:
+        """Draw the tensors left out of the next ascent and switch their ``requires_grad`` off.
+
+        NOTE (draw rule): tensor t of the global parameter order is kept iff element t of the mask
+        contract's stream (backends/common.py) with tensor index ``SWP_TENSOR_STREAM``, this optimizer's
+        seed and the current RNG step is kept at probability beta: a function of (seed, step) only, so a
+        resumed run redraws the same tensors. Only tensors that require grad take part (user-frozen ones
+        stay as they are). If every one would be dropped, the one at position ``step % count`` is kept,
+        so that the ascent backward has something to differentiate.
+        """
+        self._restore_dropped()
+        if self.swp != "tensor" or self.beta == 1.0:
+            return
+        params = [param for group in self.param_groups for param in group["params"]]
+        eligible = [i for i, param in enumerate(params) if param.requires_grad]
+        if not eligible:
+            return
+        keep = ops.keep_mask(len(params), SWP_TENSOR_STREAM, self.seed, self._step,
+                         ops.mask_threshold(self.beta)).tolist()
+        dropped = [i for i in eligible if not keep[i]]
+        if len(dropped) == len(eligible):
+            dropped.remove(eligible[self._step % len(eligible)])
+        self._dropped = [params[i] for i in dropped]
+        for param in self._dropped:
+            param.requires_grad_(False)
+
+    def _restore_dropped(self) -> None:
+        for param in self._dropped:
+            param.requires_grad_(True)
+        self._dropped = []
+

@@ -1,0 +1,465 @@
+"""SAM: sharpness-aware minimization as a torch.optim optimizer over the fused op layer.
+
+One SAM step is an ascent (``first_step``: back up w, move to w + e) after the first backward and a
+descent (``second_step``: restore w, base optimizer step with the second gradient) after the second.
+The class owns the bookkeeping; every pass over the weights is one op of ``sam_kernels.ops``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .. import backends, ops
+from ..backends.common import SUPPORTED_DTYPES
+from . import fused_steps
+from .bn import freeze_bn_stats
+
+#: SAM options that may differ between param groups (the rest are optimizer-wide).
+GROUP_OPTIONS = ("rho", "adaptive", "adaptive_eta")
+
+
+# ------------------------------------------------------------------------------------ validation
+
+
+def check_positive(name: str, value: Any) -> None:
+    """``value`` is a positive finite real number (not a bool, not a tensor)."""
+    if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
+            or value <= 0):
+        raise ValueError(f"{name}: must be a positive finite number, got {value!r}")
+
+
+def check_probability(name: str, value: Any) -> None:
+    """``value`` is a real number in (0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value <= 1:
+        raise ValueError(f"{name}: must be in (0, 1], got {value!r}")
+
+
+def _check_non_negative(name: str, value: Any) -> None:
+    if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
+            or value < 0):
+        raise ValueError(f"{name}: must be a non-negative finite number, got {value!r}")
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: must be True or False, got {value!r}")
+
+
+def _check_optional_bool(name: str, value: Any) -> None:
+    if value is not None and not isinstance(value, bool):
+        raise TypeError(f"{name}: must be None, True or False, got {value!r}")
+
+
+def _check_group(group: dict, index: int) -> None:
+    """The SAM options and the parameters of ``param_groups[index]``."""
+    where = f"param_groups[{index}]"
+    check_positive(f"{where}['rho']", group["rho"])
+    _check_bool(f"{where}['adaptive']", group["adaptive"])
+    _check_non_negative(f"{where}['adaptive_eta']", group["adaptive_eta"])
+    if group.get("maximize", False):
+        raise ValueError(f"{where}['maximize']=True: not supported; SAM's ascent direction assumes a loss "
+                         "to minimize, so minimize the negated objective instead")
+    for position, param in enumerate(group["params"]):
+        if param.is_complex():
+            raise ValueError(f"{where}['params'][{position}]: complex parameters are not supported; "
+                             "view them as real with torch.view_as_real")
+        if param.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"{where}['params'][{position}]: dtype {param.dtype} is not supported; "
+                             "use float32, float16 or bfloat16")
+
+
+def _flat_params(params) -> list[torch.Tensor]:
+    """The tensors of a ``params`` argument (tensors, dicts of param groups or (name, tensor) pairs)."""
+    flat = []
+    for item in params:
+        items = item["params"] if isinstance(item, dict) else [item]
+        items = [items] if isinstance(items, torch.Tensor) else items
+        flat.extend(entry[1] if isinstance(entry, tuple) else entry for entry in items)
+    return flat
+
+
+def _make_base(params, base_optimizer, base_kwargs: dict, foreach: bool | None) -> torch.optim.Optimizer:
+    """The base optimizer: built from a class and keyword arguments, or an instance taken as is."""
+    if isinstance(base_optimizer, torch.optim.Optimizer):
+        if base_kwargs:
+            raise TypeError(f"{', '.join(base_kwargs)}: options of the base optimizer go with a class "
+                            "(SAM(params, torch.optim.SGD, lr=...)), not with an optimizer instance")
+        base = base_optimizer
+        if params is not None:
+            given = _flat_params(params)
+            held = [p for group in base.param_groups for p in group["params"]]
+            if len(given) != len(held) or any(a is not b for a, b in zip(given, held, strict=False)):
+                raise ValueError("params: differ from the base optimizer instance's parameters; pass "
+                                 "the same parameters or None")
+    elif isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer):
+        if params is None:
+            raise TypeError("params: required when base_optimizer is an optimizer class")
+        base = base_optimizer(params, **base_kwargs)
+    else:
+        raise TypeError("base_optimizer: expected a torch.optim.Optimizer class (with its options as "
+                        f"keyword arguments) or instance, got {base_optimizer!r}")
+    if foreach is not None:
+        if "foreach" not in base.defaults:
+            raise ValueError(f"foreach: {type(base).__name__} has no foreach option")
+        base.defaults["foreach"] = foreach
+        for group in base.param_groups:
+            group["foreach"] = foreach
+    return base
+
+
+def _default_seed() -> int:
+    """torch's initial seed: repeatable under ``torch.manual_seed`` without consuming the global stream
+    (building the optimizer leaves the user's data order and initialization untouched)."""
+    return torch.initial_seed()
+
+
+# ----------------------------------------------------------------------------------- optimizer
+
+
+@dataclass
+class _Ascent:
+    """What ``first_step`` leaves for ``second_step``."""
+
+    #: Parameters moved to w + e; their backups hold w.
+    perturbed: list[torch.Tensor]
+    #: Global norm of the plain ascent gradient (the target norm of SSAM's renormalization).
+    grad_norm: torch.Tensor
+    #: 1.0 when the ascent gradient was not finite (the weights were then left unperturbed).
+    nonfinite: torch.Tensor
+
+
+class SAM(torch.optim.Optimizer):
+    """Sharpness-aware minimization over any torch.optim base optimizer.
+
+    ``base_optimizer`` is a torch.optim class (its options as extra keyword arguments, the convention of
+    the popular implementations) or an optimizer instance. Per-group options: ``rho``, ``adaptive``
+    (ASAM, weight ``|w| + adaptive_eta``), ``adaptive_eta``. Optimizer-wide: ``eps`` (of the ascent
+    scale and of SSAM's ratio), ``normalize_ascent=False`` (USAM's ``e = rho * g``), ``renormalize``
+    (SSAM: the descent gradient rescaled to the ascent gradient's norm), ``seed`` (of the random
+    masks; default ``torch.initial_seed()``),
+    ``fused`` (None: fully fused restore-and-step when the base is SGD/Adam/AdamW with options it can
+    honour, else the generic path; True: require it; False: the generic path, whose descent is the base
+    optimizer's own ``step``), ``foreach`` (forwarded to the base optimizer; True also selects the
+    generic path), ``backend`` (the op backend: None/"auto", "torch" or "triton").
+
+    ``param_groups`` and ``state`` are the base optimizer's own objects, so LR schedulers, ``zero_grad``
+    and ``add_param_group`` act on both, and ``state_dict`` is the base optimizer's (torch format) plus
+    the SAM entry ``"sam": {"seed", "step"}``.
+    """
+
+    def __init__(self, params: Iterable | None, base_optimizer, *, rho: float = 0.05,
+                 adaptive: bool = False, adaptive_eta: float = 0.0, eps: float = 1e-12,
+                 normalize_ascent: bool = True, renormalize: bool = False, seed: int | None = None,
+                 foreach: bool | None = None, fused: bool | None = None, backend: str | None = None,
+                 **base_kwargs: Any) -> None:
+        check_positive("rho", rho)
+        _check_bool("adaptive", adaptive)
+        _check_non_negative("adaptive_eta", adaptive_eta)
+        check_positive("eps", eps)
+        _check_bool("normalize_ascent", normalize_ascent)
+        _check_bool("renormalize", renormalize)
+        _check_optional_bool("fused", fused)
+        _check_optional_bool("foreach", foreach)
+        if fused and foreach:
+            raise ValueError("fused and foreach: cannot both be True (fused=True is the fully fused "
+                             "restore-and-step, foreach=True the base optimizer's own step)")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
+                                 or not 0 <= seed < 2**64):
+            raise ValueError(f"seed: must be an int in [0, 2**64), got {seed!r}")
+        base = _make_base(params, base_optimizer, base_kwargs, foreach)
+        super().__init__(base.param_groups, {"rho": rho, "adaptive": adaptive,
+                                             "adaptive_eta": adaptive_eta})
+        self.base_optimizer = base
+        self._share_base()
+        self.defaults = {**base.defaults, **self.defaults}
+        self.eps = float(eps)
+        self.normalize_ascent = normalize_ascent
+        self.renormalize = renormalize
+        self.seed = _default_seed() if seed is None else seed
+        self.fused = fused
+        self.foreach = foreach
+        self.backend = backend
+        self._backups: dict[torch.Tensor, torch.Tensor] = {}
+        self._ascent: _Ascent | None = None
+        # NOTE (RNG step): ``_step`` counts SAM iterations on the host (saved by state_dict) and
+        # ``_device_step`` mirrors it on the parameters' device for the kernels (no copy per step);
+        # both advance together, once per second_step, skipped steps included.
+        self._step = 0
+        self._device_step: torch.Tensor | None = None
+        backends.resolve(self._device(), backend)
+        self._descent_kind()
+
+    # ------------------------------------------------------------------ torch.optim conventions
+
+    def _share_base(self) -> None:
+        # NOTE: SAM and its base optimizer share the param-group list and the state dict (the same
+        # objects), so anything that edits one edits the other; rebind after the base rebinds them.
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group to SAM and its base optimizer (SAM's defaults fill missing options)."""
+        for name in GROUP_OPTIONS:
+            param_group.setdefault(name, self.defaults[name])
+        base = self.__dict__.get("base_optimizer")
+        if base is None:  # inside torch.optim.Optimizer.__init__, before the base is attached
+            super().add_param_group(param_group)
+        else:
+            base.add_param_group(param_group)
+        try:
+            _check_group(self.param_groups[-1], len(self.param_groups) - 1)
+        except (TypeError, ValueError):
+            self.param_groups.pop()
+            raise
+
+    def state_dict(self) -> dict[str, Any]:
+        """The base optimizer's state dict plus ``"sam": {"seed", "step"}``."""
+        self._check_not_perturbed("state_dict()")
+        state = self.base_optimizer.state_dict()
+        state["sam"] = {"seed": self.seed, "step": self._step}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore from a ``state_dict()`` result; a plain base-optimizer state dict also loads (the SAM
+        seed and step are then kept)."""
+        self._check_not_perturbed("load_state_dict()")
+        state_dict = dict(state_dict)
+        sam_state = state_dict.pop("sam", None)
+        self.base_optimizer.load_state_dict(state_dict)
+        self._share_base()
+        for index, group in enumerate(self.param_groups):
+            for name in GROUP_OPTIONS:
+                group.setdefault(name, self.defaults[name])
+            _check_group(group, index)
+        if sam_state is not None:
+            self.seed = int(sam_state["seed"])
+            self._step = int(sam_state["step"])
+        self._device_step = None
+        self._descent_kind()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # NOTE: torch.optim.Optimizer pickles only defaults, state and param_groups; SAM also needs its
+        # base optimizer and options (copy.deepcopy and pickling go through here).
+        return dict(self.__dict__)
+
+    # ------------------------------------------------------------------------- training loops
+
+    @property
+    def uses_fused_step(self) -> bool:
+        """Whether ``second_step`` runs the fully fused restore-and-step (else the generic path)."""
+        return self._descent_kind() is not None
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One SAM step with torch.optim's closure convention; returns the loss at w (first closure call).
+
+        ``closure`` zeroes the gradients, computes the loss, calls backward and returns the loss; it runs
+        twice, at w and at w + e. BatchNorm running statistics are frozen during the second call.
+        """
+        if closure is None:
+            raise TypeError("step(): SAM needs a closure (it evaluates the loss twice); or call "
+                            "first_step() and second_step() around your own backward passes")
+        with torch.enable_grad():
+            loss = closure()
+        self.first_step(zero_grad=True)
+        with self._restoring_on_error(), torch.enable_grad(), freeze_bn_stats():
+            closure()
+        self.second_step()
+        return loss
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> None:
+        """Ascent: back up w, then w += e from the current gradients (a no-op on a non-finite gradient)."""
+        if self._ascent is not None:
+            raise RuntimeError("first_step(): called twice; a SAM step is first_step() then "
+                               "second_step()")
+        entries = self._params_with_grad(exclude=self._excluded_from_ascent())
+        perturbed = [param for _, items in entries for _, param in items]
+        norm, nonfinite = self._ascent_norm(entries)
+        plain_norm = norm
+        if self.renormalize and any(group["adaptive"] for group, items in entries if items):
+            plain_norm = self._norm(perturbed)[0]
+        for group, items in entries:
+            if not items:
+                continue
+            params = [param for _, param in items]
+            ops.perturb_(params, [self._backup(p) for p in params], norm, eps=self.eps,
+                         normalize=self.normalize_ascent, adaptive=group["adaptive"],
+                         adaptive_eta=group["adaptive_eta"], seed=self.seed,
+                         step=self._rng_step(params[0].device),
+                         tensor_indices=[position for position, _ in items], backend=self.backend,
+                         **self._perturb_options(group))
+        self._ascent = _Ascent(perturbed, plain_norm, nonfinite)
+        self._end_of_ascent()
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        """Descent: restore w, then the base optimizer's step with the current (second) gradients.
+
+        A non-finite gradient in either pass skips the step: the weights are the pre-step weights bit for
+        bit and the base optimizer's state is unchanged.
+        """
+        if self._ascent is None:
+            raise RuntimeError("second_step(): no first_step() before it")
+        ascent, self._ascent = self._ascent, None
+        descent = [param for _, items in self._params_with_grad() for _, param in items]
+        norm, nonfinite = self._norm(descent)
+        found_inf = torch.maximum(ascent.nonfinite, nonfinite)
+        multiplier = ascent.grad_norm / (norm + self.eps) if self.renormalize else None
+        kind = self._descent_kind()
+        if kind is None:
+            self._generic_descent(ascent, descent, found_inf, multiplier)
+        else:
+            self._fused_descent(kind, ascent, found_inf, multiplier)
+        self._step += 1
+        if self._device_step is not None:
+            self._device_step.add_(1)
+        # NOTE: torch's LR schedulers warn unless the optimizer marks itself as stepped; the two-call
+        # loop never calls step(), so second_step sets the flag that their step() wrapper would set.
+        self._opt_called = True
+        self._end_of_step()
+        if zero_grad:
+            self.zero_grad()
+
+    # -------------------------------------------------------------- hooks for the variants
+
+    def _excluded_from_ascent(self) -> set[torch.Tensor]:
+        """Parameters that sit out the ascent even if they hold a gradient."""
+        return set()
+
+    def _perturb_options(self, group: dict) -> dict[str, Any]:
+        """Per-group radius and keep probability of the perturbation."""
+        return {"rho": group["rho"], "keep_prob": 1.0}
+
+    def _end_of_ascent(self) -> None:
+        """Runs after the perturbation, before the second forward pass."""
+
+    def _end_of_step(self) -> None:
+        """Runs after the descent, before the next iteration's first forward pass."""
+
+    # ------------------------------------------------------------------------------ internals
+
+    def _device(self) -> torch.device:
+        """The parameters' device (the op layer takes one device per call)."""
+        for group in self.param_groups:
+            for param in group["params"]:
+                return param.device
+        return torch.device("cpu")
+
+    def _check_not_perturbed(self, what: str) -> None:
+        if self._ascent is not None:
+            raise RuntimeError(f"{what}: the weights are perturbed between first_step() and "
+                               "second_step(); call it after second_step()")
+
+    def _descent_kind(self) -> str | None:
+        """``"sgd"``/``"adam"`` for the fully fused descent, None for the generic path."""
+        if self.fused is False or self.foreach:
+            return None
+        reason = fused_steps.unsupported_reason(self.base_optimizer)
+        if reason is None:
+            return fused_steps.fused_kind(self.base_optimizer)
+        if self.fused:
+            raise ValueError(f"fused=True: {reason}; use fused=None (the generic path when the fused "
+                             "one cannot run) or fused=False")
+        return None
+
+    def _params_with_grad(self, exclude: set[torch.Tensor] = frozenset()):
+        """Per group, ``(group, [(global position, param), ...])`` of the params holding a gradient."""
+        entries, offset = [], 0
+        for group_index, group in enumerate(self.param_groups):
+            items = []
+            for index, param in enumerate(group["params"]):
+                if param.grad is None or param in exclude:
+                    continue
+                if param.grad.layout != torch.strided:
+                    raise ValueError(f"param_groups[{group_index}]['params'][{index}]: sparse gradient; "
+                                     "SAM needs dense gradients (e.g. nn.Embedding(sparse=False))")
+                items.append((offset + index, param))
+            entries.append((group, items))
+            offset += len(group["params"])
+        return entries
+
+    def _norm(self, params: list[torch.Tensor], **options) -> tuple[torch.Tensor, torch.Tensor]:
+        """``ops.grad_norm`` with zeros on the parameters' device when ``params`` is empty."""
+        if not params:
+            zero = torch.zeros((), dtype=torch.float32, device=self._device())
+            return zero, zero.clone()
+        return ops.grad_norm(params, backend=self.backend, **options)
+
+    def _ascent_norm(self, entries) -> tuple[torch.Tensor, torch.Tensor]:
+        """Global norm of the ascent gradients, each group weighted by its own ASAM options."""
+        parts: dict[tuple[bool, float], list[torch.Tensor]] = defaultdict(list)
+        for group, items in entries:
+            key = (group["adaptive"], float(group["adaptive_eta"]) if group["adaptive"] else 0.0)
+            parts[key].extend(param for _, param in items)
+        results = [self._norm(params, adaptive=adaptive, adaptive_eta=eta)
+                   for (adaptive, eta), params in parts.items() if params]
+        if len(results) <= 1:
+            return results[0] if results else self._norm([])
+        total = torch.stack([norm for norm, _ in results]).square().sum().sqrt()
+        flags = torch.stack([flag for _, flag in results] + [(~torch.isfinite(total)).float()])
+        return total, flags.amax()
+
+    def _backup(self, param: torch.Tensor) -> torch.Tensor:
+        """The backup buffer of ``param`` (allocated once, reallocated if the parameter changed)."""
+        backup = self._backups.get(param)
+        if (backup is None or backup.shape != param.shape or backup.dtype != param.dtype
+                or backup.device != param.device):
+            backup = torch.empty_like(param, memory_format=torch.contiguous_format)
+            self._backups[param] = backup
+        return backup
+
+    def _rng_step(self, device: torch.device) -> torch.Tensor:
+        if self._device_step is None or self._device_step.device != device:
+            self._device_step = torch.tensor(self._step, dtype=torch.int64, device=device)
+        return self._device_step
+
+    def _fused_descent(self, kind: str, ascent: _Ascent, found_inf: torch.Tensor,
+                       multiplier: torch.Tensor | None) -> None:
+        step = fused_steps.fused_step(kind)
+        perturbed = set(ascent.perturbed)
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None or p in perturbed]
+            if not params:
+                continue
+            # NOTE: a parameter that was not perturbed (no ascent gradient, or dropped by ESAM's SWP)
+            # is its own backup: "w = backup" then reads the current weight, elementwise, before the
+            # same element is written.
+            backups = [self._backups[p] if p in perturbed else p for p in params]
+            step(group, params, backups, self.state, grad_multiplier=multiplier, found_inf=found_inf,
+                 backend=self.backend)
+
+    def _generic_descent(self, ascent: _Ascent, descent: list[torch.Tensor], found_inf: torch.Tensor,
+                         multiplier: torch.Tensor | None) -> None:
+        if ascent.perturbed:
+            ops.restore_(ascent.perturbed, [self._backups[p] for p in ascent.perturbed],
+                         backend=self.backend)
+        if multiplier is not None and descent:
+            torch._foreach_mul_([p.grad for p in descent], multiplier)
+        # NOTE (host sync): the base optimizer's own step takes no device flag, so skipping it on a
+        # non-finite gradient reads the flag on the host, once per step, as torch's GradScaler does.
+        # This is the generic path's only sync; the fused path has none.
+        if found_inf.item() == 0:
+            self.base_optimizer.step()
+
+    @contextlib.contextmanager
+    def _restoring_on_error(self) -> Iterator[None]:
+        """If the block raises while the weights are perturbed, put them back to w and re-raise."""
+        try:
+            yield
+        except BaseException:
+            ascent, self._ascent = self._ascent, None
+            if ascent is not None and ascent.perturbed:
+                with torch.no_grad():
+                    ops.restore_(ascent.perturbed, [self._backups[p] for p in ascent.perturbed],
+                                 backend=self.backend)
+            raise
