@@ -28,6 +28,7 @@ from torch import nn
 
 from benchmarks.eager import EagerESAM, EagerSAM
 from benchmarks.models import MODELS
+from sam_kernels.optim import ESAM, SAM, sample_losses_closure
 
 LR, MOMENTUM, WEIGHT_DECAY, RHO = 0.05, 0.9, 5e-4, 0.05
 BETA, GAMMA = 0.6, 0.5  # the ESAM paper's ResNet-18 setting
@@ -76,10 +77,37 @@ def eager_esam_step(model):
     return lambda inputs, targets: optimizer.step_with(model, per_sample_loss, inputs, targets)
 
 
+def sam_kernels_sam_step(model, renormalize=False):
+    optimizer = SAM(model.parameters(), torch.optim.SGD, rho=RHO, renormalize=renormalize, lr=LR,
+                    momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+
+    def step(inputs, targets):
+        per_sample_loss(model(inputs), targets).mean().backward()
+        optimizer.first_step(zero_grad=True)
+        per_sample_loss(model(inputs), targets).mean().backward()
+        optimizer.second_step(zero_grad=True)
+
+    return step
+
+
+def sam_kernels_esam_step(model):
+    optimizer = ESAM(model.parameters(), torch.optim.SGD, rho=RHO, beta=BETA, gamma=GAMMA, lr=LR,
+                     momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+
+    def step(inputs, targets):
+        optimizer.sds_step(sample_losses_closure(model, inputs, targets, per_sample_loss))
+        optimizer.zero_grad()
+
+    return step
+
+
 VARIANTS = {
     "SGD": sgd_step,
     "eager SAM": eager_sam_step,
     "eager ESAM": eager_esam_step,
+    "sam_kernels SAM": sam_kernels_sam_step,
+    "sam_kernels ESAM": sam_kernels_esam_step,
+    "sam_kernels SSAM": lambda model: sam_kernels_sam_step(model, renormalize=True),
 }
 
 

@@ -78,3 +78,34 @@ def test_cli_runs_and_writes_its_record(tmp_path, monkeypatch, capsys):
     assert any(v.startswith("sam_kernels SAM") for v in variants)
     assert all(row["median_ms"] > 0 and row["ops_per_iteration"] > 0 for row in record["rows"])
     assert "eager SAM" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------- end to end
+
+
+def test_training_sam_variant_takes_the_same_step_as_eager_sam():
+    from benchmarks import training
+    from benchmarks.models import ResNet18
+
+    inputs, targets = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    weights = {}
+    for variant in ("eager SAM", "sam_kernels SAM"):
+        torch.manual_seed(0)
+        model = ResNet18(width=4)
+        training.VARIANTS[variant](model)(inputs, targets)
+        weights[variant] = [p.detach() for p in model.parameters()]
+    assert_close(weights["sam_kernels SAM"], weights["eager SAM"], scale=10)
+
+
+def test_training_cli_runs_every_variant(tmp_path, monkeypatch):
+    from benchmarks import training
+    from benchmarks.models import MODELS, VisionTransformer
+
+    monkeypatch.setitem(MODELS, "vit_micro", lambda: VisionTransformer(dim=16, depth=1, heads=2, mlp=32))
+    training.main(["--models", "vit_micro", "--batch", "8", "--steps", "1", "--warmup", "0",
+                   "--out", str(tmp_path)])
+    record = json.loads((tmp_path / "training_cpu.json").read_text())
+    assert {row["variant"] for row in record["rows"]} == set(training.VARIANTS)
+    assert all(row["images_per_s"] > 0 for row in record["rows"])
+    esam = next(row for row in record["rows"] if row["variant"] == "sam_kernels ESAM")
+    assert esam["model_vs_eager_sam"] == pytest.approx(6 / (3 + 0.6 + 1.5))
