@@ -10,3 +10,16 @@ from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, str(Path(__file__).parent))  # the shared helpers (tolerance.py) import from anywhere
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """NOTE: test tensors are tiny; torch's intra-op thread pool only adds overhead there (tens of ms per
+    op on a busy two-core machine), so every test runs single-threaded."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
