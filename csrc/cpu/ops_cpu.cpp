@@ -1,0 +1,475 @@
+// CPU implementations of the sam_kernels ops: parallel over (tensor, chunk) work items with
+// at::parallel_for (torch's own OpenMP pool), vectorized inner loops, the per-element math of
+// csrc/include/sam_kernels/elementwise.h (the same code the CUDA kernels run).
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "checks.h"
+#include "sam_kernels/elementwise.h"
+#include "sam_kernels/philox.h"
+
+namespace sam_kernels {
+namespace {
+
+// ------------------------------------------------------------------------------------------ utilities
+
+// NOTE (instruction sets): the per-chunk loops stay out of line, and on x86-64 ELF targets GCC compiles
+// (11+) each of them three times, for x86-64-v4 (AVX-512), x86-64-v3 (AVX2) and the baseline (SSE2); the
+// dynamic loader picks the best clone for the running CPU once (an ifunc). The build itself stays portable.
+// FMA contraction is off (-ffp-contract=off), so every clone rounds exactly like the baseline.
+#if defined(__GNUC__) && __GNUC__ >= 11 && !defined(__clang__) && defined(__x86_64__) && defined(__ELF__)
+#if !defined(SAMK_NO_TARGET_CLONES)
+#define SAMK_CPU_LOOP __attribute__((noinline, target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#endif
+#endif
+#ifndef SAMK_CPU_LOOP
+#if defined(_MSC_VER)
+#define SAMK_CPU_LOOP __declspec(noinline)
+#else
+#define SAMK_CPU_LOOP __attribute__((noinline))
+#endif
+#endif
+
+// NOTE (vectorization): half and bfloat16 elements are converted through their 16-bit payload (`.x`)
+// with c10's bit-level conversions, never by copying the c10 structs, which the vectorizer cannot handle.
+// Rounding is to nearest even, as in Tensor.copy_ from float32. (The 16-bit narrowing needs SSE4.1, so
+// half/bfloat16 loops vectorize in the AVX2 and AVX-512 clones only.)
+SAMK_INLINE float load(const float* p, int64_t i) { return p[i]; }
+SAMK_INLINE float load(const c10::Half* p, int64_t i) {
+  return c10::detail::fp16_ieee_to_fp32_value(p[i].x);
+}
+SAMK_INLINE float load(const c10::BFloat16* p, int64_t i) {
+  return c10::detail::f32_from_bits(p[i].x);
+}
+
+SAMK_INLINE void store(float* p, int64_t i, float v) { p[i] = v; }
+SAMK_INLINE void store(c10::Half* p, int64_t i, float v) {
+  p[i].x = c10::detail::fp16_ieee_from_fp32_value(v);
+}
+SAMK_INLINE void store(c10::BFloat16* p, int64_t i, float v) {
+  p[i].x = c10::detail::round_to_nearest_even(v);
+}
+
+// Exact copy of one element's bits.
+SAMK_INLINE void copy_bits(float* dst, const float* src, int64_t i) { dst[i] = src[i]; }
+template <typename T>
+SAMK_INLINE void copy_bits(T* dst, const T* src, int64_t i) {
+  dst[i].x = src[i].x;
+}
+
+// Calls f(T{}) with T the C++ type of the storage dtype.
+template <typename F>
+void dispatch_dtype(at::ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case at::kFloat:
+      f(float{});
+      break;
+    case at::kHalf:
+      f(c10::Half{});
+      break;
+    case at::kBFloat16:
+      f(c10::BFloat16{});
+      break;
+    default:
+      TORCH_CHECK(false, "sam_kernels: unsupported dtype ", dtype);
+  }
+}
+
+// One unit of parallel work: one chunk of one tensor.
+struct WorkItem {
+  int64_t tensor;
+  int64_t begin, end;  // element range within the tensor
+};
+
+// NOTE (chunking): the work list is every chunk of every non-empty tensor, in tensor order, so item
+// positions (and the norm's partials, one per item) do not depend on the thread count.
+std::vector<WorkItem> work_items(at::TensorList tensors, int64_t* total_elements = nullptr) {
+  std::vector<WorkItem> items;
+  int64_t total = 0;
+  for (size_t k = 0; k < tensors.size(); ++k) {
+    const int64_t numel = tensors[k].numel();
+    total += numel;
+    for (int64_t begin = 0; begin < numel; begin += kChunkSize) {
+      items.push_back(WorkItem{static_cast<int64_t>(k), begin, std::min(numel, begin + kChunkSize)});
+    }
+  }
+  if (total_elements != nullptr) *total_elements = total;
+  return items;
+}
+
+// Below this many elements a call runs on the calling thread (waking the pool costs more than the work).
+constexpr int64_t kSerialElements = 1 << 15;
+
+template <typename F>
+void parallel_items(const std::vector<WorkItem>& items, int64_t total_elements, F&& f) {
+  const int64_t n = static_cast<int64_t>(items.size());
+  const int64_t grain = total_elements < kSerialElements ? n : 1;
+  at::parallel_for(0, n, grain, [&](int64_t first, int64_t last) {
+    for (int64_t j = first; j < last; ++j) f(j, items[j]);
+  });
+}
+
+// Calls f(std::true_type{}) or f(std::false_type{}).
+// NOTE (vectorization): every per-call switch of a loop (momentum, Nesterov, first step, weight decay,
+// ...) becomes a template argument this way, so each loop the compiler sees is branch-free and
+// vectorizes; with runtime flags it keeps the branches and runs scalar.
+template <typename F>
+void with_flag(bool flag, F&& f) {
+  if (flag) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
+// Raw copy of elements [begin, end) of tensor `src` into `dst` (bit for bit).
+void copy_range(const at::Tensor& dst, const at::Tensor& src, int64_t begin, int64_t end) {
+  const int64_t size = dst.element_size();
+  std::memcpy(static_cast<char*>(dst.data_ptr()) + begin * size,
+              static_cast<const char*>(src.data_ptr()) + begin * size, (end - begin) * size);
+}
+
+template <typename T>
+T* data(const at::Tensor& t) {
+  return static_cast<T*>(t.data_ptr());
+}
+
+// ------------------------------------------------------------------------------------------ grad norm
+
+constexpr int kLanes = 16;          // independent fp32 accumulators (one vector register's worth)
+constexpr int64_t kSumBlock = 1024; // elements summed into the lanes before they are folded
+
+// Sum over [begin, end) of norm_term^2: lanes accumulate blocks of kSumBlock elements, each block is
+// folded by a fixed pairwise tree and added to the chunk's total in order. NOTE (determinism): the order
+// of every addition depends only on the element range, never on threads or addresses.
+template <typename T, bool ADAPTIVE>
+SAMK_CPU_LOOP float sumsq_range(const T* __restrict grad, const T* __restrict weight, int64_t begin,
+                                int64_t end, float eta) {
+  float total = 0.0f;
+  for (int64_t block = begin; block < end; block += kSumBlock) {
+    const int64_t block_end = std::min(end, block + kSumBlock);
+    float acc[kLanes] = {};
+    int64_t i = block;
+    for (; i + kLanes <= block_end; i += kLanes) {
+#pragma omp simd
+      for (int j = 0; j < kLanes; ++j) {
+        const float t = norm_term<ADAPTIVE>(load(grad, i + j), ADAPTIVE ? load(weight, i + j) : 0.0f, eta);
+        acc[j] += t * t;
+      }
+    }
+    for (int j = 0; i < block_end; ++i, ++j) {
+      const float t = norm_term<ADAPTIVE>(load(grad, i), ADAPTIVE ? load(weight, i) : 0.0f, eta);
+      acc[j] += t * t;
+    }
+    for (int width = kLanes / 2; width > 0; width /= 2) {
+      for (int j = 0; j < width; ++j) acc[j] += acc[j + width];
+    }
+    total += acc[0];
+  }
+  return total;
+}
+
+std::tuple<at::Tensor, at::Tensor> grad_norm_cpu(at::TensorList grads, at::TensorList weights,
+                                                 double adaptive_eta) {
+  const at::Device device = device_of(grads);
+  check_list("grads", grads, grads.size(), device);
+  const bool adaptive = !weights.empty();
+  if (adaptive) check_list("weights", weights, grads.size(), device, grads);
+  int64_t total_elements = 0;
+  const auto items = work_items(grads, &total_elements);
+  std::vector<float> partials(items.size());
+  const float eta = static_cast<float>(adaptive_eta);
+  parallel_items(items, total_elements, [&](int64_t j, const WorkItem& item) {
+    const at::Tensor& g = grads[item.tensor];
+    dispatch_dtype(g.scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      partials[j] = adaptive ? sumsq_range<T, true>(data<T>(g), data<T>(weights[item.tensor]), item.begin,
+                                                    item.end, eta)
+                             : sumsq_range<T, false>(data<T>(g), nullptr, item.begin, item.end, eta);
+    });
+  });
+  // NOTE: the second stage sums the per-chunk partials in chunk order on one thread: deterministic.
+  float sum = 0.0f;
+  for (const float p : partials) sum += p;
+  const NormResult result = finish_norm(sum);
+  at::Tensor norm = at::empty({}, at::TensorOptions().dtype(at::kFloat).device(device));
+  at::Tensor nonfinite = at::empty({}, at::TensorOptions().dtype(at::kFloat).device(device));
+  *data<float>(norm) = result.norm;
+  *data<float>(nonfinite) = result.nonfinite;
+  return {norm, nonfinite};
+}
+
+// ---------------------------------------------------------------------------------------------- perturb
+
+template <typename T, bool ADAPTIVE, bool MASKED>
+SAMK_CPU_LOOP void perturb_range(T* __restrict param, const T* __restrict grad, T* __restrict backup,
+                                 int64_t begin, int64_t end, float scale, float eta, const MaskKey mask_key,
+                                 uint32_t tensor_index) {
+  // NOTE: local copies of every loop invariant: the compiler cannot prove that the element stores leave a
+  // referenced struct alone, and would reload it (and give up vectorizing) otherwise.
+  const MaskKey key = mask_key;
+#pragma omp simd
+  for (int64_t i = begin; i < end; ++i) {
+    copy_bits(backup, param, i);
+    const bool keep = !MASKED || keep_element(key, static_cast<uint32_t>(i), tensor_index);
+    store(param, i, perturb_element<ADAPTIVE>(load(param, i), load(grad, i), scale, eta, keep, true));
+  }
+}
+
+void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList backups,
+                 at::IntArrayRef tensor_indices, const at::Tensor& norm, const at::Tensor& step, double rho,
+                 double eps, int64_t keep_threshold, double keep_prob, bool normalize, bool adaptive,
+                 double adaptive_eta, int64_t seed_lo, int64_t seed_hi) {
+  const at::Device device = device_of(params);
+  check_list("params", params, params.size(), device);
+  check_list("grads", grads, params.size(), device, params);
+  check_list("backups", backups, params.size(), device, params);
+  TORCH_CHECK(tensor_indices.size() == params.size(), "tensor_indices: expected ", params.size(),
+              " entries, got ", tensor_indices.size());
+  TORCH_CHECK(keep_threshold >= 0 && keep_threshold <= kKeepAll, "keep_threshold: must be in [0, 2**24]");
+  TORCH_CHECK(keep_prob > 0.0 && keep_prob <= 1.0, "keep_prob: must be in (0, 1]");
+  if (params.empty()) return;
+  const float norm_value = *data<float>(device_scalar("norm", norm, device));
+  TORCH_CHECK(step.numel() == 1 && step.scalar_type() == at::kLong && step.device() == device,
+              "step: expected a one-element int64 tensor on ", device);
+  const uint64_t step_value = static_cast<uint64_t>(step.reshape({}).item<int64_t>());
+
+  const PerturbConfig config{static_cast<float>(rho), static_cast<float>(eps), static_cast<float>(keep_prob),
+                             static_cast<float>(adaptive_eta), normalize};
+  const float scale = perturb_scale(config, norm_value);
+  const bool finite = is_finite(norm_value);
+  const MaskKey key{static_cast<uint32_t>(seed_lo), static_cast<uint32_t>(seed_hi),
+                    static_cast<uint32_t>(step_value), static_cast<uint32_t>(step_value >> 32),
+                    static_cast<uint32_t>(keep_threshold)};
+  const bool masked = key.threshold < kKeepAll;
+
+  int64_t total_elements = 0;
+  const auto items = work_items(params, &total_elements);
+  parallel_items(items, total_elements, [&](int64_t, const WorkItem& item) {
+    const int64_t k = item.tensor;
+    if (!finite) {
+      // A non-finite norm leaves the weights as they are; the backup is still written.
+      copy_range(backups[k], params[k], item.begin, item.end);
+      return;
+    }
+    const auto index = static_cast<uint32_t>(tensor_indices[k]);
+    dispatch_dtype(params[k].scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      with_flag(adaptive, [&](auto adaptive_) {
+        with_flag(masked, [&](auto masked_) {
+          perturb_range<T, adaptive_, masked_>(data<T>(params[k]), data<T>(grads[k]), data<T>(backups[k]),
+                                               item.begin, item.end, scale, config.adaptive_eta, key, index);
+        });
+      });
+    });
+  });
+}
+
+// ---------------------------------------------------------------------------------------------- restore
+
+void restore_cpu(at::TensorList params, at::TensorList backups) {
+  const at::Device device = device_of(params);
+  check_list("params", params, params.size(), device);
+  check_list("backups", backups, params.size(), device, params);
+  int64_t total_elements = 0;
+  const auto items = work_items(params, &total_elements);
+  parallel_items(items, total_elements, [&](int64_t, const WorkItem& item) {
+    copy_range(params[item.tensor], backups[item.tensor], item.begin, item.end);
+  });
+}
+
+// ------------------------------------------------------------------------------------- restore + SGD
+
+template <typename T, bool HAS_MOMENTUM, bool FIRST_STEP, bool NESTEROV, bool WEIGHT_DECAY>
+SAMK_CPU_LOOP void sgd_range(T* __restrict param, const T* __restrict backup, const T* __restrict grad,
+                             T* __restrict buf, int64_t begin, int64_t end, const SgdConfig& config,
+                             float multiplier) {
+  SgdConfig c = config;  // a local copy (see perturb_range) with the switches fixed at compile time
+  c.has_momentum = HAS_MOMENTUM;
+  c.nesterov = NESTEROV;
+  c.maximize = false;  // folded into the multiplier by the caller
+  if (!WEIGHT_DECAY) c.weight_decay = 0.0f;
+#pragma omp simd
+  for (int64_t i = begin; i < end; ++i) {
+    float w_out, buf_out;
+    sgd_element(c, load(backup, i), load(grad, i) * multiplier, HAS_MOMENTUM ? load(buf, i) : 0.0f,
+                FIRST_STEP, false, w_out, buf_out);
+    if (HAS_MOMENTUM) store(buf, i, buf_out);
+    store(param, i, w_out);
+  }
+}
+
+void restore_sgd_step_cpu(at::TensorList params, at::TensorList backups, at::TensorList grads,
+                          at::TensorList momentum_buffers, at::IntArrayRef first_step, double lr,
+                          double momentum, double dampening, double weight_decay, bool nesterov,
+                          bool maximize, const std::optional<at::Tensor>& grad_multiplier,
+                          const std::optional<at::Tensor>& found_inf) {
+  const at::Device device = device_of(params);
+  const size_t n = params.size();
+  check_list("params", params, n, device);
+  check_list("backups", backups, n, device, params);
+  check_list("grads", grads, n, device, params);
+  const bool has_momentum = momentum != 0.0;
+  if (has_momentum) check_list("momentum_buffers", momentum_buffers, n, device, params);
+  TORCH_CHECK(first_step.size() == n, "first_step: expected ", n, " entries, got ", first_step.size());
+  const auto multiplier_t = optional_scalar("grad_multiplier", grad_multiplier, device);
+  const auto found_inf_t = optional_scalar("found_inf", found_inf, device);
+  const bool skip = found_inf_t ? *data<float>(*found_inf_t) != 0.0f : false;
+  // NOTE: maximize folds into the multiplier: -(g * m) == g * (-m) exactly (rounding is sign-symmetric).
+  const float multiplier = (multiplier_t ? *data<float>(*multiplier_t) : 1.0f) * (maximize ? -1.0f : 1.0f);
+  const SgdConfig config{static_cast<float>(lr), static_cast<float>(momentum),
+                         static_cast<float>(1.0 - dampening), static_cast<float>(weight_decay),
+                         has_momentum, nesterov, maximize};
+
+  int64_t total_elements = 0;
+  const auto items = work_items(params, &total_elements);
+  parallel_items(items, total_elements, [&](int64_t, const WorkItem& item) {
+    const int64_t k = item.tensor;
+    if (skip) {
+      // found_inf: restore the weights, leave the momentum buffers as they are.
+      copy_range(params[k], backups[k], item.begin, item.end);
+      return;
+    }
+    dispatch_dtype(params[k].scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      T* buf = has_momentum ? data<T>(momentum_buffers[k]) : nullptr;
+      with_flag(has_momentum, [&](auto momentum_) {
+        with_flag(has_momentum && first_step[k] != 0, [&](auto first_) {
+          with_flag(has_momentum && nesterov, [&](auto nesterov_) {
+            with_flag(config.weight_decay != 0.0f, [&](auto decay_) {
+              sgd_range<T, momentum_, first_, nesterov_, decay_>(data<T>(params[k]), data<T>(backups[k]),
+                                                                 data<T>(grads[k]), buf, item.begin,
+                                                                 item.end, config, multiplier);
+            });
+          });
+        });
+      });
+    });
+  });
+}
+
+// ------------------------------------------------------------------------------------ restore + Adam
+
+template <typename T, bool AMSGRAD, bool DECOUPLED, bool WEIGHT_DECAY>
+SAMK_CPU_LOOP void adam_range(T* __restrict param, const T* __restrict backup, const T* __restrict grad,
+                              T* __restrict exp_avg, T* __restrict exp_avg_sq, T* __restrict max_exp_avg_sq,
+                              int64_t begin, int64_t end, const AdamConfig& config,
+                              const AdamBias& tensor_bias, float multiplier) {
+  AdamConfig c = config;  // a local copy (see perturb_range) with the switches fixed at compile time
+  c.amsgrad = AMSGRAD;
+  c.decoupled = DECOUPLED;
+  c.maximize = false;  // folded into the multiplier by the caller
+  if (!WEIGHT_DECAY) c.weight_decay = 0.0f;
+  const AdamBias bias = tensor_bias;
+#pragma omp simd
+  for (int64_t i = begin; i < end; ++i) {
+    float w_out, m_out, v_out, v_max_out;
+    adam_element(c, bias, load(backup, i), load(grad, i) * multiplier, load(exp_avg, i), load(exp_avg_sq, i),
+                 AMSGRAD ? load(max_exp_avg_sq, i) : 0.0f, false, w_out, m_out, v_out, v_max_out);
+    store(exp_avg, i, m_out);
+    store(exp_avg_sq, i, v_out);
+    if (AMSGRAD) store(max_exp_avg_sq, i, v_max_out);
+    store(param, i, w_out);
+  }
+}
+
+void restore_adam_step_cpu(at::TensorList params, at::TensorList backups, at::TensorList grads,
+                           at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                           at::TensorList max_exp_avg_sqs, at::TensorList steps, double lr, double beta1,
+                           double beta2, double eps, double weight_decay, bool decoupled, bool amsgrad,
+                           bool maximize, const std::optional<at::Tensor>& grad_multiplier,
+                           const std::optional<at::Tensor>& found_inf) {
+  const at::Device device = device_of(params);
+  const size_t n = params.size();
+  check_list("params", params, n, device);
+  check_list("backups", backups, n, device, params);
+  check_list("grads", grads, n, device, params);
+  check_list("exp_avgs", exp_avgs, n, device, params);
+  check_list("exp_avg_sqs", exp_avg_sqs, n, device, params);
+  if (amsgrad) check_list("max_exp_avg_sqs", max_exp_avg_sqs, n, device, params);
+  TORCH_CHECK(steps.size() == n, "steps: expected ", n, " tensors, got ", steps.size());
+  std::vector<AdamBias> biases(n);
+  const AdamConfig config{static_cast<float>(lr),          static_cast<float>(beta1),
+                          static_cast<float>(beta2),       static_cast<float>(1.0 - beta1),
+                          static_cast<float>(1.0 - beta2), static_cast<float>(eps),
+                          static_cast<float>(weight_decay), static_cast<float>(1.0 - lr * weight_decay),
+                          decoupled,                       amsgrad,
+                          maximize};
+  for (size_t k = 0; k < n; ++k) {
+    biases[k] = adam_bias(config, *data<float>(device_scalar("steps", steps[k], device)));
+  }
+  const auto multiplier_t = optional_scalar("grad_multiplier", grad_multiplier, device);
+  const auto found_inf_t = optional_scalar("found_inf", found_inf, device);
+  const bool skip = found_inf_t ? *data<float>(*found_inf_t) != 0.0f : false;
+  // NOTE: maximize folds into the multiplier, as in restore_sgd_step_cpu.
+  const float multiplier = (multiplier_t ? *data<float>(*multiplier_t) : 1.0f) * (maximize ? -1.0f : 1.0f);
+
+  int64_t total_elements = 0;
+  const auto items = work_items(params, &total_elements);
+  parallel_items(items, total_elements, [&](int64_t, const WorkItem& item) {
+    const int64_t k = item.tensor;
+    if (skip) {
+      // found_inf: restore the weights, leave every state tensor as it is.
+      copy_range(params[k], backups[k], item.begin, item.end);
+      return;
+    }
+    dispatch_dtype(params[k].scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      T* max_sq = amsgrad ? data<T>(max_exp_avg_sqs[k]) : nullptr;
+      with_flag(amsgrad, [&](auto amsgrad_) {
+        with_flag(decoupled && config.weight_decay != 0.0f, [&](auto decoupled_) {
+          with_flag(config.weight_decay != 0.0f, [&](auto decay_) {
+            adam_range<T, amsgrad_, decoupled_, decay_>(
+                data<T>(params[k]), data<T>(backups[k]), data<T>(grads[k]), data<T>(exp_avgs[k]),
+                data<T>(exp_avg_sqs[k]), max_sq, item.begin, item.end, config, biases[k], multiplier);
+          });
+        });
+      });
+    });
+  });
+}
+
+// ----------------------------------------------------------------------------------------------- Philox
+
+at::Tensor philox_cpu(const at::Tensor& counters, int64_t key0, int64_t key1) {
+  TORCH_CHECK(counters.scalar_type() == at::kLong && counters.dim() == 2 && counters.size(1) == 4,
+              "counters: expected an int64 tensor of shape (N, 4)");
+  const at::Tensor in = counters.contiguous();
+  at::Tensor out = at::empty_like(in);
+  const int64_t* c = data<int64_t>(in);
+  int64_t* o = data<int64_t>(out);
+  const auto k0 = static_cast<uint32_t>(key0);
+  const auto k1 = static_cast<uint32_t>(key1);
+  for (int64_t i = 0; i < in.size(0); ++i) {
+    const U32x4 r = philox4x32_10(
+        U32x4{static_cast<uint32_t>(c[4 * i]), static_cast<uint32_t>(c[4 * i + 1]),
+              static_cast<uint32_t>(c[4 * i + 2]), static_cast<uint32_t>(c[4 * i + 3])},
+        k0, k1);
+    o[4 * i] = r.x;
+    o[4 * i + 1] = r.y;
+    o[4 * i + 2] = r.z;
+    o[4 * i + 3] = r.w;
+  }
+  return out;
+}
+
+}  // namespace
+}  // namespace sam_kernels
+
+TORCH_LIBRARY_IMPL(sam_kernels, CPU, m) {
+  m.impl("grad_norm", &sam_kernels::grad_norm_cpu);
+  m.impl("perturb_", &sam_kernels::perturb_cpu);
+  m.impl("restore_", &sam_kernels::restore_cpu);
+  m.impl("restore_sgd_step_", &sam_kernels::restore_sgd_step_cpu);
+  m.impl("restore_adam_step_", &sam_kernels::restore_adam_step_cpu);
+  m.impl("philox4x32_10", &sam_kernels::philox_cpu);
+}

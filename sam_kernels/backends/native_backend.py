@@ -1,0 +1,166 @@
+"""The native backend: the compiled extension ``sam_kernels._C`` (csrc/), CPU and CUDA kernels.
+
+The extension registers the ops ``torch.ops.sam_kernels.*`` (schemas in csrc/ops.cpp, CPU kernels in
+csrc/cpu/, CUDA kernels in csrc/cuda/); this module calls them with the backend interface of
+``reference.py`` and registers their fake implementations, which ``torch.compile`` and
+``torch.library.opcheck`` use. One call per op covers every tensor of every dtype: the CPU kernels run
+over (tensor, chunk) work items in parallel, the CUDA kernels launch once per dtype group (more only when a
+group outgrows one launch's metadata table).
+
+Importing this module never fails: without the extension ``status()`` says why, and calling an op raises a
+``RuntimeError`` that says how to build it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from collections.abc import Sequence
+
+import torch
+
+from .common import split_u64
+
+BUILD_HINT = ("build it from source: `CUDA_HOME=/usr/local/cuda pip install --no-build-isolation -e .` "
+              "(or the CMake build; see README, 'Backends and building the native extension')")
+
+EXTENSION = "sam_kernels._C"
+
+_C = None
+_LOAD_ERROR: str | None = None
+if importlib.util.find_spec(EXTENSION) is None:
+    _LOAD_ERROR = f"the extension {EXTENSION} is not built"
+else:
+    try:
+        _C = importlib.import_module(EXTENSION)  # loading the library registers torch.ops.sam_kernels.*
+    except (ImportError, OSError, RuntimeError) as error:
+        # An extension built against another torch fails here (undefined symbols), as does a second copy
+        # of the library registering the same op namespace.
+        _LOAD_ERROR = (f"{EXTENSION} is present but failed to load ({error}); rebuild it against the "
+                       f"installed torch {torch.__version__}")
+
+
+def is_built() -> bool:
+    """Whether the extension is built and loaded."""
+    return _C is not None
+
+
+def build_info() -> dict:
+    """What the extension was built with: ``built``, ``cuda``, ``cuda_archs``, ``cuda_version``, ..."""
+    if _C is None:
+        return {"built": False, "error": _LOAD_ERROR, "cuda": False, "cuda_archs": [], "cuda_version": ""}
+    archs = [a for a in _C.CUDA_ARCHS.split(",") if a]
+    return {"built": True, "error": None, "cuda": bool(_C.WITH_CUDA), "cuda_archs": archs,
+            "cuda_version": _C.CUDA_VERSION, "build_tool": _C.BUILD_TOOL, "compiler": _C.CXX_COMPILER,
+            "path": _C.__file__}
+
+
+def describe() -> str:
+    """One line on the extension for the backend report."""
+    info = build_info()
+    if not info["built"]:
+        return str(info["error"])
+    if info["cuda"]:
+        cuda = f"CUDA {info['cuda_version']} for {', '.join(info['cuda_archs'])}"
+    else:
+        cuda = "no CUDA part"
+    return f"built with {info['build_tool']} ({info['compiler']}): CPU; {cuda}"
+
+
+def status(device_type: str) -> tuple[bool, str]:
+    """Whether the native backend can run on this device type, and why (not)."""
+    if _C is None:
+        return False, f"{_LOAD_ERROR}; {BUILD_HINT}"
+    if device_type == "cpu":
+        return True, "sam_kernels._C is built (CPU kernels)"
+    if device_type == "cuda":
+        if _C.WITH_CUDA:
+            return True, f"sam_kernels._C is built with CUDA kernels for {_C.CUDA_ARCHS}"
+        return False, ("sam_kernels._C was built without its CUDA part (a CPU-only torch, no nvcc, or "
+                       "SAM_KERNELS_NO_CUDA=1 at build time)")
+    return False, f"the native backend has no kernels for device type {device_type!r}"
+
+
+def _ops():
+    if _C is None:
+        raise RuntimeError(f"the native backend is unavailable: {_LOAD_ERROR}; {BUILD_HINT}")
+    return torch.ops.sam_kernels
+
+
+# ---------------------------------------------------------------------------- the backend interface
+
+
+def grad_norm(grads, weights, adaptive_eta):
+    """Global norm and non-finite flag as 0-d fp32 device tensors (two-stage, deterministic)."""
+    return _ops().grad_norm(list(grads), list(weights) if weights is not None else [], float(adaptive_eta))
+
+
+def perturb_(params, grads, backups, tensor_indices, norm, *, rho, eps, keep_threshold, keep_prob,
+             normalize, adaptive, adaptive_eta, seed, step) -> None:
+    seed_lo, seed_hi = split_u64(seed)
+    _ops().perturb_(list(params), list(grads), list(backups), [int(t) for t in tensor_indices], norm, step,
+                    float(rho), float(eps), int(keep_threshold), float(keep_prob), bool(normalize),
+                    bool(adaptive), float(adaptive_eta), seed_lo, seed_hi)
+
+
+def restore_(params, backups) -> None:
+    _ops().restore_(list(params), list(backups))
+
+
+def restore_sgd_step_(params, backups, grads, momentum_buffers, first_step, *, lr, momentum, dampening,
+                      weight_decay, nesterov, maximize, grad_multiplier, found_inf) -> None:
+    buffers = list(momentum_buffers) if momentum != 0 else []
+    _ops().restore_sgd_step_(list(params), list(backups), list(grads), buffers,
+                             [int(bool(f)) for f in first_step], float(lr), float(momentum),
+                             float(dampening), float(weight_decay), bool(nesterov), bool(maximize),
+                             grad_multiplier, found_inf)
+
+
+def restore_adam_step_(params, backups, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, lr, beta1,
+                       beta2, eps, weight_decay, decoupled, amsgrad, maximize, grad_multiplier,
+                       found_inf) -> None:
+    max_sqs = list(max_exp_avg_sqs) if amsgrad else []
+    _ops().restore_adam_step_(list(params), list(backups), list(grads), list(exp_avgs), list(exp_avg_sqs),
+                              max_sqs, list(steps), float(lr), float(beta1), float(beta2), float(eps),
+                              float(weight_decay), bool(decoupled), bool(amsgrad), bool(maximize),
+                              grad_multiplier, found_inf)
+
+
+def philox4x32_10(counters: torch.Tensor, key: tuple[int, int]) -> torch.Tensor:
+    """The kernels' own Philox4x32-10 on an int64 (N, 4) tensor of counter words; returns (N, 4) words."""
+    return _ops().philox4x32_10(counters, int(key[0]), int(key[1]))
+
+
+# ---------------------------------------------------------------------------- fake implementations
+
+if _C is not None:
+
+    @torch.library.register_fake("sam_kernels::grad_norm")
+    def _grad_norm_fake(grads: Sequence[torch.Tensor], weights, adaptive_eta):
+        if grads:
+            return grads[0].new_empty((), dtype=torch.float32), grads[0].new_empty((), dtype=torch.float32)
+        return torch.empty((), dtype=torch.float32), torch.empty((), dtype=torch.float32)
+
+    @torch.library.register_fake("sam_kernels::perturb_")
+    def _perturb_fake(params, grads, backups, tensor_indices, norm, step, rho, eps, keep_threshold,
+                      keep_prob, normalize, adaptive, adaptive_eta, seed_lo, seed_hi):
+        return None
+
+    @torch.library.register_fake("sam_kernels::restore_")
+    def _restore_fake(params, backups):
+        return None
+
+    @torch.library.register_fake("sam_kernels::restore_sgd_step_")
+    def _restore_sgd_step_fake(params, backups, grads, momentum_buffers, first_step, lr, momentum,
+                               dampening, weight_decay, nesterov, maximize, grad_multiplier, found_inf):
+        return None
+
+    @torch.library.register_fake("sam_kernels::restore_adam_step_")
+    def _restore_adam_step_fake(params, backups, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr,
+                                beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize,
+                                grad_multiplier, found_inf):
+        return None
+
+    @torch.library.register_fake("sam_kernels::philox4x32_10")
+    def _philox_fake(counters, key0, key1):
+        return counters.new_empty(counters.shape)
