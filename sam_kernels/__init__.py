@@ -1,8 +1,10 @@
 """sam_kernels: fused multi-tensor kernels for sharpness-aware minimization and its variants."""
 
-from . import ops, optim
+from . import clip, distributed, ops, optim
 from .backends import report as backend_report
+from .clip import clip_grad_norm_
 from .optim import ESAM, SAM, freeze_bn_stats, sample_losses_closure
 
-__all__ = ["ESAM", "SAM", "backend_report", "freeze_bn_stats", "ops", "optim", "sample_losses_closure"]
+__all__ = ["ESAM", "SAM", "backend_report", "clip", "clip_grad_norm_", "distributed", "freeze_bn_stats",
+           "ops", "optim", "sample_losses_closure"]
 __version__ = "0.1.0"

@@ -300,7 +300,10 @@ def restore_adam_step_(params: Tensors, backups: Tensors, exp_avgs: Tensors, exp
     if found_inf is None:
         torch._foreach_add_(kept_steps, 1.0)
     else:
-        torch._foreach_add_(kept_steps, 1.0 - found_inf.float())
+        # NOTE: a tensor list, not a 0-d tensor operand: the CPU kernel of the scalar-tensor overload
+        # reads the scalar on the host, which would break CUDA-graph capture and compiled steps.
+        increment = 1.0 - found_inf.float()
+        torch._foreach_add_(kept_steps, [increment] * len(kept_steps))
     _backend(params, backend).restore_adam_step_(
         _pick(params, kept), _pick(backups, kept), _pick(grads, kept), _pick(exp_avgs, kept),
         _pick(exp_avg_sqs, kept), _pick(max_exp_avg_sqs, kept) if amsgrad else None, kept_steps,

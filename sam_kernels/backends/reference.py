@@ -1,7 +1,7 @@
 """Pure-torch reference of every op: the ground truth that all other backends are tested against.
 
 Written for reading, not for speed: one tensor at a time, fp32 math, no fusion. It runs on any device and
-makes no host sync except reading the RNG step. The op layer (``sam_kernels.ops``) has already validated
+makes no host sync. The op layer (``sam_kernels.ops``) has already validated
 the inputs, dropped tensors without a gradient and advanced Adam's step counters.
 """
 
@@ -42,11 +42,17 @@ def philox4x32_10(counter: Sequence[torch.Tensor], key: tuple[int, int]) -> list
     return [c0, c1, c2, c3]
 
 
-def keep_mask(numel: int, tensor_index: int, seed: int, step: int, keep_threshold: int,
+def keep_mask(numel: int, tensor_index: int, seed: int, step: int | torch.Tensor, keep_threshold: int,
               device: torch.device | str = "cpu") -> torch.Tensor:
-    """Boolean keep-mask of one flattened tensor, per the contract in ``backends/common.py``."""
+    """Boolean keep-mask of one flattened tensor, per the contract in ``backends/common.py``.
+
+    ``step`` may be a 0-d int64 device tensor: its words are split on the device (no host read).
+    """
     element = torch.arange(numel, dtype=torch.int64, device=device)
-    step_lo, step_hi = split_u64(step)
+    if isinstance(step, torch.Tensor):
+        step_lo, step_hi = step & U32, (step >> 32) & U32
+    else:
+        step_lo, step_hi = split_u64(step)
     word0 = philox4x32_10((element, tensor_index, step_lo, step_hi), split_u64(seed))[0]
     return (word0 >> 8) < keep_threshold
 
@@ -70,7 +76,6 @@ def perturb_(params, grads, backups, tensor_indices, norm, *, rho, eps, keep_thr
     scale = rho / (norm + eps) if normalize else torch.full_like(norm, rho)
     scale = scale / keep_prob
     finite = torch.isfinite(norm)
-    step = int(step)
     for param, grad, backup, index in zip(params, grads, backups, tensor_indices, strict=False):
         backup.copy_(param)
         w = param.float()

@@ -4,6 +4,7 @@ sharpness-sensitive data selection (SDS), with the official code's semantics (RE
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 import torch
 
 from .. import ops
+from . import amp
 from .bn import freeze_bn_stats
 from .sam import SAM, check_probability
 
@@ -86,43 +88,56 @@ class ESAM(SAM):
         check_probability("gamma", gamma)
         if swp not in ("tensor", "element"):
             raise ValueError(f"swp: must be 'tensor' or 'element', got {swp!r}")
+        if kwargs.get("capturable") and swp == "tensor" and beta < 1:
+            raise ValueError("capturable=True: per-tensor SWP switches requires_grad on the host every "
+                             "step, which a captured graph cannot replay; use swp='element' or beta=1")
         self.beta = float(beta)
         self.gamma = float(gamma)
         self.swp = swp
-        self._dropped: list[torch.Tensor] = []
         super().__init__(params, base_optimizer, rho=rho, **kwargs)
         self._drop_tensors()
 
     @property
     def dropped_tensors(self) -> tuple[torch.Tensor, ...]:
         """The parameter tensors left out of the next ascent pass (``requires_grad`` is off)."""
-        return tuple(self._dropped)
+        return tuple(self._run.dropped)
 
     # ------------------------------------------------------------------------- training loops
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """SAM's closure step with SWP; SDS needs per-sample losses, so this requires ``gamma == 1``."""
-        if self.gamma != 1.0:
+        if self.gamma != 1.0 and closure is not None:
             raise ValueError(f"gamma={self.gamma}: data selection needs per-sample losses; use "
                              "sds_step(sample_losses), or gamma=1 to run step(closure) with SWP only")
         return super().step(closure)
 
-    def sds_step(self, sample_losses: SampleLosses) -> torch.Tensor:
+    def sds_step(self, sample_losses: SampleLosses, *, grad_scaler: Any = None) -> torch.Tensor:
         """One ESAM step with SWP and SDS; returns the mean loss at w.
 
         ``sample_losses(indices)`` computes the per-sample losses (forward only: no backward, no
         ``zero_grad``) of the whole batch when ``indices`` is None, else of the samples at ``indices``
         (a 1-d int64 tensor); ``sample_losses_closure`` builds one from a model, a batch and a loss.
+        The first forward and backward run inside ``ascent_context`` when it is set.
         Passes: full batch at w (ascent backward, the only pass that updates BatchNorm statistics), a
         no-grad full batch at w + e, and the selected samples at w + e (descent backward). The no-grad
         pass is skipped when every sample is selected.
+
+        ``grad_scaler``: a ``torch.amp.GradScaler`` scales both backward passes, the ascent unscales
+        inside ``first_step`` and the descent runs as ``grad_scaler.step(self)``; call
+        ``grad_scaler.update()`` afterwards.
         """
-        with torch.enable_grad():
+        scaler = grad_scaler if amp.scaler_enabled(grad_scaler) else None
+
+        def backward(loss: torch.Tensor) -> None:
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+
+        context = self.ascent_context() if self.ascent_context is not None else contextlib.nullcontext()
+        with torch.enable_grad(), context:
             self.zero_grad()
             before = _per_sample(sample_losses(None))
-            before.mean().backward()
+            backward(before.mean())
         before = before.detach()
-        self.first_step(zero_grad=True)
+        self.first_step(zero_grad=True, grad_scaler=scaler)
         indices = None
         with self._restoring_on_error():
             if selected_count(self.gamma, before.numel()) < before.numel():
@@ -131,8 +146,11 @@ class ESAM(SAM):
                 indices = self.select_samples(before, after)
             with torch.enable_grad(), freeze_bn_stats():
                 expected = before.numel() if indices is None else indices.numel()
-                _per_sample(sample_losses(indices), expected).mean().backward()
-        self.second_step()
+                backward(_per_sample(sample_losses(indices), expected).mean())
+        if scaler is not None:
+            scaler.step(self)
+        else:
+            self.second_step()
         return before.mean()
 
     def select_samples(self, loss_before: torch.Tensor, loss_after: torch.Tensor) -> torch.Tensor:
@@ -151,7 +169,7 @@ class ESAM(SAM):
     # ----------------------------------------------------------------------- SAM hooks
 
     def _excluded_from_ascent(self) -> set[torch.Tensor]:
-        return set(self._dropped)
+        return set(self._run.dropped)
 
     def _perturb_options(self, group: dict) -> dict[str, Any]:
         if self.swp == "tensor":
@@ -185,17 +203,17 @@ class ESAM(SAM):
         eligible = [i for i, param in enumerate(params) if param.requires_grad]
         if not eligible:
             return
-        keep = ops.keep_mask(len(params), SWP_TENSOR_STREAM, self.seed, self._step,
+        keep = ops.keep_mask(len(params), SWP_TENSOR_STREAM, self.seed, self._run.step,
                          ops.mask_threshold(self.beta)).tolist()
         dropped = [i for i in eligible if not keep[i]]
         if len(dropped) == len(eligible):
-            dropped.remove(eligible[self._step % len(eligible)])
-        self._dropped = [params[i] for i in dropped]
-        for param in self._dropped:
+            dropped.remove(eligible[self._run.step % len(eligible)])
+        self._run.dropped = [params[i] for i in dropped]
+        for param in self._run.dropped:
             param.requires_grad_(False)
 
     def _restore_dropped(self) -> None:
-        for param in self._dropped:
+        for param in self._run.dropped:
             param.requires_grad_(True)
-        self._dropped = []
+        self._run.dropped = []
 

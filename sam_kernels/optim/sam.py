@@ -12,14 +12,22 @@ import math
 import numbers
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch build without torch.distributed: no sharded parameters
+
+    class DTensor:  # type: ignore[no-redef]
+        """Placeholder: nothing is an instance."""
 
 from .. import backends, ops
 from ..backends.common import SUPPORTED_DTYPES
-from . import fused_steps
+from . import amp, fused_steps
 from .bn import freeze_bn_stats
 
 #: SAM options that may differ between param groups (the rest are optimizer-wide).
@@ -121,7 +129,42 @@ def _default_seed() -> int:
     return torch.initial_seed()
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (FSDP2 parameters and gradients), else the tensor itself.
+
+    NOTE: the shard is a view of the storage FSDP2 all-gathers from, so writing it in place perturbs
+    and restores the parameter without swapping any storage.
+    """
+    return tensor._local_tensor if isinstance(tensor, DTensor) else tensor
+
+
+def _local_tensors(params: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    """Local parameters and their gradients for the ops (None: the ops read ``.grad`` themselves)."""
+    if not any(isinstance(p, DTensor) for p in params):
+        return params, None
+    return [_local(p) for p in params], [_local(p.grad) if p.grad is not None else None for p in params]
+
+
 # ----------------------------------------------------------------------------------- optimizer
+
+
+@dataclass
+class _RunState:
+    """What changes from step to step, held outside the optimizer object.
+
+    NOTE: torch.compile (dynamo) models a torch.optim.Optimizer specially and drops attribute writes
+    on it made inside a compiled region; writes to this plain object are kept.
+    """
+
+    #: What ``first_step`` leaves for the descent; None outside a SAM step.
+    ascent: _Ascent | None = None
+    #: SAM iterations on the host (saved by state_dict); ``device_step`` mirrors it on the parameters'
+    #: device for the kernels (no copy per step). Both advance together, once per descent, skipped
+    #: steps included.
+    step: int = 0
+    device_step: torch.Tensor | None = None
+    #: ESAM: the tensors left out of the next ascent.
+    dropped: list = field(default_factory=list)
 
 
 @dataclass
@@ -134,6 +177,8 @@ class _Ascent:
     grad_norm: torch.Tensor
     #: 1.0 when the ascent gradient was not finite (the weights were then left unperturbed).
     nonfinite: torch.Tensor
+    #: The enabled GradScaler of the ascent (``first_step(grad_scaler=...)``), else None.
+    grad_scaler: Any = None
 
 
 class SAM(torch.optim.Optimizer):
@@ -148,18 +193,31 @@ class SAM(torch.optim.Optimizer):
     ``fused`` (None: fully fused restore-and-step when the base is SGD/Adam/AdamW with options it can
     honour, else the generic path; True: require it; False: the generic path, whose descent is the base
     optimizer's own ``step``), ``foreach`` (forwarded to the base optimizer; True also selects the
-    generic path), ``backend`` (the op backend: None/"auto", "torch" or "triton").
+    generic path), ``backend`` (the op backend: None/"auto", "torch" or "triton"), ``capturable``
+    (CUDA graphs: requires the fused descent; the RNG step lives on the device from construction,
+    advances there and keeps its address, and no step reads a device value on the host; the host step
+    counter is refreshed from the device by ``state_dict``).
 
     ``param_groups`` and ``state`` are the base optimizer's own objects, so LR schedulers, ``zero_grad``
     and ``add_param_group`` act on both, and ``state_dict`` is the base optimizer's (torch format) plus
     the SAM entry ``"sam": {"seed", "step"}``.
+
+    AMP: ``first_step(grad_scaler=scaler)`` after the first scaled backward, ``scaler.step(optimizer)``
+    and ``scaler.update()`` after the second (``_step_supports_amp_scaling``: the scaler hands over its
+    scale and found-inf tensors, SAM unscales on the device and skips on inf in either pass).
+    ``ascent_context``: a callable returning a context manager that wraps the first forward and backward
+    of ``step(closure)`` and ``ESAM.sds_step`` (for DDP, ``model.no_sync``: a per-worker ascent).
     """
+
+    #: torch.amp.GradScaler.step hands this optimizer ``grad_scale`` and ``found_inf`` tensors instead of
+    #: unscaling and checking the gradients itself (see ``step``).
+    _step_supports_amp_scaling = True
 
     def __init__(self, params: Iterable | None, base_optimizer, *, rho: float = 0.05,
                  adaptive: bool = False, adaptive_eta: float = 0.0, eps: float = 1e-12,
                  normalize_ascent: bool = True, renormalize: bool = False, seed: int | None = None,
                  foreach: bool | None = None, fused: bool | None = None, backend: str | None = None,
-                 **base_kwargs: Any) -> None:
+                 capturable: bool = False, **base_kwargs: Any) -> None:
         check_positive("rho", rho)
         _check_bool("adaptive", adaptive)
         _check_non_negative("adaptive_eta", adaptive_eta)
@@ -168,6 +226,10 @@ class SAM(torch.optim.Optimizer):
         _check_bool("renormalize", renormalize)
         _check_optional_bool("fused", fused)
         _check_optional_bool("foreach", foreach)
+        _check_bool("capturable", capturable)
+        if capturable and (fused is False or foreach):
+            raise ValueError("capturable=True: needs the fused descent (the generic one reads the "
+                             "non-finite flag on the host); leave fused and foreach unset")
         if fused and foreach:
             raise ValueError("fused and foreach: cannot both be True (fused=True is the fully fused "
                              "restore-and-step, foreach=True the base optimizer's own step)")
@@ -188,14 +250,15 @@ class SAM(torch.optim.Optimizer):
         self.foreach = foreach
         self.backend = backend
         self._backups: dict[torch.Tensor, torch.Tensor] = {}
-        self._ascent: _Ascent | None = None
-        # NOTE (RNG step): ``_step`` counts SAM iterations on the host (saved by state_dict) and
-        # ``_device_step`` mirrors it on the parameters' device for the kernels (no copy per step);
-        # both advance together, once per second_step, skipped steps included.
-        self._step = 0
-        self._device_step: torch.Tensor | None = None
+        self._run = _RunState()
+        self.ascent_context: Callable[[], contextlib.AbstractContextManager] | None = None
+        self.capturable = capturable
         backends.resolve(self._device(), backend)
         self._descent_kind()
+        if capturable:
+            if self._descent_kind() is None:
+                raise ValueError(f"capturable=True: {fused_steps.unsupported_reason(base)}")
+            self._rng_step(self._device())
 
     # ------------------------------------------------------------------ torch.optim conventions
 
@@ -224,7 +287,11 @@ class SAM(torch.optim.Optimizer):
         """The base optimizer's state dict plus ``"sam": {"seed", "step"}``."""
         self._check_not_perturbed("state_dict()")
         state = self.base_optimizer.state_dict()
-        state["sam"] = {"seed": self.seed, "step": self._step}
+        if self.capturable and self._run.device_step is not None:
+            # NOTE: replays of a captured graph advance the device step only; read it (one sync, at
+            # checkpoint time).
+            self._run.step = int(self._run.device_step)
+        state["sam"] = {"seed": self.seed, "step": self._run.step}
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -241,8 +308,11 @@ class SAM(torch.optim.Optimizer):
             _check_group(group, index)
         if sam_state is not None:
             self.seed = int(sam_state["seed"])
-            self._step = int(sam_state["step"])
-        self._device_step = None
+            self._run.step = int(sam_state["step"])
+        if self.capturable and self._run.device_step is not None:
+            self._run.device_step.fill_(self._run.step)  # keeps its address for captured graphs
+        else:
+            self._run.device_step = None
         self._descent_kind()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -261,12 +331,27 @@ class SAM(torch.optim.Optimizer):
         """One SAM step with torch.optim's closure convention; returns the loss at w (first closure call).
 
         ``closure`` zeroes the gradients, computes the loss, calls backward and returns the loss; it runs
-        twice, at w and at w + e. BatchNorm running statistics are frozen during the second call.
+        twice, at w and at w + e (the first call inside ``ascent_context`` when set). BatchNorm running
+        statistics are frozen during the second call.
+
+        Without a closure, between ``first_step()`` and the descent, ``step()`` is the descent: this is
+        how ``torch.amp.GradScaler.step(optimizer)`` drives SAM, handing over its ``grad_scale`` (None
+        when ``scaler.unscale_(optimizer)`` already ran) and ``found_inf`` tensors as attributes.
         """
+        scaler_attributes = hasattr(self, "grad_scale") or hasattr(self, "found_inf")
         if closure is None:
-            raise TypeError("step(): SAM needs a closure (it evaluates the loss twice); or call "
-                            "first_step() and second_step() around your own backward passes")
-        with torch.enable_grad():
+            if self._run.ascent is None:
+                raise TypeError("step(): SAM needs a closure (it evaluates the loss twice); or call "
+                                "first_step() and second_step() around your own backward passes")
+            self._descend(getattr(self, "grad_scale", None), getattr(self, "found_inf", None),
+                          from_step=True)
+            return None
+        if scaler_attributes:
+            raise RuntimeError("step(closure) under torch.amp.GradScaler is not supported (the scaler "
+                               "checks the gradients before the closure runs); use first_step("
+                               "grad_scaler=scaler), the second backward, then scaler.step(optimizer)")
+        context = self.ascent_context() if self.ascent_context is not None else contextlib.nullcontext()
+        with torch.enable_grad(), context:
             loss = closure()
         self.first_step(zero_grad=True)
         with self._restoring_on_error(), torch.enable_grad(), freeze_bn_stats():
@@ -275,60 +360,120 @@ class SAM(torch.optim.Optimizer):
         return loss
 
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> None:
-        """Ascent: back up w, then w += e from the current gradients (a no-op on a non-finite gradient)."""
-        if self._ascent is not None:
+    def first_step(self, zero_grad: bool = False, *, grad_scaler: Any = None) -> None:
+        """Ascent: back up w, then w += e from the current gradients (a no-op on a non-finite gradient).
+
+        ``grad_scaler``: the ``torch.amp.GradScaler`` that scaled the first loss. Its scale is divided
+        out on the device (folded into the norm; with ``normalize_ascent=False`` the gradients are
+        unscaled in place); the descent must then go through ``scaler.step(optimizer)``. A disabled
+        scaler is ignored.
+        """
+        if self._run.ascent is not None:
             raise RuntimeError("first_step(): called twice; a SAM step is first_step() then "
                                "second_step()")
+        scaler = grad_scaler if amp.scaler_enabled(grad_scaler) else None
         entries = self._params_with_grad(exclude=self._excluded_from_ascent())
         perturbed = [param for _, items in entries for _, param in items]
         norm, nonfinite = self._ascent_norm(entries)
         plain_norm = norm
         if self.renormalize and any(group["adaptive"] for group, items in entries if items):
             plain_norm = self._norm(perturbed)[0]
+        if scaler is not None:
+            scale = amp.current_scale(scaler, self._device())
+            inv_scale = amp.inverse(scale)
+            plain_norm = plain_norm * inv_scale
+            if self.normalize_ascent:
+                # NOTE: the op's scale is rho / (norm + eps) times the scaled gradient S * g; passing
+                # norm_S + (S - 1) * eps makes it rho / (||g|| + eps) * g, the unscaled ascent. A
+                # non-finite norm stays non-finite, so the op still leaves the weights untouched.
+                norm = norm + (scale - 1.0) * self.eps
+            elif perturbed:
+                torch._foreach_mul_([p.grad for p in perturbed], inv_scale)
         for group, items in entries:
             if not items:
                 continue
             params = [param for _, param in items]
-            ops.perturb_(params, [self._backup(p) for p in params], norm, eps=self.eps,
+            local, grads = _local_tensors(params)
+            ops.perturb_(local, [self._backup(p) for p in params], norm, grads=grads, eps=self.eps,
                          normalize=self.normalize_ascent, adaptive=group["adaptive"],
                          adaptive_eta=group["adaptive_eta"], seed=self.seed,
                          step=self._rng_step(params[0].device),
                          tensor_indices=[position for position, _ in items], backend=self.backend,
                          **self._perturb_options(group))
-        self._ascent = _Ascent(perturbed, plain_norm, nonfinite)
+        self._run.ascent = _Ascent(perturbed, plain_norm, nonfinite, scaler)
         self._end_of_ascent()
         if zero_grad:
-            self.zero_grad()
+            self._clear_grads()
 
-    @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
         """Descent: restore w, then the base optimizer's step with the current (second) gradients.
 
         A non-finite gradient in either pass skips the step: the weights are the pre-step weights bit for
-        bit and the base optimizer's state is unchanged.
+        bit and the base optimizer's state is unchanged. After ``first_step(grad_scaler=scaler)`` the
+        descent is ``scaler.step(optimizer)`` instead.
         """
-        if self._ascent is None:
+        if self._run.ascent is not None and self._run.ascent.grad_scaler is not None:
+            self._abandon_ascent()
+            raise RuntimeError("second_step(): the ascent ran under a GradScaler, so the descent must "
+                               "go through scaler.step(optimizer), which unscales the second gradients; "
+                               "the weights were restored and this step skipped")
+        self._descend(None, None, zero_grad=zero_grad)
+
+    @torch.no_grad()
+    def _descend(self, grad_scale: torch.Tensor | None, scaler_found_inf: torch.Tensor | None, *,
+                 zero_grad: bool = False, from_step: bool = False) -> None:
+        """The descent; ``grad_scale`` and ``scaler_found_inf`` come from GradScaler.step."""
+        if self._run.ascent is None:
             raise RuntimeError("second_step(): no first_step() before it")
-        ascent, self._ascent = self._ascent, None
+        ascent = self._run.ascent
+        from_scaler = from_step and scaler_found_inf is not None
+        if ascent.grad_scaler is not None and not from_scaler:
+            self._abandon_ascent()
+            raise RuntimeError("step(): the ascent ran under a GradScaler but the descent did not come "
+                               "from scaler.step(optimizer); the weights were restored and this step "
+                               "skipped")
+        if from_scaler and ascent.grad_scaler is None and grad_scale is not None:
+            self._abandon_ascent()
+            raise RuntimeError("scaler.step(optimizer): the ascent's gradients were scaled too; pass "
+                               "first_step(grad_scaler=scaler); the weights were restored and this step "
+                               "skipped")
+        self._run.ascent = None
+        device = self._device()
         descent = [param for _, items in self._params_with_grad() for _, param in items]
-        norm, nonfinite = self._norm(descent)
-        found_inf = torch.maximum(ascent.nonfinite, nonfinite)
-        multiplier = ascent.grad_norm / (norm + self.eps) if self.renormalize else None
+        inv_scale = amp.inverse(grad_scale.to(device)) if grad_scale is not None else None
+        norm = None
+        if scaler_found_inf is not None and not self.renormalize:
+            # NOTE: the scaler has just checked every gradient of this optimizer; no second norm pass.
+            nonfinite = scaler_found_inf.to(device=device, dtype=torch.float32)
+        else:
+            norm, nonfinite = self._norm(descent)
+            if scaler_found_inf is not None:
+                nonfinite = torch.maximum(nonfinite, scaler_found_inf.to(device=device,
+                                                                          dtype=torch.float32))
+        # NOTE: GradScaler sums its per-device flags, so a flag may exceed 1; the ops want 0 or 1.
+        found_inf = (torch.maximum(ascent.nonfinite, nonfinite) != 0).float()
+        multiplier = inv_scale
+        if self.renormalize:
+            true_norm = norm if inv_scale is None else norm * inv_scale
+            multiplier = ascent.grad_norm / (true_norm + self.eps)
+            if inv_scale is not None:
+                multiplier = multiplier * inv_scale
+        if ascent.grad_scaler is not None:
+            amp.record_found_inf(ascent.grad_scaler, self, found_inf)
         kind = self._descent_kind()
         if kind is None:
             self._generic_descent(ascent, descent, found_inf, multiplier)
         else:
             self._fused_descent(kind, ascent, found_inf, multiplier)
-        self._step += 1
-        if self._device_step is not None:
-            self._device_step.add_(1)
+        self._run.step += 1
+        if self._run.device_step is not None:
+            self._run.device_step.add_(1)
         # NOTE: torch's LR schedulers warn unless the optimizer marks itself as stepped; the two-call
         # loop never calls step(), so second_step sets the flag that their step() wrapper would set.
         self._opt_called = True
         self._end_of_step()
         if zero_grad:
-            self.zero_grad()
+            self._clear_grads()
 
     # -------------------------------------------------------------- hooks for the variants
 
@@ -356,7 +501,7 @@ class SAM(torch.optim.Optimizer):
         return torch.device("cpu")
 
     def _check_not_perturbed(self, what: str) -> None:
-        if self._ascent is not None:
+        if self._run.ascent is not None:
             raise RuntimeError(f"{what}: the weights are perturbed between first_step() and "
                                "second_step(); call it after second_step()")
 
@@ -365,6 +510,9 @@ class SAM(torch.optim.Optimizer):
         if self.fused is False or self.foreach:
             return None
         reason = fused_steps.unsupported_reason(self.base_optimizer)
+        if reason is None and self._shard_group() is not None:
+            reason = ("the parameters are sharded DTensors (FSDP2); the base optimizer's own step "
+                      "updates them")
         if reason is None:
             return fused_steps.fused_kind(self.base_optimizer)
         if self.fused:
@@ -389,11 +537,34 @@ class SAM(torch.optim.Optimizer):
         return entries
 
     def _norm(self, params: list[torch.Tensor], **options) -> tuple[torch.Tensor, torch.Tensor]:
-        """``ops.grad_norm`` with zeros on the parameters' device when ``params`` is empty."""
+        """``ops.grad_norm`` with zeros on the parameters' device when ``params`` is empty; over the
+        local shards and all-reduced when the parameters are sharded (FSDP2)."""
+        group = self._shard_group()
         if not params:
-            zero = torch.zeros((), dtype=torch.float32, device=self._device())
-            return zero, zero.clone()
-        return ops.grad_norm(params, backend=self.backend, **options)
+            norm = torch.zeros((), dtype=torch.float32, device=self._device())
+            nonfinite = norm.clone()
+        else:
+            local, grads = _local_tensors(params)
+            norm, nonfinite = ops.grad_norm(local, grads, backend=self.backend, **options)
+        if group is None:
+            return norm, nonfinite
+        # NOTE: every rank holds a shard of every parameter, so every rank takes part in each call.
+        squared = norm.square()
+        dist.all_reduce(squared, group=group)
+        dist.all_reduce(nonfinite, op=dist.ReduceOp.MAX, group=group)
+        norm = squared.sqrt()
+        return norm, torch.maximum(nonfinite, (~torch.isfinite(norm)).float())
+
+    def _shard_group(self):
+        """The process group over which the parameters are sharded (DTensor parameters of FSDP2), or
+        None for ordinary parameters."""
+        for group in self.param_groups:
+            for param in group["params"]:
+                mesh = getattr(param, "device_mesh", None)
+                if mesh is None:
+                    return None
+                return mesh.get_group() if mesh.ndim == 1 else dist.group.WORLD
+        return None
 
     def _ascent_norm(self, entries) -> tuple[torch.Tensor, torch.Tensor]:
         """Global norm of the ascent gradients, each group weighted by its own ASAM options."""
@@ -410,18 +581,20 @@ class SAM(torch.optim.Optimizer):
         return total, flags.amax()
 
     def _backup(self, param: torch.Tensor) -> torch.Tensor:
-        """The backup buffer of ``param`` (allocated once, reallocated if the parameter changed)."""
+        """The backup buffer of ``param`` (allocated once, reallocated if the parameter changed); of its
+        local shard for a DTensor."""
         backup = self._backups.get(param)
-        if (backup is None or backup.shape != param.shape or backup.dtype != param.dtype
-                or backup.device != param.device):
-            backup = torch.empty_like(param, memory_format=torch.contiguous_format)
+        local = _local(param)
+        if (backup is None or backup.shape != local.shape or backup.dtype != local.dtype
+                or backup.device != local.device):
+            backup = torch.empty_like(local, memory_format=torch.contiguous_format)
             self._backups[param] = backup
         return backup
 
     def _rng_step(self, device: torch.device) -> torch.Tensor:
-        if self._device_step is None or self._device_step.device != device:
-            self._device_step = torch.tensor(self._step, dtype=torch.int64, device=device)
-        return self._device_step
+        if self._run.device_step is None or self._run.device_step.device != device:
+            self._run.device_step = torch.tensor(self._run.step, dtype=torch.int64, device=device)
+        return self._run.device_step
 
     def _fused_descent(self, kind: str, ascent: _Ascent, found_inf: torch.Tensor,
                        multiplier: torch.Tensor | None) -> None:
@@ -441,7 +614,8 @@ class SAM(torch.optim.Optimizer):
     def _generic_descent(self, ascent: _Ascent, descent: list[torch.Tensor], found_inf: torch.Tensor,
                          multiplier: torch.Tensor | None) -> None:
         if ascent.perturbed:
-            ops.restore_(ascent.perturbed, [self._backups[p] for p in ascent.perturbed],
+            ops.restore_(_local_tensors(ascent.perturbed)[0],
+                         [self._backups[p] for p in ascent.perturbed],
                          backend=self.backend)
         if multiplier is not None and descent:
             torch._foreach_mul_([p.grad for p in descent], multiplier)
@@ -451,15 +625,26 @@ class SAM(torch.optim.Optimizer):
         if found_inf.item() == 0:
             self.base_optimizer.step()
 
+    def _clear_grads(self) -> None:
+        """``zero_grad()`` (gradients set to None) without torch.optim's profiler wrapper, which
+        torch.compile does not trace: a graph break inside first_step or second_step would split them."""
+        for group in self.param_groups:
+            for param in group["params"]:
+                param.grad = None
+
+    def _abandon_ascent(self) -> None:
+        """Put the perturbed weights back to w and forget the ascent."""
+        ascent, self._run.ascent = self._run.ascent, None
+        if ascent is not None and ascent.perturbed:
+            with torch.no_grad():
+                ops.restore_(_local_tensors(ascent.perturbed)[0],
+                             [self._backups[p] for p in ascent.perturbed], backend=self.backend)
+
     @contextlib.contextmanager
     def _restoring_on_error(self) -> Iterator[None]:
         """If the block raises while the weights are perturbed, put them back to w and re-raise."""
         try:
             yield
         except BaseException:
-            ascent, self._ascent = self._ascent, None
-            if ascent is not None and ascent.perturbed:
-                with torch.no_grad():
-                    ops.restore_(ascent.perturbed, [self._backups[p] for p in ascent.perturbed],
-                                 backend=self.backend)
+            self._abandon_ascent()
             raise

@@ -1,0 +1,129 @@
+"""The worker processes of the distributed tests (imported by name in spawned processes)."""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+from reference import loss_of, make_data, make_mlp
+from torch.nn.parallel import DistributedDataParallel
+
+from sam_kernels.clip import clip_grad_norm_
+from sam_kernels.distributed import average_gradients_, broadcast_seed_, per_worker_ascent
+from sam_kernels.optim import ESAM, SAM, sample_losses_closure
+
+WORLD = 2
+RHO = 0.05
+LR = 0.1
+STEPS = 3
+
+
+def init(rank: int, port: int) -> None:
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=60))
+
+
+def shard(x: torch.Tensor, y: torch.Tensor, rank: int):
+    return x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]
+
+
+def gathered(model: torch.nn.Module) -> list[list[torch.Tensor]]:
+    """Every rank's parameters (on every rank)."""
+    mine = [p.detach().clone() for p in model.parameters()]
+    result: list = [None] * WORLD
+    dist.all_gather_object(result, mine)
+    return result
+
+
+def ddp_run(rank: int, port: int, out: str, backends: list[str]) -> None:
+    init(rank, port)
+    results = {}
+    for backend in backends:
+        for mode in ("per_worker", "per_worker_closure", "synced", "averaged"):
+            model = DistributedDataParallel(make_mlp())
+            sam = SAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR, momentum=0.9,
+                      backend=backend, seed=rank + 11)
+            broadcast_seed_(sam)
+            for x, y in make_data(STEPS, size=16):
+                xs, ys = shard(x, y, rank)
+                if mode == "per_worker_closure":
+                    sam.ascent_context = model.no_sync
+
+                    def closure(xs=xs, ys=ys, sam=sam, model=model):
+                        sam.zero_grad()
+                        loss = loss_of(model, xs, ys)
+                        loss.backward()
+                        return loss
+                    sam.step(closure)
+                    continue
+                context = per_worker_ascent(model) if mode in ("per_worker", "averaged") else None
+                with context or torch.enable_grad():
+                    loss_of(model, xs, ys).backward()
+                if mode == "averaged":
+                    average_gradients_(model.parameters())
+                sam.first_step(zero_grad=True)
+                loss_of(model, xs, ys).backward()
+                sam.second_step(zero_grad=True)
+            results[(backend, mode)] = gathered(model)
+        # ESAM: per-tensor SWP toggles requires_grad and SDS selects local samples; DDP's reducer must
+        # not notice (per-worker ascent, the descent uses every parameter).
+        model = DistributedDataParallel(make_mlp())
+        esam = ESAM(model.parameters(), torch.optim.SGD, rho=RHO, beta=0.5, gamma=0.5, lr=LR,
+                    backend=backend, seed=rank + 5)
+        broadcast_seed_(esam)
+        esam.ascent_context = model.no_sync
+        dropped = []
+        for x, y in make_data(STEPS, size=16):
+            dropped.append([i for i, p in enumerate(model.parameters()) if not p.requires_grad])
+            xs, ys = shard(x, y, rank)
+            esam.sds_step(sample_losses_closure(model, xs, ys,
+                                                torch.nn.CrossEntropyLoss(reduction="none")))
+        results[(backend, "esam")] = gathered(model)
+        everyone: list = [None] * WORLD
+        dist.all_gather_object(everyone, dropped)
+        results[(backend, "esam_dropped")] = everyone
+    if rank == 0:
+        torch.save(results, out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def fsdp_run(rank: int, port: int, out: str, backends: list[str]) -> None:
+    """FSDP2 (fully_shard) on a 1-D mesh of the 2 CPU processes: SAM with a globally synced ascent."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    init(rank, port)
+    mesh = init_device_mesh("cpu", (WORLD,))
+    results = {}
+    for backend, clip in [(backend, None) for backend in backends] + [(backends[0], 0.05)]:
+        model = make_mlp()
+        fully_shard(model[0], mesh=mesh)
+        fully_shard(model[2], mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        sam = SAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR, momentum=0.9, backend=backend,
+                  seed=3)
+        storages = [p._local_tensor.untyped_storage().data_ptr() for p in model.parameters()]
+        for x, y in make_data(STEPS, size=16):
+            xs, ys = shard(x, y, rank)
+            loss_of(model, xs, ys).backward()
+            sam.first_step(zero_grad=True)
+            loss_of(model, xs, ys).backward()
+            if clip is not None:
+                clip_grad_norm_(model.parameters(), clip, process_group=mesh.get_group(), backend=backend)
+            sam.second_step(zero_grad=True)
+        same_storage = storages == [p._local_tensor.untyped_storage().data_ptr()
+                                    for p in model.parameters()]
+        full = [p.full_tensor().detach().clone() for p in model.parameters()]
+        key = backend if clip is None else f"{backend}_clip"
+        results[key] = {"params": full, "same_storage": same_storage, "fused": sam.uses_fused_step}
+    everyone: list = [None] * WORLD
+    dist.all_gather_object(everyone, results)
+    if rank == 0:
+        torch.save(everyone, out)
+    dist.barrier()
+    dist.destroy_process_group()

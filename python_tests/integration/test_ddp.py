@@ -1,0 +1,124 @@
+"""DDP with 2 processes on the CPU (gloo, 127.0.0.1 only), compared with a single-process run on the same
+global batch: the per-worker ascent, the synced ascent, and ESAM's SWP and SDS under DDP's reducer."""
+
+from __future__ import annotations
+
+import socket
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from tolerance import assert_bitwise_equal, assert_close
+
+from .reference import EagerSAM, make_data, make_mlp, per_worker_esam_step, per_worker_sam_step
+
+HERE = Path(__file__).parent
+TIMEOUT_S = 240
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(function_name: str, *args) -> None:
+    """Run ``dist_worker.<function_name>(rank, port, *args)`` on 2 processes; fail after TIMEOUT_S."""
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is unavailable")
+    if str(HERE) not in sys.path:
+        sys.path.insert(0, str(HERE))  # the spawned processes import dist_worker by name
+    import dist_worker
+    context = mp.start_processes(getattr(dist_worker, function_name), args=(free_port(), *args),
+                                 nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while not context.join(timeout=5):
+            if time.monotonic() > deadline:
+                pytest.fail(f"{function_name}: the 2 processes did not finish in {TIMEOUT_S} s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.terminate()
+
+
+@pytest.fixture(scope="module")
+def ddp_results(tmp_path_factory):
+    from sam_kernels.backends import triton_status
+    backends = ["torch"] + (["triton"] if triton_status("cpu")[0] else [])
+    out = tmp_path_factory.mktemp("ddp") / "results.pt"
+    spawn("ddp_run", str(out), backends)
+    return torch.load(out, weights_only=False), backends
+
+
+def expected_params(mode: str, clip: float | None = None) -> list[torch.Tensor]:
+    model = make_mlp()
+    base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    eager = EagerSAM(model, base, rho=0.05)
+    for x, y in make_data(3, size=16):
+        if mode == "synced":
+            eager.step([(x, y)], clip=clip)
+        else:
+            per_worker_sam_step(model, base, list(zip(x.chunk(2), y.chunk(2), strict=True)), rho=0.05)
+    return [p.detach() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("mode", ["per_worker", "per_worker_closure", "synced", "averaged"])
+def test_ddp_matches_single_process(ddp_results, mode):
+    results, backends = ddp_results
+    expected = expected_params("synced" if mode == "averaged" else mode)
+    for backend in backends:
+        rank0, rank1 = results[(backend, mode)]
+        assert_bitwise_equal(rank0, rank1, f"{backend}/{mode}: ranks differ")
+        assert_close(rank0, expected, scale=10, msg=f"{backend}/{mode}")
+
+
+def test_per_worker_differs_from_synced():
+    """The two ascents are different algorithms on this data (so the comparisons above can fail)."""
+    a, b = expected_params("per_worker"), expected_params("synced")
+    assert any((x - y).abs().max() > 1e-4 for x, y in zip(a, b, strict=True))
+
+
+def test_ddp_esam(ddp_results):
+    """ESAM under DDP (SWP toggles requires_grad, SDS selects per rank, DDP's reducer must not notice):
+    ranks identical, the same tensors dropped on both, and equal to a single-process simulation of the
+    per-worker ascent with those drops."""
+    results, backends = ddp_results
+    for backend in backends:
+        rank0, rank1 = results[(backend, "esam")]
+        assert_bitwise_equal(rank0, rank1, f"{backend}: ranks differ")
+        dropped0, dropped1 = results[(backend, "esam_dropped")]
+        assert dropped0 == dropped1 and any(dropped0)
+        model = make_mlp()
+        base = torch.optim.SGD(model.parameters(), lr=0.1)
+        for (x, y), dropped in zip(make_data(3, size=16), dropped0, strict=True):
+            per_worker_esam_step(model, base, list(zip(x.chunk(2), y.chunk(2), strict=True)), rho=0.05,
+                                 beta=0.5, gamma=0.5, dropped=dropped)
+        assert_close(rank0, [p.detach() for p in model.parameters()], scale=10, msg=backend)
+
+
+def test_fsdp2_matches_single_process(tmp_path):
+    """FSDP2 on 2 CPU processes: the norm all-reduced over the shards, perturb and restore in place on
+    the local shards (the shards' storage never changes), against eager SAM on the global batch; and
+    clipping with the norm all-reduced over the shards."""
+    pytest.importorskip("torch.distributed.fsdp")
+    from sam_kernels.backends import triton_status
+    backends = ["torch"] + (["triton"] if triton_status("cpu")[0] else [])
+    out = tmp_path / "fsdp.pt"
+    spawn("fsdp_run", str(out), backends)
+    ranks = torch.load(out, weights_only=False)
+    expected = expected_params("synced")
+    for backend in backends:
+        for rank, results in enumerate(ranks):
+            result = results[backend]
+            assert result["same_storage"], f"{backend}: rank {rank} swapped parameter storage"
+            assert not result["fused"]
+            assert_close(result["params"], expected, scale=10, msg=f"{backend}: rank {rank}")
+    clipped = expected_params("synced", clip=0.05)
+    assert any((a - b).abs().max() > 1e-4 for a, b in zip(clipped, expected, strict=True))
+    for rank, results in enumerate(ranks):
+        assert_close(results[f"{backends[0]}_clip"]["params"], clipped, scale=10,
+                     msg=f"clipped: rank {rank}")

@@ -1,0 +1,71 @@
+"""SAM under torch.distributed: DDP with a per-worker or a synced ascent, and FSDP2 (``fully_shard``).
+
+DDP (REFERENCE.md section 2): by default each worker perturbs its own replica with its own gradient. The
+first forward and backward run inside ``model.no_sync()`` (``per_worker_ascent``), so no gradient is
+all-reduced there; the second backward is the usual synced one, and since every worker restores the same
+w and steps with the same all-reduced gradient, the parameters stay identical on every rank. A globally
+synced ascent is the plain loop without ``no_sync`` (or ``average_gradients_`` after a per-worker
+backward, which also suits ESAM). Every rank must use the same SAM ``seed`` (``broadcast_seed_``), so
+that ESAM's dropped tensors and masks agree.
+
+FSDP2 (``fully_shard``): the parameters are DTensor shards. SAM sees that, all-reduces the squared norm
+of the local shards over the parameters' mesh (so the ascent is globally synced), perturbs and restores
+the local shards in place (no storage swap) and descends with the base optimizer's own step. Clip with
+``sam_kernels.clip.clip_grad_norm_(..., process_group=mesh.get_group())``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["average_gradients_", "broadcast_seed_", "per_worker_ascent"]
+
+
+@contextlib.contextmanager
+def per_worker_ascent(model: torch.nn.Module) -> Iterator[None]:
+    """Wrap the first (ascent) forward *and* backward: no gradient all-reduce inside.
+
+    DDP's ``no_sync()`` for a DistributedDataParallel model; a no-op for any other module (a
+    single-process run, so the same loop runs everywhere).
+    """
+    no_sync = getattr(model, "no_sync", None)
+    with no_sync() if callable(no_sync) else contextlib.nullcontext():
+        yield
+
+
+def broadcast_seed_(optimizer, src: int = 0, group=None) -> int:
+    """Give every rank ``src``'s SAM seed (collective; call once after building the optimizer).
+
+    NOTE: the default seed is ``torch.initial_seed()``, which differs between ranks unless each seeds
+    torch identically; ESAM's per-tensor drops and the masks must agree across ranks.
+    """
+    holder = [optimizer.seed]
+    dist.broadcast_object_list(holder, src=src, group=group)
+    optimizer.seed = int(holder[0])
+    if hasattr(optimizer, "_drop_tensors"):
+        optimizer._drop_tensors()  # ESAM: redraw the tensors left out of the next ascent
+    return optimizer.seed
+
+
+@torch.no_grad()
+def average_gradients_(parameters: Iterable[torch.Tensor], group=None) -> None:
+    """All-reduce and average the gradients of ``parameters`` over ``group`` (one collective per device
+    and dtype, through a flat buffer); parameters without a gradient are skipped, so every rank must
+    hold gradients for the same parameters (true for ESAM's dropped tensors under one seed).
+    """
+    world = dist.get_world_size(group)
+    buckets: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = defaultdict(list)
+    for p in parameters:
+        if p.grad is not None:
+            buckets[(p.grad.device, p.grad.dtype)].append(p.grad)
+    for grads in buckets.values():
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=group)
+        flat.div_(world)
+        torch._foreach_copy_(grads, [chunk.view_as(g) for chunk, g in
+                                     zip(flat.split([g.numel() for g in grads]), grads, strict=True)])
