@@ -173,7 +173,8 @@ class FusedSAM(Variant):
 
 
 def available_backends(device: torch.device) -> list[str]:
-    """The sam_kernels backends that can run on ``device`` at full speed (not the Triton interpreter)."""
+    """The sam_kernels backends that run on ``device`` at full speed: not the Triton interpreter, and
+    the torch reference (written for reading) only where no kernel backend is available."""
     names = []
     for name in backends.BACKEND_NAMES:
         if name == "triton" and device.type != "cuda":
@@ -183,7 +184,8 @@ def available_backends(device: torch.device) -> list[str]:
         except (RuntimeError, ValueError):
             continue
         names.append(name)
-    return names
+    kernels = [name for name in names if name != "torch"]
+    return kernels or names
 
 
 def make_variants(params_factory, device) -> dict[str, callable]:
