@@ -24,24 +24,11 @@ import time
 
 import torch
 
+from benchmarks.shapes import resnet50_shapes
 from sam_kernels import ops
 from sam_kernels.backends import native_backend
 
 RHO, LR, MOMENTUM, EPS = 0.05, 0.01, 0.9, 1e-12
-
-
-def resnet50_shapes() -> list[tuple[int, ...]]:
-    """The 161 parameter tensors of ResNet-50 (torchvision's order): 25,557,032 parameters."""
-    shapes: list[tuple[int, ...]] = [(64, 3, 7, 7), (64,), (64,)]
-    in_channels = 64
-    for width, blocks in zip((64, 128, 256, 512), (3, 4, 6, 3)):
-        for block in range(blocks):
-            shapes += [(width, in_channels, 1, 1), (width,), (width,), (width, width, 3, 3), (width,),
-                       (width,), (4 * width, width, 1, 1), (4 * width,), (4 * width,)]
-            if block == 0:
-                shapes += [(4 * width, in_channels, 1, 1), (4 * width,), (4 * width,)]
-            in_channels = 4 * width
-    return [*shapes, (1000, 2048), (1000,)]
 
 
 def make(shapes, seed, scale=1.0):

@@ -23,3 +23,15 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(params=["torch", "triton"])
+def backend(request) -> str:
+    """Optimizer-level tests run on the torch reference and on the Triton kernels (interpreter on CPU)."""
+    if request.param == "triton":
+        from sam_kernels.backends import triton_status
+
+        available, why = triton_status("cpu")
+        if not available:
+            pytest.fail(f"the triton backend must run in the tests: {why}")
+    return request.param
