@@ -12,7 +12,7 @@ On ResNet-50's 161 parameter shapes (25.6M fp32 parameters), from one run:
 
 Each is timed ``--repeats`` times, interleaved, after warm-up; the medians and their ratios are printed.
 
-    python benchmarks/native_cpu_iteration.py [--repeats 15] [--threads N]
+    python -m benchmarks.native_cpu_iteration [--repeats 15] [--threads N]
 """
 
 from __future__ import annotations
