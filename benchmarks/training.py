@@ -58,9 +58,8 @@ def sgd_step(model):
     return step
 
 
-def eager_sam_step(model):
-    optimizer = EagerSAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR, momentum=MOMENTUM,
-                         weight_decay=WEIGHT_DECAY)
+def two_pass_step(model, optimizer):
+    """The two-call SAM loop: backward at w, first_step, backward at w + e, second_step."""
 
     def step(inputs, targets):
         per_sample_loss(model(inputs), targets).mean().backward()
@@ -69,6 +68,11 @@ def eager_sam_step(model):
         optimizer.second_step(zero_grad=True)
 
     return step
+
+
+def eager_sam_step(model):
+    return two_pass_step(model, EagerSAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR,
+                                         momentum=MOMENTUM, weight_decay=WEIGHT_DECAY))
 
 
 def eager_esam_step(model):
@@ -78,16 +82,8 @@ def eager_esam_step(model):
 
 
 def sam_kernels_sam_step(model, renormalize=False):
-    optimizer = SAM(model.parameters(), torch.optim.SGD, rho=RHO, renormalize=renormalize, lr=LR,
-                    momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-
-    def step(inputs, targets):
-        per_sample_loss(model(inputs), targets).mean().backward()
-        optimizer.first_step(zero_grad=True)
-        per_sample_loss(model(inputs), targets).mean().backward()
-        optimizer.second_step(zero_grad=True)
-
-    return step
+    return two_pass_step(model, SAM(model.parameters(), torch.optim.SGD, rho=RHO, renormalize=renormalize,
+                                    lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY))
 
 
 def sam_kernels_esam_step(model):
