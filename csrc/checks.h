@@ -10,6 +10,8 @@
 #include <optional>
 #include <vector>
 
+#include "sam_kernels/philox.h"
+
 namespace sam_kernels {
 
 inline bool supported_dtype(at::ScalarType t) {
@@ -52,6 +54,66 @@ inline std::optional<at::Tensor> optional_scalar(const char* name, const std::op
 
 inline at::Device device_of(at::TensorList list) {
   return list.empty() ? at::Device(at::kCPU) : list[0].device();
+}
+
+// ------------------------------------------------------------------------------------------------
+// The tensor-list checks of each op, shared by the CPU and CUDA implementations.
+
+inline void check_grad_norm_args(at::TensorList grads, at::TensorList weights) {
+  const at::Device device = device_of(grads);
+  check_list("grads", grads, grads.size(), device);
+  if (!weights.empty()) check_list("weights", weights, grads.size(), device, grads);
+}
+
+inline void check_perturb_args(at::TensorList params, at::TensorList grads, at::TensorList backups,
+                               at::IntArrayRef tensor_indices, const at::Tensor& step,
+                               int64_t keep_threshold, double keep_prob) {
+  const at::Device device = device_of(params);
+  check_list("params", params, params.size(), device);
+  check_list("grads", grads, params.size(), device, params);
+  check_list("backups", backups, params.size(), device, params);
+  TORCH_CHECK(tensor_indices.size() == params.size(), "tensor_indices: expected ", params.size(),
+              " entries, got ", tensor_indices.size());
+  TORCH_CHECK(keep_threshold >= 0 && keep_threshold <= kKeepAll, "keep_threshold: must be in [0, 2**24]");
+  TORCH_CHECK(keep_prob > 0.0 && keep_prob <= 1.0, "keep_prob: must be in (0, 1]");
+  if (params.empty()) return;
+  TORCH_CHECK(step.numel() == 1 && step.scalar_type() == at::kLong && step.device() == device,
+              "step: expected a one-element int64 tensor on ", device);
+}
+
+inline void check_restore_args(at::TensorList params, at::TensorList backups) {
+  const at::Device device = device_of(params);
+  check_list("params", params, params.size(), device);
+  check_list("backups", backups, params.size(), device, params);
+}
+
+inline void check_sgd_args(at::TensorList params, at::TensorList backups, at::TensorList grads,
+                           at::TensorList momentum_buffers, at::IntArrayRef first_step, bool has_momentum) {
+  const at::Device device = device_of(params);
+  const size_t n = params.size();
+  check_list("params", params, n, device);
+  check_list("backups", backups, n, device, params);
+  check_list("grads", grads, n, device, params);
+  if (has_momentum) check_list("momentum_buffers", momentum_buffers, n, device, params);
+  TORCH_CHECK(first_step.size() == n, "first_step: expected ", n, " entries, got ", first_step.size());
+}
+
+inline void check_adam_args(at::TensorList params, at::TensorList backups, at::TensorList grads,
+                            at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                            at::TensorList max_exp_avg_sqs, at::TensorList steps, bool amsgrad) {
+  const at::Device device = device_of(params);
+  const size_t n = params.size();
+  check_list("params", params, n, device);
+  check_list("backups", backups, n, device, params);
+  check_list("grads", grads, n, device, params);
+  check_list("exp_avgs", exp_avgs, n, device, params);
+  check_list("exp_avg_sqs", exp_avg_sqs, n, device, params);
+  if (amsgrad) check_list("max_exp_avg_sqs", max_exp_avg_sqs, n, device, params);
+  TORCH_CHECK(steps.size() == n, "steps: expected ", n, " tensors, got ", steps.size());
+  for (size_t k = 0; k < n; ++k) {
+    TORCH_CHECK(steps[k].numel() == 1 && steps[k].scalar_type() == at::kFloat && steps[k].device() == device,
+                "steps[", k, "]: expected a one-element float32 tensor on ", device);
+  }
 }
 
 }  // namespace sam_kernels

@@ -181,9 +181,8 @@ SAMK_CPU_LOOP float sumsq_range(const T* __restrict grad, const T* __restrict we
 std::tuple<at::Tensor, at::Tensor> grad_norm_cpu(at::TensorList grads, at::TensorList weights,
                                                  double adaptive_eta) {
   const at::Device device = device_of(grads);
-  check_list("grads", grads, grads.size(), device);
+  check_grad_norm_args(grads, weights);
   const bool adaptive = !weights.empty();
-  if (adaptive) check_list("weights", weights, grads.size(), device, grads);
   int64_t total_elements = 0;
   const auto items = work_items(grads, &total_elements);
   std::vector<float> partials(items.size());
@@ -230,17 +229,9 @@ void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList bac
                  double eps, int64_t keep_threshold, double keep_prob, bool normalize, bool adaptive,
                  double adaptive_eta, int64_t seed_lo, int64_t seed_hi) {
   const at::Device device = device_of(params);
-  check_list("params", params, params.size(), device);
-  check_list("grads", grads, params.size(), device, params);
-  check_list("backups", backups, params.size(), device, params);
-  TORCH_CHECK(tensor_indices.size() == params.size(), "tensor_indices: expected ", params.size(),
-              " entries, got ", tensor_indices.size());
-  TORCH_CHECK(keep_threshold >= 0 && keep_threshold <= kKeepAll, "keep_threshold: must be in [0, 2**24]");
-  TORCH_CHECK(keep_prob > 0.0 && keep_prob <= 1.0, "keep_prob: must be in (0, 1]");
+  check_perturb_args(params, grads, backups, tensor_indices, step, keep_threshold, keep_prob);
   if (params.empty()) return;
   const float norm_value = *data<float>(device_scalar("norm", norm, device));
-  TORCH_CHECK(step.numel() == 1 && step.scalar_type() == at::kLong && step.device() == device,
-              "step: expected a one-element int64 tensor on ", device);
   const uint64_t step_value = static_cast<uint64_t>(step.reshape({}).item<int64_t>());
 
   const PerturbConfig config{static_cast<float>(rho), static_cast<float>(eps), static_cast<float>(keep_prob),
@@ -278,8 +269,7 @@ void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList bac
 
 void restore_cpu(at::TensorList params, at::TensorList backups) {
   const at::Device device = device_of(params);
-  check_list("params", params, params.size(), device);
-  check_list("backups", backups, params.size(), device, params);
+  check_restore_args(params, backups);
   int64_t total_elements = 0;
   const auto items = work_items(params, &total_elements);
   parallel_items(items, total_elements, [&](int64_t, const WorkItem& item) {
@@ -315,12 +305,8 @@ void restore_sgd_step_cpu(at::TensorList params, at::TensorList backups, at::Ten
                           const std::optional<at::Tensor>& found_inf) {
   const at::Device device = device_of(params);
   const size_t n = params.size();
-  check_list("params", params, n, device);
-  check_list("backups", backups, n, device, params);
-  check_list("grads", grads, n, device, params);
   const bool has_momentum = momentum != 0.0;
-  if (has_momentum) check_list("momentum_buffers", momentum_buffers, n, device, params);
-  TORCH_CHECK(first_step.size() == n, "first_step: expected ", n, " entries, got ", first_step.size());
+  check_sgd_args(params, backups, grads, momentum_buffers, first_step, has_momentum);
   const auto multiplier_t = optional_scalar("grad_multiplier", grad_multiplier, device);
   const auto found_inf_t = optional_scalar("found_inf", found_inf, device);
   const bool skip = found_inf_t ? *data<float>(*found_inf_t) != 0.0f : false;
@@ -390,13 +376,7 @@ void restore_adam_step_cpu(at::TensorList params, at::TensorList backups, at::Te
                            const std::optional<at::Tensor>& found_inf) {
   const at::Device device = device_of(params);
   const size_t n = params.size();
-  check_list("params", params, n, device);
-  check_list("backups", backups, n, device, params);
-  check_list("grads", grads, n, device, params);
-  check_list("exp_avgs", exp_avgs, n, device, params);
-  check_list("exp_avg_sqs", exp_avg_sqs, n, device, params);
-  if (amsgrad) check_list("max_exp_avg_sqs", max_exp_avg_sqs, n, device, params);
-  TORCH_CHECK(steps.size() == n, "steps: expected ", n, " tensors, got ", steps.size());
+  check_adam_args(params, backups, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, amsgrad);
   std::vector<AdamBias> biases(n);
   const AdamConfig config{static_cast<float>(lr),          static_cast<float>(beta1),
                           static_cast<float>(beta2),       static_cast<float>(1.0 - beta1),

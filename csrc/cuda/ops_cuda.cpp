@@ -94,9 +94,8 @@ const float* optional_ptr(const std::optional<at::Tensor>& t) {
 std::tuple<at::Tensor, at::Tensor> grad_norm_cuda(at::TensorList grads, at::TensorList weights,
                                                   double adaptive_eta) {
   const at::Device device = device_of(grads);
-  check_list("grads", grads, grads.size(), device);
+  check_grad_norm_args(grads, weights);
   const bool adaptive = !weights.empty();
-  if (adaptive) check_list("weights", weights, grads.size(), device, grads);
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = current_stream(device);
   const auto options = at::TensorOptions().dtype(at::kFloat).device(device);
@@ -126,19 +125,11 @@ void perturb_cuda(at::TensorList params, at::TensorList grads, at::TensorList ba
                   double eps, int64_t keep_threshold, double keep_prob, bool normalize, bool adaptive,
                   double adaptive_eta, int64_t seed_lo, int64_t seed_hi) {
   const at::Device device = device_of(params);
-  check_list("params", params, params.size(), device);
-  check_list("grads", grads, params.size(), device, params);
-  check_list("backups", backups, params.size(), device, params);
-  TORCH_CHECK(tensor_indices.size() == params.size(), "tensor_indices: expected ", params.size(),
-              " entries, got ", tensor_indices.size());
-  TORCH_CHECK(keep_threshold >= 0 && keep_threshold <= kKeepAll, "keep_threshold: must be in [0, 2**24]");
-  TORCH_CHECK(keep_prob > 0.0 && keep_prob <= 1.0, "keep_prob: must be in (0, 1]");
+  check_perturb_args(params, grads, backups, tensor_indices, step, keep_threshold, keep_prob);
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = current_stream(device);
   const at::Tensor norm_f = device_scalar("norm", norm, device);
-  TORCH_CHECK(step.numel() == 1 && step.scalar_type() == at::kLong && step.device() == device,
-              "step: expected a one-element int64 tensor on ", device);
   const at::Tensor step_c = step.contiguous();
   const PerturbConfig config{static_cast<float>(rho), static_cast<float>(eps), static_cast<float>(keep_prob),
                              static_cast<float>(adaptive_eta), normalize};
@@ -154,8 +145,7 @@ void perturb_cuda(at::TensorList params, at::TensorList grads, at::TensorList ba
 
 void restore_cuda(at::TensorList params, at::TensorList backups) {
   const at::Device device = device_of(params);
-  check_list("params", params, params.size(), device);
-  check_list("backups", backups, params.size(), device, params);
+  check_restore_args(params, backups);
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = current_stream(device);
@@ -172,12 +162,8 @@ void restore_sgd_step_cuda(at::TensorList params, at::TensorList backups, at::Te
                            const std::optional<at::Tensor>& found_inf) {
   const at::Device device = device_of(params);
   const size_t n = params.size();
-  check_list("params", params, n, device);
-  check_list("backups", backups, n, device, params);
-  check_list("grads", grads, n, device, params);
   const bool has_momentum = momentum != 0.0;
-  if (has_momentum) check_list("momentum_buffers", momentum_buffers, n, device, params);
-  TORCH_CHECK(first_step.size() == n, "first_step: expected ", n, " entries, got ", first_step.size());
+  check_sgd_args(params, backups, grads, momentum_buffers, first_step, has_momentum);
   if (n == 0) return;
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = current_stream(device);
@@ -204,17 +190,7 @@ void restore_adam_step_cuda(at::TensorList params, at::TensorList backups, at::T
                             const std::optional<at::Tensor>& found_inf) {
   const at::Device device = device_of(params);
   const size_t n = params.size();
-  check_list("params", params, n, device);
-  check_list("backups", backups, n, device, params);
-  check_list("grads", grads, n, device, params);
-  check_list("exp_avgs", exp_avgs, n, device, params);
-  check_list("exp_avg_sqs", exp_avg_sqs, n, device, params);
-  if (amsgrad) check_list("max_exp_avg_sqs", max_exp_avg_sqs, n, device, params);
-  TORCH_CHECK(steps.size() == n, "steps: expected ", n, " tensors, got ", steps.size());
-  for (size_t k = 0; k < n; ++k) {
-    TORCH_CHECK(steps[k].numel() == 1 && steps[k].scalar_type() == at::kFloat && steps[k].device() == device,
-                "steps[", k, "]: expected a one-element float32 tensor on ", device);
-  }
+  check_adam_args(params, backups, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, amsgrad);
   if (n == 0) return;
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = current_stream(device);
