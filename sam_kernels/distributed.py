@@ -46,9 +46,7 @@ def broadcast_seed_(optimizer, src: int = 0, group=None) -> int:
     """
     holder = [optimizer.seed]
     dist.broadcast_object_list(holder, src=src, group=group)
-    optimizer.seed = int(holder[0])
-    if hasattr(optimizer, "_drop_tensors"):
-        optimizer._drop_tensors()  # ESAM: redraw the tensors left out of the next ascent
+    optimizer.seed = int(holder[0])  # ESAM draws its dropped tensors from the seed at each step
     return optimizer.seed
 
 

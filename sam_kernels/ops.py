@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from . import backends
-from .backends.common import SUPPORTED_DTYPES, mask_threshold
+from .backends.common import SUPPORTED_DTYPES, first_overlap, mask_threshold
 from .backends.reference import keep_mask
 
 __all__ = ["grad_norm", "keep_mask", "mask_threshold", "perturb_", "restore_", "restore_adam_step_",
@@ -50,7 +50,17 @@ def _check_tensor(where: str, tensor, device: torch.device) -> None:
                          "all tensors of one call must share one device")
     if not tensor.is_contiguous():
         raise ValueError(f"{where}: must be contiguous (channels_last and strided views are not "
-                         "supported); make the model's parameters contiguous")
+                         f"supported); {_contiguity_fix(where)}")
+
+
+def _contiguity_fix(where: str) -> str:
+    """How to make the tensor named ``where`` contiguous: a gradient is not the parameters' doing."""
+    if where.startswith("grads"):
+        return ("the gradient is a strided view (a gradient hook, a custom autograd Function or code "
+                "that assigns .grad returned one); return or assign grad.contiguous()")
+    if where.startswith("params"):
+        return "make the model's parameters contiguous (model.to(memory_format=torch.contiguous_format))"
+    return "pass contiguous tensors (tensor.contiguous())"
 
 
 def _check_like(name: str, tensor: torch.Tensor, param: torch.Tensor, index: int) -> None:
@@ -67,6 +77,10 @@ def _check_like(name: str, tensor: torch.Tensor, param: torch.Tensor, index: int
 def _check_params(params: Tensors) -> None:
     for index, param in enumerate(params):
         _check_tensor(f"params[{index}]", param, params[0].device)
+    pair = first_overlap(params)
+    if pair is not None:
+        raise ValueError(f"params[{pair[1]}]: shares memory with params[{pair[0]}] (the kernels would "
+                         "race on it); pass each parameter once")
 
 
 def _check_scalar(name: str, value: torch.Tensor | None, device: torch.device) -> None:

@@ -78,7 +78,8 @@ def ddp_run(rank: int, port: int, out: str, backends: list[str]) -> None:
         esam.ascent_context = model.no_sync
         dropped = []
         for x, y in make_data(STEPS, size=16):
-            dropped.append([i for i, p in enumerate(model.parameters()) if not p.requires_grad])
+            dropped.append([i for i, p in enumerate(model.parameters())
+                            if any(p is d for d in esam.dropped_tensors)])
             xs, ys = shard(x, y, rank)
             esam.sds_step(sample_losses_closure(model, xs, ys,
                                                 torch.nn.CrossEntropyLoss(reduction="none")))

@@ -282,7 +282,7 @@ def test_esam_sds_step_with_grad_scaler(backend, corrupt):
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
     params = list(model.parameters())
     for step, (x, y) in enumerate(make_data(3, size=16)):
-        dropped = [i for i, p in enumerate(params) if not p.requires_grad]
+        dropped = [i for i, p in enumerate(params) if any(p is d for d in esam.dropped_tensors)]
         poison = corrupt and step == 1
         weights = [p.detach().clone() for p in params]
 

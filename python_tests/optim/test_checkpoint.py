@@ -83,4 +83,4 @@ def test_state_dict_is_the_base_optimizers_plus_sam_entry():
     assert plain.state_dict()["state"][0]["exp_avg"].shape == state["state"][0]["exp_avg"].shape
     fresh = SAM(model.parameters(), torch.optim.AdamW, lr=0.01, backend="torch")
     fresh.load_state_dict(plain.state_dict())  # a plain torch checkpoint loads too
-    assert fresh.param_groups[0]["rho"] == 0.05
+    assert fresh.param_groups[0]["sam_rho"] == 0.05

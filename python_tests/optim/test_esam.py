@@ -1,5 +1,5 @@
-"""ESAM against the plain eager implementation of eager.py: per-tensor SWP (observed through
-requires_grad, the official mechanism), the elementwise mask, and SDS with its documented selection."""
+"""ESAM against the plain eager implementation of eager.py: per-tensor SWP (the kept set drawn here from
+the documented rule), the elementwise mask, and SDS with its documented selection."""
 
 from __future__ import annotations
 
@@ -27,6 +27,19 @@ from .test_sam import BASES, assert_states_close, fit
 
 STEPS = 3
 
+#: The documented Philox stream of the per-tensor draw (tensor index 2**32 - 1).
+SWP_STREAM = 2**32 - 1
+
+
+def swp_kept(requires_grad: list[bool], seed: int, step: int, beta: float) -> list[int]:
+    """Positions ESAM's documented draw keeps: tensor t (of those that require grad) is kept iff element
+    t of the Philox mask stream SWP_STREAM at (seed, step) is kept at probability beta; if none would be,
+    the one at position ``step % count`` of the eligible ones."""
+    keep = keep_mask(len(requires_grad), SWP_STREAM, seed, step, mask_threshold(beta)).tolist()
+    eligible = [t for t, flag in enumerate(requires_grad) if flag]
+    kept = [t for t in eligible if keep[t]]
+    return kept or [eligible[step % len(eligible)]]
+
 
 def per_sample_cross_entropy(output, target):
     return F.cross_entropy(output, target, reduction="none")
@@ -47,13 +60,12 @@ def test_tensor_swp_with_sds_matches_eager(backend, base_name):
                 **base_options)
     reference = eager_for(reference_model, base_cls, base_options, rho)
     dropped = 0
-    for x, y in make_batches(STEPS):
-        # The tensors that sit out this ascent are the ones ESAM switched off before the forward pass.
-        kept = {r for p, r in zip(model.parameters(), reference_model.parameters(), strict=True)
-                if p.requires_grad}
-        dropped += sum(not p.requires_grad for p in model.parameters())
+    params, reference_params = list(model.parameters()), list(reference_model.parameters())
+    for step, (x, y) in enumerate(make_batches(STEPS)):
+        kept = {reference_params[t] for t in swp_kept([True] * len(params), 7, step, beta)}
+        dropped += len(params) - len(kept)
         loss = esam.sds_step(sample_losses_closure(model, x, y, per_sample_cross_entropy))
-        assert all(p.requires_grad for p in model.parameters()) or esam.dropped_tensors
+        assert all(p.requires_grad for p in params)  # flags are the user's outside the ascent pass
         expected = eager_esam_step(reference, reference_model, x, y, beta=beta, gamma=gamma, kept=kept)
         torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
     assert dropped > 0
@@ -112,15 +124,22 @@ def test_selection_keeps_exactly_round_gamma_batch(gamma, batch, count):
 
 
 def test_swp_drops_each_tensor_with_probability_one_minus_beta():
+    """Inside ascent_pass the dropped tensors (and only they) stop requiring grad; outside it every flag,
+    a user-frozen tensor's included, is the user's."""
     beta, steps = 0.6, 40
     params = [nn.Parameter(torch.ones(2)) for _ in range(30)]
     frozen = nn.Parameter(torch.ones(2), requires_grad=False)
-    esam = ESAM(params + [frozen], torch.optim.SGD, lr=0.1, beta=beta, gamma=1.0, backend="torch")
+    esam = ESAM(params + [frozen], torch.optim.SGD, lr=0.1, beta=beta, gamma=1.0, backend="torch",
+                seed=5)
     drawn = []
-    for _ in range(steps):
-        drawn.append([not p.requires_grad for p in params])
-        assert not frozen.requires_grad
-        sum(((p - 2) ** 2).sum() for p in params if p.requires_grad).backward()
+    for step in range(steps):
+        assert all(p.requires_grad for p in params) and not frozen.requires_grad
+        with esam.ascent_pass():
+            drawn.append([not p.requires_grad for p in params])
+            assert not frozen.requires_grad
+            sum(((p - 2) ** 2).sum() for p in params if p.requires_grad).backward()
+        kept = swp_kept([True] * 30 + [False], 5, step, beta)
+        assert drawn[-1] == [t not in kept for t in range(30)]
         esam.first_step(zero_grad=True)
         assert all(p.requires_grad for p in params)  # the descent pass sees every tensor
         sum(((p - 2) ** 2).sum() for p in params).backward()
@@ -128,15 +147,16 @@ def test_swp_drops_each_tensor_with_probability_one_minus_beta():
     rate = torch.tensor(drawn, dtype=torch.float32).mean().item()
     assert abs(rate - (1 - beta)) < 0.05
     assert len({tuple(row) for row in drawn}) > steps // 2  # a fresh draw every step
-    assert not frozen.requires_grad
+    assert not frozen.requires_grad and frozen.grad is None
 
 
 def test_swp_keeps_at_least_one_tensor():
     params = [nn.Parameter(torch.ones(3)) for _ in range(3)]
     esam = ESAM(params, torch.optim.SGD, lr=0.1, beta=0.01, gamma=1.0, backend="torch")
     for _ in range(5):
-        assert sum(p.requires_grad for p in params) == 1
-        sum(((p - 2) ** 2).sum() for p in params if p.requires_grad).backward()
+        with esam.ascent_pass():
+            assert sum(p.requires_grad for p in params) == 1
+            sum(((p - 2) ** 2).sum() for p in params if p.requires_grad).backward()
         esam.first_step(zero_grad=True)
         sum(((p - 2) ** 2).sum() for p in params).backward()
         esam.second_step(zero_grad=True)

@@ -209,7 +209,7 @@ def test_add_param_group_mid_training():
         eager_sam_step(reference, reference_model, x, y)
         for p in params + reference_params:
             p.requires_grad_(True)
-    assert sam.param_groups[1]["rho"] == 0.1 and sam.param_groups[1]["adaptive"] is False
+    assert sam.param_groups[1]["sam_rho"] == 0.1 and sam.param_groups[1]["sam_adaptive"] is False
     assert sam.base_optimizer.param_groups is sam.param_groups
     assert_models_close(model, reference_model)
 

@@ -15,6 +15,7 @@ differently, so the same seed and step give the same mask bit for bit everywhere
 
 from __future__ import annotations
 
+import itertools
 from collections import defaultdict
 from collections.abc import Sequence
 
@@ -44,3 +45,38 @@ def group_by_dtype(tensors: Sequence[torch.Tensor]) -> list[list[int]]:
     for position, tensor in enumerate(tensors):
         groups[tensor.dtype].append(position)
     return list(groups.values())
+
+
+def _byte_span(tensor: torch.Tensor) -> tuple[int, int] | None:
+    """[first, last) byte addresses ``tensor`` can touch, or None when it has no memory to race on (no
+    elements, or a tensor without storage such as torch.compile's fake tensors)."""
+    if tensor.numel() == 0:
+        return None
+    try:
+        start = tensor.data_ptr()
+    except RuntimeError:
+        return None
+    if start == 0:
+        return None
+    extent = 1 + sum((size - 1) * abs(stride) for size, stride in zip(tensor.shape, tensor.stride()))
+    return start, start + extent * tensor.element_size()
+
+
+def first_overlap(tensors: Sequence[torch.Tensor]) -> tuple[int, int] | None:
+    """Positions ``(i, j)``, ``i < j``, of two tensors whose memory overlaps (the same tensor twice
+    included), or None. NOTE: compares address ranges per device, so two disjoint views of one storage
+    pass and a view that interleaves another (strided) is conservatively reported. Under torch.compile
+    the tensors have no addresses to compare and nothing is reported (the optimizers check theirs when
+    the parameter set is built, outside any compiled region)."""
+    if torch.compiler.is_compiling():
+        return None
+    spans = []
+    for position, tensor in enumerate(tensors):
+        span = _byte_span(tensor)
+        if span is not None:
+            spans.append((str(tensor.device), span[0], span[1], position))
+    spans.sort()
+    for (device_a, _, end_a, pos_a), (device_b, start_b, _, pos_b) in itertools.pairwise(spans):
+        if device_a == device_b and start_b < end_a:
+            return min(pos_a, pos_b), max(pos_a, pos_b)
+    return None

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -72,14 +72,16 @@ class ESAM(SAM):
     """Efficient SAM: SWP keeps each parameter tensor in the ascent with probability ``beta``; SDS runs
     the descent on the ``gamma`` fraction of the batch with the largest sharpness.
 
-    ``swp="tensor"`` (the official semantics): before each ascent pass every tensor is independently
-    dropped with probability ``1 - beta`` by setting its ``requires_grad`` to False, so autograd skips
-    its weight-gradient work; the norm covers the kept tensors and the scale is ``rho / (||g|| + eps) /
-    beta``; every tensor requires grad again for the descent pass. ``swp="element"``: an elementwise
-    Bernoulli(beta) mask scaled by ``1 / beta`` (same expected perturbation, no compute saved).
+    ``swp="tensor"`` (the official semantics): every tensor is independently dropped from the ascent with
+    probability ``1 - beta`` (a draw from the seed and step, ``dropped_tensors``); the norm covers the
+    kept tensors and the scale is ``rho / (||g|| + eps) / beta``. Inside ``ascent_pass()`` (which
+    ``step(closure)`` and ``sds_step`` wrap around the first forward and backward) the dropped tensors'
+    ``requires_grad`` is off, so autograd skips their weight-gradient work; outside it every flag is the
+    user's own. ``swp="element"``: an elementwise Bernoulli(beta) mask scaled by ``1 / beta`` (same
+    expected perturbation, no compute saved).
 
-    SDS needs per-sample losses: use ``sds_step``. ``step(closure)`` runs SWP only and needs ``gamma=1``.
-    With ``beta = gamma = 1`` ESAM is SAM.
+    SDS needs per-sample losses: use ``sds_step``. ``step(closure)`` and the two-call loop run SWP only
+    and need ``gamma=1``. With ``beta = gamma = 1`` ESAM is SAM.
     """
 
     def __init__(self, params, base_optimizer, *, rho: float = 0.05, beta: float = 0.6,
@@ -94,13 +96,31 @@ class ESAM(SAM):
         self.beta = float(beta)
         self.gamma = float(gamma)
         self.swp = swp
+        self._selecting = False
         super().__init__(params, base_optimizer, rho=rho, **kwargs)
-        self._drop_tensors()
 
     @property
     def dropped_tensors(self) -> tuple[torch.Tensor, ...]:
-        """The parameter tensors left out of the next ascent pass (``requires_grad`` is off)."""
-        return tuple(self._run.dropped)
+        """The parameter tensors that per-tensor SWP leaves out of the next ascent."""
+        return tuple(self._draw_dropped())
+
+    @contextlib.contextmanager
+    def ascent_pass(self) -> Iterator[None]:
+        """Wrap the first (ascent) forward and backward: the dropped tensors' ``requires_grad`` is off
+        inside, so autograd skips their weight gradients, and back on at exit (even on an error).
+
+        ``step(closure)`` and ``sds_step`` use it; a two-call loop may wrap its first forward and
+        backward in it to save the same compute (without it the dropped tensors' gradients are computed
+        and left unused). User-frozen tensors are never touched.
+        """
+        dropped = self._draw_dropped()
+        for param in dropped:
+            param.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for param in dropped:
+                param.requires_grad_(True)
 
     # ------------------------------------------------------------------------- training loops
 
@@ -111,13 +131,23 @@ class ESAM(SAM):
                              "sds_step(sample_losses), or gamma=1 to run step(closure) with SWP only")
         return super().step(closure)
 
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False, *, grad_scaler: Any = None) -> None:
+        """SAM's ascent with SWP. Outside ``sds_step`` this requires ``gamma == 1`` (the two-call loop's
+        second backward is the user's, so no data selection can happen)."""
+        if self.gamma != 1.0 and not self._selecting:
+            raise ValueError(f"gamma={self.gamma}: the two-call loop cannot select data (the second "
+                             "backward is yours); use sds_step(sample_losses) for SDS, or gamma=1 for "
+                             "SWP only")
+        super().first_step(zero_grad, grad_scaler=grad_scaler)
+
     def sds_step(self, sample_losses: SampleLosses, *, grad_scaler: Any = None) -> torch.Tensor:
         """One ESAM step with SWP and SDS; returns the mean loss at w.
 
         ``sample_losses(indices)`` computes the per-sample losses (forward only: no backward, no
         ``zero_grad``) of the whole batch when ``indices`` is None, else of the samples at ``indices``
         (a 1-d int64 tensor); ``sample_losses_closure`` builds one from a model, a batch and a loss.
-        The first forward and backward run inside ``ascent_context`` when it is set.
+        The first forward and backward run inside ``ascent_context`` (when set) and ``ascent_pass``.
         Passes: full batch at w (ascent backward, the only pass that updates BatchNorm statistics), a
         no-grad full batch at w + e, and the selected samples at w + e (descent backward). The no-grad
         pass is skipped when every sample is selected.
@@ -131,13 +161,16 @@ class ESAM(SAM):
         def backward(loss: torch.Tensor) -> None:
             (scaler.scale(loss) if scaler is not None else loss).backward()
 
-        context = self.ascent_context() if self.ascent_context is not None else contextlib.nullcontext()
-        with torch.enable_grad(), context:
+        with torch.enable_grad(), self._ascent_pass():
             self.zero_grad()
             before = _per_sample(sample_losses(None))
             backward(before.mean())
         before = before.detach()
-        self.first_step(zero_grad=True, grad_scaler=scaler)
+        self._selecting = True
+        try:
+            self.first_step(zero_grad=True, grad_scaler=scaler)
+        finally:
+            self._selecting = False
         indices = None
         with self._restoring_on_error():
             if selected_count(self.gamma, before.numel()) < before.numel():
@@ -161,59 +194,45 @@ class ESAM(SAM):
         count = selected_count(self.gamma, sharpness.numel())
         return torch.topk(sharpness, count, sorted=False).indices.sort().values
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._restore_dropped()
-        super().load_state_dict(state_dict)
-        self._drop_tensors()
-
     # ----------------------------------------------------------------------- SAM hooks
 
+    @contextlib.contextmanager
+    def _ascent_pass(self) -> Iterator[None]:
+        with super()._ascent_pass(), self.ascent_pass():
+            yield
+
     def _excluded_from_ascent(self) -> set[torch.Tensor]:
-        return set(self._run.dropped)
+        return set(self._draw_dropped())
 
     def _perturb_options(self, group: dict) -> dict[str, Any]:
         if self.swp == "tensor":
             # NOTE: the op divides by keep_prob but also masks elementwise when keep_prob < 1, so the
             # per-tensor 1/beta goes into rho instead.
-            return {"rho": group["rho"] / self.beta, "keep_prob": 1.0}
-        return {"rho": group["rho"], "keep_prob": self.beta}
-
-    def _end_of_ascent(self) -> None:
-        self._restore_dropped()
-
-    def _end_of_step(self) -> None:
-        self._drop_tensors()
+            return {"rho": group["sam_rho"] / self.beta, "keep_prob": 1.0}
+        return {"rho": group["sam_rho"], "keep_prob": self.beta}
 
     # ------------------------------------------------------------------------------ SWP
 
-    def _drop_tensors(self) -> None:
-        """Draw the tensors left out of the next ascent and switch their ``requires_grad`` off.
+    def _draw_dropped(self) -> list[torch.Tensor]:
+        """The tensors per-tensor SWP drops from this step's ascent.
 
         NOTE (draw rule): tensor t of the global parameter order is kept iff element t of the mask
         contract's stream (backends/common.py) with tensor index ``SWP_TENSOR_STREAM``, this optimizer's
         seed and the current RNG step is kept at probability beta: a function of (seed, step) only, so a
-        resumed run redraws the same tensors. Only tensors that require grad take part (user-frozen ones
-        stay as they are). If every one would be dropped, the one at position ``step % count`` is kept,
-        so that the ascent backward has something to differentiate.
+        resumed run and every DDP rank draw the same tensors. Only tensors that require grad take part
+        (user-frozen ones stay as they are). If every one would be dropped, the one at position
+        ``step % count`` of them is kept, so that the ascent backward has something to differentiate.
         """
-        self._restore_dropped()
         if self.swp != "tensor" or self.beta == 1.0:
-            return
+            return []
         params = [param for group in self.param_groups for param in group["params"]]
         eligible = [i for i, param in enumerate(params) if param.requires_grad]
         if not eligible:
-            return
-        keep = ops.keep_mask(len(params), SWP_TENSOR_STREAM, self.seed, self._run.step,
-                         ops.mask_threshold(self.beta)).tolist()
+            return []
+        step = self._run.step
+        keep = ops.keep_mask(len(params), SWP_TENSOR_STREAM, self.seed, step,
+                             ops.mask_threshold(self.beta)).tolist()
         dropped = [i for i in eligible if not keep[i]]
         if len(dropped) == len(eligible):
-            dropped.remove(eligible[self._run.step % len(eligible)])
-        self._run.dropped = [params[i] for i in dropped]
-        for param in self._run.dropped:
-            param.requires_grad_(False)
-
-    def _restore_dropped(self) -> None:
-        for param in self._run.dropped:
-            param.requires_grad_(True)
-        self._run.dropped = []
-
+            dropped.remove(eligible[step % len(eligible)])
+        return [params[i] for i in dropped]

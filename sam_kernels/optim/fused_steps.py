@@ -51,13 +51,44 @@ def unsupported_reason(base: torch.optim.Optimizer) -> str | None:
     return None
 
 
-def fused_step(kind: str) -> Callable[..., None]:
-    """The restore-and-step function of a base optimizer kind (see ``fused_kind``)."""
-    return {"sgd": sgd_step, "adam": adam_step}[kind]
+class PendingStep:
+    """One group's restore-and-step, prepared: ``run`` launches the op, ``commit`` stores the state
+    entries it created. NOTE (atomic descent): preparing reads every option and checks every state
+    tensor, so ``run`` can only fail on what the op itself finds; nothing enters the optimizer state
+    before ``commit``."""
+
+    def __init__(self, launch: Callable[..., None], commit: Callable[[], None]) -> None:
+        self._launch, self._commit = launch, commit
+
+    def run(self, *, grad_multiplier: torch.Tensor | None, found_inf: torch.Tensor,
+            backend: str | None) -> None:
+        self._launch(grad_multiplier=grad_multiplier, found_inf=found_inf, backend=backend)
+
+    def commit(self) -> None:
+        self._commit()
 
 
-def sgd_step(group: dict, params: Sequence[torch.Tensor], backups: Sequence[torch.Tensor], state: dict,
-             *, grad_multiplier: torch.Tensor | None, found_inf: torch.Tensor, backend: str | None) -> None:
+def fused_step(kind: str) -> Callable[..., PendingStep]:
+    """The restore-and-step preparer of a base optimizer kind (see ``fused_kind``)."""
+    return {"sgd": prepare_sgd_step, "adam": prepare_adam_step}[kind]
+
+
+def _check_state(name: str, tensor, param: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+    """A state tensor that fits its parameter (a mismatch means a state dict of another model or
+    optimizer)."""
+    expected_dtype = param.dtype if dtype is None else dtype
+    expected_shape = param.shape if dtype is None else torch.Size([])
+    if (not isinstance(tensor, torch.Tensor) or tensor.shape != expected_shape
+            or tensor.dtype != expected_dtype or tensor.device != param.device):
+        found = (f"{tuple(tensor.shape)} {tensor.dtype} on {tensor.device}"
+                 if isinstance(tensor, torch.Tensor) else type(tensor).__name__)
+        raise ValueError(f"optimizer state '{name}' of a parameter of shape {tuple(param.shape)}: "
+                         f"expected {tuple(expected_shape)} {expected_dtype} on {param.device}, found "
+                         f"{found}; the state dict loaded does not belong to this model and optimizer")
+
+
+def prepare_sgd_step(group: dict, params: Sequence[torch.Tensor], backups: Sequence[torch.Tensor],
+                     state: dict) -> PendingStep:
     """Restore ``params`` from ``backups`` and take ``torch.optim.SGD``'s step with ``group``'s options.
 
     NOTE: torch's SGD keeps ``state[p]['momentum_buffer']`` only when momentum is nonzero, created on a
@@ -66,22 +97,31 @@ def sgd_step(group: dict, params: Sequence[torch.Tensor], backups: Sequence[torc
     initialized: ``momentum * 0 + (1 - dampening) * g`` instead of torch's ``g``, identical unless
     ``dampening`` is nonzero.
     """
+    options = {name: group[name] for name in ("lr", "momentum", "dampening", "weight_decay", "nesterov",
+                                              "maximize")}
     buffers = [state[p].get("momentum_buffer") if p in state else None for p in params]
-    buffers = ops.restore_sgd_step_(
-        params, backups, buffers, lr=group["lr"], momentum=group["momentum"],
-        dampening=group["dampening"], weight_decay=group["weight_decay"], nesterov=group["nesterov"],
-        maximize=group["maximize"], grad_multiplier=grad_multiplier, found_inf=found_inf,
-        backend=backend)
-    if group["momentum"] != 0:
-        for param, buffer in zip(params, buffers, strict=True):
-            if param.grad is not None:
-                state[param]["momentum_buffer"] = buffer
+    for param, buffer in zip(params, buffers, strict=True):
+        if buffer is not None:
+            _check_state("momentum_buffer", buffer, param)
+    result: list = []
+
+    def launch(**scalars) -> None:
+        result.extend(ops.restore_sgd_step_(params, backups, buffers, **options, **scalars))
+
+    def commit() -> None:
+        if options["momentum"] != 0:
+            for param, buffer in zip(params, result, strict=True):
+                if param.grad is not None:
+                    state[param]["momentum_buffer"] = buffer
+
+    return PendingStep(launch, commit)
 
 
 def _adam_state(param: torch.Tensor, state: dict, amsgrad: bool) -> dict:
-    """``param``'s Adam state, created the way torch's fused Adam does (step on the param's device)."""
-    entry = state[param]
-    if not entry:
+    """``param``'s Adam state as the fused op needs it: a copy of the entry, the missing tensors created
+    the way torch's fused Adam does (step on the param's device), the existing ones checked."""
+    entry = dict(state[param]) if param in state else {}
+    if "step" not in entry:
         entry["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
         entry["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
         entry["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
@@ -92,22 +132,36 @@ def _adam_state(param: torch.Tensor, state: dict, amsgrad: bool) -> dict:
         entry["step"] = torch.as_tensor(step, dtype=torch.float32).to(param.device)
     if amsgrad and "max_exp_avg_sq" not in entry:
         entry["max_exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+    _check_state("step", entry["step"], param, torch.float32)
+    for key in ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ()):
+        if key not in entry:
+            raise ValueError(f"optimizer state of a parameter of shape {tuple(param.shape)} lacks "
+                             f"'{key}'; the state dict loaded does not belong to this optimizer")
+        _check_state(key, entry[key], param)
     return entry
 
 
-def adam_step(group: dict, params: Sequence[torch.Tensor], backups: Sequence[torch.Tensor], state: dict,
-              *, grad_multiplier: torch.Tensor | None, found_inf: torch.Tensor, backend: str | None) -> None:
+def prepare_adam_step(group: dict, params: Sequence[torch.Tensor], backups: Sequence[torch.Tensor],
+                      state: dict) -> PendingStep:
     """Restore ``params`` from ``backups`` and take torch's Adam (AdamW) step with ``group``'s options."""
     amsgrad = group["amsgrad"]
+    options = {"lr": group["lr"], "betas": group["betas"], "eps": group["eps"],
+               "weight_decay": group["weight_decay"],
+               "decoupled_weight_decay": group.get("decoupled_weight_decay", False), "amsgrad": amsgrad,
+               "maximize": group["maximize"]}
     entries = [_adam_state(p, state, amsgrad) if p.grad is not None else None for p in params]
 
     def column(key: str) -> list:
         return [entry[key] if entry is not None else None for entry in entries]
 
-    ops.restore_adam_step_(
-        params, backups, column("exp_avg"), column("exp_avg_sq"),
-        column("max_exp_avg_sq") if amsgrad else None, column("step"), lr=group["lr"],
-        betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"],
-        decoupled_weight_decay=group.get("decoupled_weight_decay", False), amsgrad=amsgrad,
-        maximize=group["maximize"], grad_multiplier=grad_multiplier, found_inf=found_inf,
-        backend=backend)
+    def launch(**scalars) -> None:
+        ops.restore_adam_step_(
+            params, backups, column("exp_avg"), column("exp_avg_sq"),
+            column("max_exp_avg_sq") if amsgrad else None, column("step"), **options, **scalars)
+
+    def commit() -> None:
+        for param, entry in zip(params, entries, strict=True):
+            if entry is not None:
+                state[param].update(entry)
+
+    return PendingStep(launch, commit)

@@ -12,7 +12,7 @@ import math
 import numbers
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,12 +26,22 @@ except ImportError:  # a torch build without torch.distributed: no sharded param
         """Placeholder: nothing is an instance."""
 
 from .. import backends, ops
-from ..backends.common import SUPPORTED_DTYPES
+from ..backends.common import SUPPORTED_DTYPES, first_overlap
 from . import amp, fused_steps
 from .bn import freeze_bn_stats
 
-#: SAM options that may differ between param groups (the rest are optimizer-wide).
-GROUP_OPTIONS = ("rho", "adaptive", "adaptive_eta")
+#: SAM options that may differ between param groups (the rest are optimizer-wide): keyword name -> key in
+#: the param groups. NOTE (option names): the param groups are the base optimizer's own dicts, so SAM's
+#: keys carry a prefix no torch.optim optimizer uses (Adadelta has a ``rho`` of its own). A group dict given
+#: by the user may spell them without the prefix when the base optimizer has no option of that name.
+GROUP_OPTIONS = {"rho": "sam_rho", "adaptive": "sam_adaptive", "adaptive_eta": "sam_adaptive_eta"}
+
+#: Base optimizers SAM cannot drive: their step needs what a SAM step cannot give.
+_REFUSED_BASES = {
+    "LBFGS": "LBFGS re-evaluates the closure inside its own step (a line search), which SAM's two "
+             "passes cannot provide; use a first-order base optimizer",
+    "SparseAdam": "SparseAdam needs sparse gradients and SAM needs dense ones; use Adam or AdamW",
+}
 
 
 # ------------------------------------------------------------------------------------ validation
@@ -50,7 +60,8 @@ def check_probability(name: str, value: Any) -> None:
         raise ValueError(f"{name}: must be in (0, 1], got {value!r}")
 
 
-def _check_non_negative(name: str, value: Any) -> None:
+def check_non_negative(name: str, value: Any) -> None:
+    """``value`` is a non-negative finite real number (not a bool, not a tensor)."""
     if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
             or value < 0):
         raise ValueError(f"{name}: must be a non-negative finite number, got {value!r}")
@@ -69,9 +80,9 @@ def _check_optional_bool(name: str, value: Any) -> None:
 def _check_group(group: dict, index: int) -> None:
     """The SAM options and the parameters of ``param_groups[index]``."""
     where = f"param_groups[{index}]"
-    check_positive(f"{where}['rho']", group["rho"])
-    _check_bool(f"{where}['adaptive']", group["adaptive"])
-    _check_non_negative(f"{where}['adaptive_eta']", group["adaptive_eta"])
+    check_non_negative(f"{where}['sam_rho']", group["sam_rho"])
+    _check_bool(f"{where}['sam_adaptive']", group["sam_adaptive"])
+    check_non_negative(f"{where}['sam_adaptive_eta']", group["sam_adaptive_eta"])
     if group.get("maximize", False):
         raise ValueError(f"{where}['maximize']=True: not supported; SAM's ascent direction assumes a loss "
                          "to minimize, so minimize the negated objective instead")
@@ -84,6 +95,84 @@ def _check_group(group: dict, index: int) -> None:
                              "use float32, float16 or bfloat16")
 
 
+def _adopt_group_options(group: dict, base_defaults: dict, defaults: dict) -> None:
+    """Move SAM's options of a user's group dict to their prefixed keys (see GROUP_OPTIONS) and fill the
+    missing ones from ``defaults``."""
+    for name, key in GROUP_OPTIONS.items():
+        if name in group and name not in base_defaults and key not in group:
+            group[key] = group.pop(name)
+        group.setdefault(key, defaults[key])
+
+
+def _check_distinct(groups: list[dict]) -> None:
+    """No parameter appears twice and no two parameters share memory (the kernels would race on it).
+
+    torch.optim refuses a parameter in two groups but only warns about one twice in a group.
+    """
+    params, names = [], []
+    for group_index, group in enumerate(groups):
+        for position, param in enumerate(group["params"]):
+            params.append(_local(param))
+            names.append(f"param_groups[{group_index}]['params'][{position}]")
+    pair = first_overlap(params)
+    if pair is not None:
+        first, second = names[pair[0]], names[pair[1]]
+        what = "is the same tensor as" if params[pair[0]] is params[pair[1]] else "shares memory with"
+        raise ValueError(f"{second} {what} {first}; pass each parameter once (e.g. "
+                         "list(dict.fromkeys(params)) drops repeats) and give tied weights as one "
+                         "parameter")
+
+
+def _checked_sam_entry(entry: Any, seed: int, step: int) -> tuple[int, int]:
+    """(seed, step) of a state dict's ``"sam"`` entry (the current ones when it has none), checked."""
+    if entry is None:
+        return seed, step
+    if not isinstance(entry, dict) or set(entry) != {"seed", "step"}:
+        raise ValueError(f"state_dict['sam']: expected {{'seed': int, 'step': int}}, got {entry!r}")
+    for name, bits in (("seed", 64), ("step", 63)):
+        value = entry[name]
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value < 2**bits:
+            raise ValueError(f"state_dict['sam']['{name}']: must be an int in [0, 2**{bits}), got "
+                             f"{value!r}")
+    return int(entry["seed"]), int(entry["step"])
+
+
+def _check_base_options(base: torch.optim.Optimizer, group: dict, index: int) -> None:
+    """A loaded group has every option of the base optimizer, with values its constructor accepts."""
+    where = f"state_dict['param_groups'][{index}]"
+    missing = [name for name in base.defaults if name not in group]
+    if missing:
+        raise ValueError(f"{where}: lacks {', '.join(map(repr, missing))} of {type(base).__name__}; the "
+                         "state dict comes from another optimizer class")
+    numbers_only = {name: group[name] for name in base.defaults
+                    if isinstance(group[name], (int, float, tuple)) and not isinstance(group[name], bool)}
+    try:
+        # NOTE: torch.optim checks its hyper-parameters in the constructor only; building a throwaway
+        # optimizer over one scalar runs those checks on the loaded values.
+        type(base)([torch.zeros(1, requires_grad=True)], **numbers_only)
+    except TypeError:
+        return  # a constructor with another signature: its own step will check
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
+
+
+#: State entries that torch.optim optimizers keep with their parameter's shape.
+_PARAM_SHAPED_STATE = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "square_avg",
+                       "acc_delta", "sum", "ax", "prev", "step_size", "exp_inf", "grad_avg")
+
+
+def _check_state_shapes(groups: list[dict], state: dict) -> None:
+    for group_index, group in enumerate(groups):
+        for position, param in enumerate(group["params"]):
+            for key, value in state.get(param, {}).items():
+                if (key in _PARAM_SHAPED_STATE and isinstance(value, torch.Tensor)
+                        and value.shape != param.shape):
+                    raise ValueError(f"state_dict['state'] of param_groups[{group_index}]['params']"
+                                     f"[{position}]: '{key}' has shape {tuple(value.shape)}, the "
+                                     f"parameter {tuple(param.shape)}; the state dict belongs to another "
+                                     "model")
+
+
 def _flat_params(params) -> list[torch.Tensor]:
     """The tensors of a ``params`` argument (tensors, dicts of param groups or (name, tensor) pairs)."""
     flat = []
@@ -94,8 +183,20 @@ def _flat_params(params) -> list[torch.Tensor]:
     return flat
 
 
+def _check_base_class(cls: type) -> None:
+    """Refuse, at construction, base optimizers that would fail (or silently misbehave) at a step."""
+    if isinstance(cls, type) and issubclass(cls, SAM):
+        raise TypeError(f"base_optimizer: {cls.__name__} is a SAM optimizer itself; wrap the base "
+                        "optimizer once (SAM(params, torch.optim.SGD, ...))")
+    for name, reason in _REFUSED_BASES.items():
+        refused = getattr(torch.optim, name, None)
+        if refused is not None and isinstance(cls, type) and issubclass(cls, refused):
+            raise ValueError(f"base_optimizer: {reason}")
+
+
 def _make_base(params, base_optimizer, base_kwargs: dict, foreach: bool | None) -> torch.optim.Optimizer:
     """The base optimizer: built from a class and keyword arguments, or an instance taken as is."""
+    _check_base_class(base_optimizer if isinstance(base_optimizer, type) else type(base_optimizer))
     if isinstance(base_optimizer, torch.optim.Optimizer):
         if base_kwargs:
             raise TypeError(f"{', '.join(base_kwargs)}: options of the base optimizer go with a class "
@@ -163,8 +264,6 @@ class _RunState:
     #: steps included.
     step: int = 0
     device_step: torch.Tensor | None = None
-    #: ESAM: the tensors left out of the next ascent.
-    dropped: list = field(default_factory=list)
 
 
 @dataclass
@@ -218,9 +317,9 @@ class SAM(torch.optim.Optimizer):
                  normalize_ascent: bool = True, renormalize: bool = False, seed: int | None = None,
                  foreach: bool | None = None, fused: bool | None = None, backend: str | None = None,
                  capturable: bool = False, **base_kwargs: Any) -> None:
-        check_positive("rho", rho)
+        check_non_negative("rho", rho)
         _check_bool("adaptive", adaptive)
-        _check_non_negative("adaptive_eta", adaptive_eta)
+        check_non_negative("adaptive_eta", adaptive_eta)
         check_positive("eps", eps)
         _check_bool("normalize_ascent", normalize_ascent)
         _check_bool("renormalize", renormalize)
@@ -237,11 +336,14 @@ class SAM(torch.optim.Optimizer):
                                  or not 0 <= seed < 2**64):
             raise ValueError(f"seed: must be an int in [0, 2**64), got {seed!r}")
         base = _make_base(params, base_optimizer, base_kwargs, foreach)
-        super().__init__(base.param_groups, {"rho": rho, "adaptive": adaptive,
-                                             "adaptive_eta": adaptive_eta})
+        sam_defaults = {"sam_rho": rho, "sam_adaptive": adaptive, "sam_adaptive_eta": adaptive_eta}
+        for group in base.param_groups:
+            _adopt_group_options(group, base.defaults, sam_defaults)
+        super().__init__(base.param_groups, sam_defaults)
         self.base_optimizer = base
         self._share_base()
         self.defaults = {**base.defaults, **self.defaults}
+        _check_distinct(self.param_groups)
         self.eps = float(eps)
         self.normalize_ascent = normalize_ascent
         self.renormalize = renormalize
@@ -270,15 +372,16 @@ class SAM(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group to SAM and its base optimizer (SAM's defaults fill missing options)."""
-        for name in GROUP_OPTIONS:
-            param_group.setdefault(name, self.defaults[name])
         base = self.__dict__.get("base_optimizer")
         if base is None:  # inside torch.optim.Optimizer.__init__, before the base is attached
             super().add_param_group(param_group)
-        else:
-            base.add_param_group(param_group)
+            _check_group(self.param_groups[-1], len(self.param_groups) - 1)
+            return
+        _adopt_group_options(param_group, base.defaults, self.defaults)
+        base.add_param_group(param_group)
         try:
             _check_group(self.param_groups[-1], len(self.param_groups) - 1)
+            _check_distinct(self.param_groups)
         except (TypeError, ValueError):
             self.param_groups.pop()
             raise
@@ -296,24 +399,36 @@ class SAM(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore from a ``state_dict()`` result; a plain base-optimizer state dict also loads (the SAM
-        seed and step are then kept)."""
+        seed and step are then kept).
+
+        NOTE (atomic load): everything is checked before the optimizer changes: the SAM entry, every
+        group's SAM and base options, and each state tensor's shape against its parameter. On an error
+        the optimizer is exactly as before (torch's load builds new group and state objects, so the old
+        ones are put back).
+        """
         self._check_not_perturbed("load_state_dict()")
         state_dict = dict(state_dict)
-        sam_state = state_dict.pop("sam", None)
-        self.base_optimizer.load_state_dict(state_dict)
-        self._share_base()
-        for index, group in enumerate(self.param_groups):
-            for name in GROUP_OPTIONS:
-                group.setdefault(name, self.defaults[name])
-            _check_group(group, index)
-        if sam_state is not None:
-            self.seed = int(sam_state["seed"])
-            self._run.step = int(sam_state["step"])
+        seed, step = _checked_sam_entry(state_dict.pop("sam", None), self.seed, self._run.step)
+        base = self.base_optimizer
+        previous = {"state": base.state, "param_groups": base.param_groups}
+        try:
+            base.load_state_dict(state_dict)
+            self._share_base()
+            for index, group in enumerate(self.param_groups):
+                _adopt_group_options(group, base.defaults, self.defaults)
+                _check_group(group, index)
+                _check_base_options(base, group, index)
+            _check_state_shapes(self.param_groups, self.state)
+            self._descent_kind()
+        except BaseException:
+            base.__dict__.update(previous)
+            self._share_base()
+            raise
+        self.seed, self._run.step = seed, step
         if self.capturable and self._run.device_step is not None:
             self._run.device_step.fill_(self._run.step)  # keeps its address for captured graphs
         else:
             self._run.device_step = None
-        self._descent_kind()
 
     def __getstate__(self) -> dict[str, Any]:
         # NOTE: torch.optim.Optimizer pickles only defaults, state and param_groups; SAM also needs its
@@ -350,8 +465,7 @@ class SAM(torch.optim.Optimizer):
             raise RuntimeError("step(closure) under torch.amp.GradScaler is not supported (the scaler "
                                "checks the gradients before the closure runs); use first_step("
                                "grad_scaler=scaler), the second backward, then scaler.step(optimizer)")
-        context = self.ascent_context() if self.ascent_context is not None else contextlib.nullcontext()
-        with torch.enable_grad(), context:
+        with torch.enable_grad(), self._ascent_pass():
             loss = closure()
         self.first_step(zero_grad=True)
         with self._restoring_on_error(), torch.enable_grad(), freeze_bn_stats():
@@ -376,7 +490,7 @@ class SAM(torch.optim.Optimizer):
         perturbed = [param for _, items in entries for _, param in items]
         norm, nonfinite = self._ascent_norm(entries)
         plain_norm = norm
-        if self.renormalize and any(group["adaptive"] for group, items in entries if items):
+        if self.renormalize and any(group["sam_adaptive"] for group, items in entries if items):
             plain_norm = self._norm(perturbed)[0]
         if scaler is not None:
             scale = amp.current_scale(scaler, self._device())
@@ -389,19 +503,23 @@ class SAM(torch.optim.Optimizer):
                 norm = norm + (scale - 1.0) * self.eps
             elif perturbed:
                 torch._foreach_mul_([p.grad for p in perturbed], inv_scale)
-        for group, items in entries:
-            if not items:
-                continue
-            params = [param for _, param in items]
-            local, grads = _local_tensors(params)
-            ops.perturb_(local, [self._backup(p) for p in params], norm, grads=grads, eps=self.eps,
-                         normalize=self.normalize_ascent, adaptive=group["adaptive"],
-                         adaptive_eta=group["adaptive_eta"], seed=self.seed,
-                         step=self._rng_step(params[0].device),
-                         tensor_indices=[position for position, _ in items], backend=self.backend,
-                         **self._perturb_options(group))
-        self._run.ascent = _Ascent(perturbed, plain_norm, nonfinite, scaler)
-        self._end_of_ascent()
+        # NOTE (atomic ascent): the ascent is recorded before the first perturbation, so that an error
+        # in a later group's op puts the groups already perturbed back to w (``_restoring_on_error``).
+        self._run.ascent = _Ascent([], plain_norm, nonfinite, scaler)
+        with self._restoring_on_error():
+            for group, items in entries:
+                if not items:
+                    continue
+                params = [param for _, param in items]
+                local, grads = _local_tensors(params)
+                backups = [self._backup(p) for p in params]
+                ops.perturb_(local, backups, norm, grads=grads, eps=self.eps,
+                             normalize=self.normalize_ascent, adaptive=group["sam_adaptive"],
+                             adaptive_eta=group["sam_adaptive_eta"], seed=self.seed,
+                             step=self._rng_step(params[0].device),
+                             tensor_indices=[position for position, _ in items], backend=self.backend,
+                             **self._perturb_options(group))
+                self._run.ascent.perturbed.extend(params)
         if zero_grad:
             self._clear_grads()
 
@@ -437,7 +555,24 @@ class SAM(torch.optim.Optimizer):
             raise RuntimeError("scaler.step(optimizer): the ascent's gradients were scaled too; pass "
                                "first_step(grad_scaler=scaler); the weights were restored and this step "
                                "skipped")
+        # NOTE (atomic descent): the ascent is forgotten only once the descent has run; any error before
+        # that (a bad gradient, a state tensor that does not fit, a failing base step) puts the weights
+        # back to w and leaves the optimizer state as it was.
+        with self._restoring_on_error():
+            self._descend_from(ascent, grad_scale, scaler_found_inf)
         self._run.ascent = None
+        self._run.step += 1
+        if self._run.device_step is not None:
+            self._run.device_step.add_(1)
+        # NOTE: torch's LR schedulers warn unless the optimizer marks itself as stepped; the two-call
+        # loop never calls step(), so second_step sets the flag that their step() wrapper would set.
+        self._opt_called = True
+        if zero_grad:
+            self._clear_grads()
+
+    def _descend_from(self, ascent: _Ascent, grad_scale: torch.Tensor | None,
+                      scaler_found_inf: torch.Tensor | None) -> None:
+        """The descent proper: the second gradients' norm and flag, then the fused or generic step."""
         device = self._device()
         descent = [param for _, items in self._params_with_grad() for _, param in items]
         inv_scale = amp.inverse(grad_scale.to(device)) if grad_scale is not None else None
@@ -465,15 +600,6 @@ class SAM(torch.optim.Optimizer):
             self._generic_descent(ascent, descent, found_inf, multiplier)
         else:
             self._fused_descent(kind, ascent, found_inf, multiplier)
-        self._run.step += 1
-        if self._run.device_step is not None:
-            self._run.device_step.add_(1)
-        # NOTE: torch's LR schedulers warn unless the optimizer marks itself as stepped; the two-call
-        # loop never calls step(), so second_step sets the flag that their step() wrapper would set.
-        self._opt_called = True
-        self._end_of_step()
-        if zero_grad:
-            self._clear_grads()
 
     # -------------------------------------------------------------- hooks for the variants
 
@@ -483,13 +609,11 @@ class SAM(torch.optim.Optimizer):
 
     def _perturb_options(self, group: dict) -> dict[str, Any]:
         """Per-group radius and keep probability of the perturbation."""
-        return {"rho": group["rho"], "keep_prob": 1.0}
+        return {"rho": group["sam_rho"], "keep_prob": 1.0}
 
-    def _end_of_ascent(self) -> None:
-        """Runs after the perturbation, before the second forward pass."""
-
-    def _end_of_step(self) -> None:
-        """Runs after the descent, before the next iteration's first forward pass."""
+    def _ascent_pass(self) -> contextlib.AbstractContextManager:
+        """The context of the first (ascent) forward and backward in ``step(closure)``."""
+        return self.ascent_context() if self.ascent_context is not None else contextlib.nullcontext()
 
     # ------------------------------------------------------------------------------ internals
 
@@ -570,7 +694,8 @@ class SAM(torch.optim.Optimizer):
         """Global norm of the ascent gradients, each group weighted by its own ASAM options."""
         parts: dict[tuple[bool, float], list[torch.Tensor]] = defaultdict(list)
         for group, items in entries:
-            key = (group["adaptive"], float(group["adaptive_eta"]) if group["adaptive"] else 0.0)
+            adaptive = group["sam_adaptive"]
+            key = (adaptive, float(group["sam_adaptive_eta"]) if adaptive else 0.0)
             parts[key].extend(param for _, param in items)
         results = [self._norm(params, adaptive=adaptive, adaptive_eta=eta)
                    for (adaptive, eta), params in parts.items() if params]
@@ -598,8 +723,12 @@ class SAM(torch.optim.Optimizer):
 
     def _fused_descent(self, kind: str, ascent: _Ascent, found_inf: torch.Tensor,
                        multiplier: torch.Tensor | None) -> None:
-        step = fused_steps.fused_step(kind)
+        prepare = fused_steps.fused_step(kind)
         perturbed = set(ascent.perturbed)
+        pending = []
+        # NOTE (atomic descent): every group is prepared (options read, state gathered and checked
+        # against its parameter) before any kernel runs, and new state entries are stored only after
+        # every group ran, so a bad group or state tensor raises with nothing written.
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None or p in perturbed]
             if not params:
@@ -608,8 +737,11 @@ class SAM(torch.optim.Optimizer):
             # is its own backup: "w = backup" then reads the current weight, elementwise, before the
             # same element is written.
             backups = [self._backups[p] if p in perturbed else p for p in params]
-            step(group, params, backups, self.state, grad_multiplier=multiplier, found_inf=found_inf,
-                 backend=self.backend)
+            pending.append(prepare(group, params, backups, self.state))
+        for step in pending:
+            step.run(grad_multiplier=multiplier, found_inf=found_inf, backend=self.backend)
+        for step in pending:
+            step.commit()
 
     def _generic_descent(self, ascent: _Ascent, descent: list[torch.Tensor], found_inf: torch.Tensor,
                          multiplier: torch.Tensor | None) -> None:
@@ -633,7 +765,11 @@ class SAM(torch.optim.Optimizer):
                 param.grad = None
 
     def _abandon_ascent(self) -> None:
-        """Put the perturbed weights back to w and forget the ascent."""
+        """Put the perturbed weights back to w and forget the ascent.
+
+        NOTE: the backups hold w until the next ascent writes them, so this is right at any point of the
+        descent too: a restore already done (generic path) or a weight already stepped is set to w again.
+        """
         ascent, self._run.ascent = self._run.ascent, None
         if ascent is not None and ascent.perturbed:
             with torch.no_grad():
