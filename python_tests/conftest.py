@@ -25,9 +25,17 @@ def single_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(params=["torch", "triton"])
+def _optimizer_backends() -> list[str]:
+    """The torch reference, the Triton kernels (interpreter on CPU) and, when it is built, the native
+    extension (the backend ``auto`` picks in practice)."""
+    from sam_kernels.backends import native_status
+
+    return ["torch", "triton"] + (["native"] if native_status("cpu")[0] else [])
+
+
+@pytest.fixture(params=_optimizer_backends())
 def backend(request) -> str:
-    """Optimizer-level tests run on the torch reference and on the Triton kernels (interpreter on CPU)."""
+    """Optimizer-level tests run on every backend present (the triton one must be)."""
     if request.param == "triton":
         from sam_kernels.backends import triton_status
 

@@ -69,24 +69,33 @@ def ddp_run(rank: int, port: int, out: str, backends: list[str]) -> None:
                 loss_of(model, xs, ys).backward()
                 sam.second_step(zero_grad=True)
             results[(backend, mode)] = gathered(model)
-        # ESAM: per-tensor SWP toggles requires_grad and SDS selects local samples; DDP's reducer must
-        # not notice (per-worker ascent, the descent uses every parameter).
-        model = DistributedDataParallel(make_mlp())
-        esam = ESAM(model.parameters(), torch.optim.SGD, rho=RHO, beta=0.5, gamma=0.5, lr=LR,
-                    backend=backend, seed=rank + 5)
-        broadcast_seed_(esam)
-        esam.ascent_context = model.no_sync
-        dropped = []
-        for x, y in make_data(STEPS, size=16):
-            dropped.append([i for i, p in enumerate(model.parameters())
-                            if any(p is d for d in esam.dropped_tensors)])
-            xs, ys = shard(x, y, rank)
-            esam.sds_step(sample_losses_closure(model, xs, ys,
-                                                torch.nn.CrossEntropyLoss(reduction="none")))
-        results[(backend, "esam")] = gathered(model)
-        everyone: list = [None] * WORLD
-        dist.all_gather_object(everyone, dropped)
-        results[(backend, "esam_dropped")] = everyone
+        # ESAM: per-tensor SWP toggles requires_grad inside its ascent pass and SDS selects local
+        # samples; DDP's reducer must not notice (per-worker ascent, the descent uses every parameter).
+        # Built before or after wrapping the model in DDP (accelerate builds the optimizer first).
+        for order in ("ddp_first", "esam_first"):
+            module = make_mlp()
+            if order == "esam_first":
+                esam = ESAM(module.parameters(), torch.optim.SGD, rho=RHO, beta=0.5, gamma=0.5, lr=LR,
+                            backend=backend, seed=rank + 5)
+                model = DistributedDataParallel(module)
+            else:
+                model = DistributedDataParallel(module)
+                esam = ESAM(model.parameters(), torch.optim.SGD, rho=RHO, beta=0.5, gamma=0.5, lr=LR,
+                            backend=backend, seed=rank + 5)
+            broadcast_seed_(esam)
+            esam.ascent_context = model.no_sync
+            dropped = []
+            for x, y in make_data(STEPS, size=16):
+                dropped.append([i for i, p in enumerate(model.parameters())
+                                if any(p is d for d in esam.dropped_tensors)])
+                xs, ys = shard(x, y, rank)
+                esam.sds_step(sample_losses_closure(model, xs, ys,
+                                                    torch.nn.CrossEntropyLoss(reduction="none")))
+            key = "esam" if order == "ddp_first" else "esam_built_first"
+            results[(backend, key)] = gathered(model)
+            everyone: list = [None] * WORLD
+            dist.all_gather_object(everyone, dropped)
+            results[(backend, f"{key}_dropped")] = everyone
     if rank == 0:
         torch.save(results, out)
     dist.barrier()

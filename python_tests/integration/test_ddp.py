@@ -98,6 +98,11 @@ def test_ddp_esam(ddp_results):
             per_worker_esam_step(model, base, list(zip(x.chunk(2), y.chunk(2), strict=True)), rho=0.05,
                                  beta=0.5, gamma=0.5, dropped=dropped)
         assert_close(rank0, [p.detach() for p in model.parameters()], scale=10, msg=backend)
+        # ESAM built before DDP wraps the model: DDP still sees every parameter as trainable.
+        first0, first1 = results[(backend, "esam_built_first")]
+        assert_bitwise_equal(first0, first1, f"{backend}: ranks differ with ESAM built first")
+        assert results[(backend, "esam_built_first_dropped")] == results[(backend, "esam_dropped")]
+        assert_bitwise_equal(first0, rank0, f"{backend}: construction order changes the result")
 
 
 def test_fsdp2_matches_single_process(tmp_path):
