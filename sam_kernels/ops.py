@@ -14,7 +14,14 @@ from collections.abc import Sequence
 import torch
 
 from . import backends
-from .backends.common import SUPPORTED_DTYPES, first_overlap, mask_threshold
+from .backends.common import (
+    SUPPORTED_DTYPES,
+    AdamConfig,
+    PerturbConfig,
+    SgdConfig,
+    first_overlap,
+    mask_threshold,
+)
 from .backends.reference import keep_mask
 
 __all__ = ["grad_norm", "keep_mask", "mask_threshold", "perturb_", "restore_", "restore_adam_step_",
@@ -180,17 +187,19 @@ def perturb_(params: Tensors, backups: Tensors, norm: torch.Tensor, *, rho: floa
     device = params[0].device
     _check_scalar("norm", norm, device)
     step = _device_step(step, device)
+    config = PerturbConfig(rho=float(rho), eps=float(eps), keep_prob=float(keep_prob),
+                           normalize=bool(normalize), adaptive=bool(adaptive),
+                           adaptive_eta=float(adaptive_eta), seed=int(seed))
     _backend(params, backend).perturb_(
-        _pick(params, kept), _pick(grads, kept), _pick(backups, kept), _pick(tensor_indices, kept),
-        norm.reshape(()).float(), rho=rho, eps=eps, keep_threshold=mask_threshold(keep_prob),
-        keep_prob=keep_prob, normalize=normalize, adaptive=adaptive, adaptive_eta=adaptive_eta,
-        seed=seed, step=step)
+        _pick(params, kept), _pick(grads, kept), _pick(backups, kept),
+        [int(t) for t in _pick(tensor_indices, kept)], norm.reshape(()).float(), step, config)
 
 
 def _device_step(step: int | torch.Tensor, device: torch.device) -> torch.Tensor:
     """The RNG step as a 0-d int64 tensor on ``device``.
 
-    NOTE: pass a device tensor in a training loop; a Python int costs a host-to-device copy.
+    NOTE (no host sync): a Python int becomes a fill on the device (the value travels as a kernel
+    argument), not a copy from host memory, which would make the host wait on CUDA.
     """
     if isinstance(step, torch.Tensor):
         _check_scalar("step", step, device)
@@ -199,7 +208,7 @@ def _device_step(step: int | torch.Tensor, device: torch.device) -> torch.Tensor
         return step.reshape(())
     if not 0 <= step < 2**63:
         raise ValueError(f"step: must be in [0, 2**63), got {step}")
-    return torch.tensor(step, dtype=torch.int64, device=device)
+    return torch.full((), step, dtype=torch.int64, device=device)
 
 
 def restore_(params: Tensors, backups: Tensors, *, backend: str | None = None) -> None:
@@ -264,11 +273,12 @@ def restore_sgd_step_(params: Tensors, backups: Tensors, momentum_buffers: Optio
             _check_like("momentum_buffers", buffers[i], params[i], i)
     grad_multiplier, found_inf = _check_step_scalars(params, grad_multiplier, found_inf)
     if kept:
+        config = SgdConfig(lr=float(lr), momentum=float(momentum), dampening=float(dampening),
+                           weight_decay=float(weight_decay), nesterov=bool(nesterov),
+                           maximize=bool(maximize))
         _backend(params, backend).restore_sgd_step_(
             _pick(params, kept), _pick(backups, kept), _pick(grads, kept), _pick(buffers, kept),
-            _pick(first_step, kept), lr=lr, momentum=momentum, dampening=dampening,
-            weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
-            grad_multiplier=grad_multiplier, found_inf=found_inf)
+            [int(first_step[i]) for i in kept], config, grad_multiplier, found_inf)
     return buffers
 
 
@@ -311,16 +321,22 @@ def restore_adam_step_(params: Tensors, backups: Tensors, exp_avgs: Tensors, exp
     if not kept:
         return
     kept_steps = _pick(steps, kept)
+    advance_adam_steps_(kept_steps, found_inf)
+    config = AdamConfig(lr=float(lr), beta1=float(beta1), beta2=float(beta2), eps=float(eps),
+                        weight_decay=float(weight_decay), decoupled=bool(decoupled_weight_decay),
+                        amsgrad=bool(amsgrad), maximize=bool(maximize))
+    _backend(params, backend).restore_adam_step_(
+        _pick(params, kept), _pick(backups, kept), _pick(grads, kept), _pick(exp_avgs, kept),
+        _pick(exp_avg_sqs, kept), _pick(max_exp_avg_sqs, kept) if amsgrad else None, kept_steps,
+        config, grad_multiplier, found_inf)
+
+
+def advance_adam_steps_(steps: Tensors, found_inf: torch.Tensor | None) -> None:
+    """Add 1 to Adam's per-parameter step counters, 0 where ``found_inf`` is set, on the device."""
     if found_inf is None:
-        torch._foreach_add_(kept_steps, 1.0)
+        torch._foreach_add_(steps, 1.0)
     else:
         # NOTE: a tensor list, not a 0-d tensor operand: the CPU kernel of the scalar-tensor overload
         # reads the scalar on the host, which would break CUDA-graph capture and compiled steps.
         increment = 1.0 - found_inf.float()
-        torch._foreach_add_(kept_steps, [increment] * len(kept_steps))
-    _backend(params, backend).restore_adam_step_(
-        _pick(params, kept), _pick(backups, kept), _pick(grads, kept), _pick(exp_avgs, kept),
-        _pick(exp_avg_sqs, kept), _pick(max_exp_avg_sqs, kept) if amsgrad else None, kept_steps,
-        lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-        decoupled=decoupled_weight_decay, amsgrad=amsgrad, maximize=maximize,
-        grad_multiplier=grad_multiplier, found_inf=found_inf)
+        torch._foreach_add_(steps, [increment] * len(steps))

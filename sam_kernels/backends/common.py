@@ -1,4 +1,5 @@
-"""Definitions every backend shares: the random-mask contract and tensor grouping.
+"""Definitions every backend shares: the random-mask contract, the op configs, the backend interface and
+tensor grouping.
 
 NOTE (mask contract, identical in every backend): the Bernoulli(keep_prob) mask of the perturbation is
 never stored. For element ``i`` of the tensor at global position ``t`` (its position in the optimizer's
@@ -18,6 +19,8 @@ from __future__ import annotations
 import itertools
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -37,6 +40,88 @@ def mask_threshold(keep_prob: float) -> int:
 def split_u64(value: int) -> tuple[int, int]:
     """(low, high) 32-bit words of a non-negative integer below 2**64."""
     return value & U32, (value >> 32) & U32
+
+
+# ------------------------------------------------------------------------------------ op configs
+# NOTE (configs): the per-call options of each op, validated by whoever builds them (the op layer, or the
+# optimizer's step plan) and read by every backend; they mirror the C++ PerturbConfig, SgdConfig and
+# AdamConfig of csrc/include/sam_kernels/elementwise.h.
+
+
+@dataclass(frozen=True)
+class PerturbConfig:
+    """``w += rho / (norm + eps) / keep_prob * m * (T_w^2 if adaptive) * g`` (``rho / keep_prob`` without
+    ``normalize``); ``m`` is the mask of the contract above at probability ``keep_prob``."""
+
+    rho: float
+    eps: float = 1e-12
+    keep_prob: float = 1.0
+    normalize: bool = True
+    adaptive: bool = False
+    adaptive_eta: float = 0.0
+    seed: int = 0
+    #: Integer threshold of the keep test, derived from ``keep_prob`` (2**24: no mask).
+    keep_threshold: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "keep_threshold", mask_threshold(self.keep_prob))
+
+    @property
+    def masked(self) -> bool:
+        return self.keep_threshold < (1 << MASK_BITS)
+
+
+@dataclass(frozen=True)
+class SgdConfig:
+    """One ``torch.optim.SGD`` step."""
+
+    lr: float
+    momentum: float = 0.0
+    dampening: float = 0.0
+    weight_decay: float = 0.0
+    nesterov: bool = False
+    maximize: bool = False
+
+
+@dataclass(frozen=True)
+class AdamConfig:
+    """One ``torch.optim.Adam`` step (``AdamW`` with ``decoupled``)."""
+
+    lr: float
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    decoupled: bool = False
+    amsgrad: bool = False
+    maximize: bool = False
+
+
+class Backend(Protocol):
+    """What every backend module implements. Inputs arrive validated: one device, supported dtypes,
+    contiguous, companions matching their parameter, no missing gradients; per-step scalars are 0-d
+    tensors on the parameters' device."""
+
+    def grad_norm(self, grads: Sequence[torch.Tensor], weights: Sequence[torch.Tensor] | None,
+                  adaptive_eta: float) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def perturb_(self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                 backups: Sequence[torch.Tensor], tensor_indices: Sequence[int], norm: torch.Tensor,
+                 step: torch.Tensor, config: PerturbConfig) -> None: ...
+
+    def restore_(self, params: Sequence[torch.Tensor], backups: Sequence[torch.Tensor]) -> None: ...
+
+    def restore_sgd_step_(self, params: Sequence[torch.Tensor], backups: Sequence[torch.Tensor],
+                          grads: Sequence[torch.Tensor], momentum_buffers: Sequence[torch.Tensor | None],
+                          first_step: Sequence[int], config: SgdConfig,
+                          grad_multiplier: torch.Tensor | None, found_inf: torch.Tensor | None) -> None: ...
+
+    def restore_adam_step_(self, params: Sequence[torch.Tensor], backups: Sequence[torch.Tensor],
+                           grads: Sequence[torch.Tensor], exp_avgs: Sequence[torch.Tensor],
+                           exp_avg_sqs: Sequence[torch.Tensor],
+                           max_exp_avg_sqs: Sequence[torch.Tensor] | None, steps: Sequence[torch.Tensor],
+                           config: AdamConfig, grad_multiplier: torch.Tensor | None,
+                           found_inf: torch.Tensor | None) -> None: ...
 
 
 def group_by_dtype(tensors: Sequence[torch.Tensor]) -> list[list[int]]:

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .common import split_u64
+from .common import AdamConfig, PerturbConfig, SgdConfig, split_u64
 
 BUILD_HINT = ("build it from source: `CUDA_HOME=/usr/local/cuda pip install --no-build-isolation -e .` "
               "(or the CMake build; see README, 'Backends and building the native extension')")
@@ -90,40 +90,41 @@ def _ops():
 # ---------------------------------------------------------------------------- the backend interface
 
 
+# NOTE (no conversions): the lists and numbers arrive as the schemas want them (lists of tensors and
+# ints, Python floats and bools), so the calls below pass them through without a per-tensor Python pass.
+
+
 def grad_norm(grads, weights, adaptive_eta):
     """Global norm and non-finite flag as 0-d fp32 device tensors (two-stage, deterministic)."""
-    return _ops().grad_norm(list(grads), list(weights) if weights is not None else [], float(adaptive_eta))
+    return _ops().grad_norm(grads, weights if weights is not None else (), adaptive_eta)
 
 
-def perturb_(params, grads, backups, tensor_indices, norm, *, rho, eps, keep_threshold, keep_prob,
-             normalize, adaptive, adaptive_eta, seed, step) -> None:
-    seed_lo, seed_hi = split_u64(seed)
-    _ops().perturb_(list(params), list(grads), list(backups), [int(t) for t in tensor_indices], norm, step,
-                    float(rho), float(eps), int(keep_threshold), float(keep_prob), bool(normalize),
-                    bool(adaptive), float(adaptive_eta), seed_lo, seed_hi)
+def perturb_(params, grads, backups, tensor_indices, norm, step, config: PerturbConfig) -> None:
+    seed_lo, seed_hi = split_u64(config.seed)
+    _ops().perturb_(params, grads, backups, tensor_indices, norm, step, config.rho, config.eps,
+                    config.keep_threshold, config.keep_prob, config.normalize, config.adaptive,
+                    config.adaptive_eta, seed_lo, seed_hi)
 
 
 def restore_(params, backups) -> None:
-    _ops().restore_(list(params), list(backups))
+    _ops().restore_(params, backups)
 
 
-def restore_sgd_step_(params, backups, grads, momentum_buffers, first_step, *, lr, momentum, dampening,
-                      weight_decay, nesterov, maximize, grad_multiplier, found_inf) -> None:
-    buffers = list(momentum_buffers) if momentum != 0 else []
-    _ops().restore_sgd_step_(list(params), list(backups), list(grads), buffers,
-                             [int(bool(f)) for f in first_step], float(lr), float(momentum),
-                             float(dampening), float(weight_decay), bool(nesterov), bool(maximize),
+def restore_sgd_step_(params, backups, grads, momentum_buffers, first_step, config: SgdConfig,
+                      grad_multiplier, found_inf) -> None:
+    buffers = momentum_buffers if config.momentum != 0 else ()
+    _ops().restore_sgd_step_(params, backups, grads, buffers, first_step, config.lr, config.momentum,
+                             config.dampening, config.weight_decay, config.nesterov, config.maximize,
                              grad_multiplier, found_inf)
 
 
-def restore_adam_step_(params, backups, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, lr, beta1,
-                       beta2, eps, weight_decay, decoupled, amsgrad, maximize, grad_multiplier,
-                       found_inf) -> None:
-    max_sqs = list(max_exp_avg_sqs) if amsgrad else []
-    _ops().restore_adam_step_(list(params), list(backups), list(grads), list(exp_avgs), list(exp_avg_sqs),
-                              max_sqs, list(steps), float(lr), float(beta1), float(beta2), float(eps),
-                              float(weight_decay), bool(decoupled), bool(amsgrad), bool(maximize),
-                              grad_multiplier, found_inf)
+def restore_adam_step_(params, backups, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
+                       config: AdamConfig, grad_multiplier, found_inf) -> None:
+    max_sqs = max_exp_avg_sqs if config.amsgrad else ()
+    _ops().restore_adam_step_(params, backups, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, config.lr,
+                              config.beta1, config.beta2, config.eps, config.weight_decay,
+                              config.decoupled, config.amsgrad, config.maximize, grad_multiplier,
+                              found_inf)
 
 
 def philox4x32_10(counters: torch.Tensor, key: tuple[int, int]) -> torch.Tensor:

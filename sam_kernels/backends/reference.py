@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .common import U32, split_u64
+from .common import U32, AdamConfig, PerturbConfig, SgdConfig, split_u64
 
 # Philox4x32-10 constants (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11).
 PHILOX_M0 = 0xD2511F53
@@ -70,11 +70,11 @@ def grad_norm(grads: Sequence[torch.Tensor], weights: Sequence[torch.Tensor] | N
     return total.sqrt(), (~torch.isfinite(total)).float()
 
 
-def perturb_(params, grads, backups, tensor_indices, norm, *, rho, eps, keep_threshold, keep_prob,
-             normalize, adaptive, adaptive_eta, seed, step) -> None:
+def perturb_(params, grads, backups, tensor_indices, norm, step, config: PerturbConfig) -> None:
     """backup = w; w += scale * mask * (T_w^2 if adaptive) * g, unless the norm is not finite."""
-    scale = rho / (norm + eps) if normalize else torch.full_like(norm, rho)
-    scale = scale / keep_prob
+    rho, adaptive, adaptive_eta = config.rho, config.adaptive, config.adaptive_eta
+    scale = rho / (norm + config.eps) if config.normalize else torch.full_like(norm, rho)
+    scale = scale / config.keep_prob
     finite = torch.isfinite(norm)
     for param, grad, backup, index in zip(params, grads, backups, tensor_indices, strict=False):
         backup.copy_(param)
@@ -83,8 +83,8 @@ def perturb_(params, grads, backups, tensor_indices, norm, *, rho, eps, keep_thr
         if adaptive:
             t = w.abs() + adaptive_eta
             e = e * t * t
-        if keep_threshold < (1 << 24):
-            mask = keep_mask(param.numel(), index, seed, step, keep_threshold, param.device)
+        if config.masked:
+            mask = keep_mask(param.numel(), index, config.seed, step, config.keep_threshold, param.device)
             e = torch.where(mask.view_as(e), e, torch.zeros_like(e))
         param.copy_(torch.where(finite, w + e, w))
 
@@ -108,10 +108,11 @@ def _skip_flag(found_inf, device):
     return found_inf != 0
 
 
-def restore_sgd_step_(params, backups, grads, momentum_buffers, first_step, *, lr, momentum,
-                      dampening, weight_decay, nesterov, maximize, grad_multiplier,
-                      found_inf) -> None:
+def restore_sgd_step_(params, backups, grads, momentum_buffers, first_step, config: SgdConfig,
+                      grad_multiplier, found_inf) -> None:
     """w = backup, then one torch.optim.SGD step with the second gradient (skipped on found_inf)."""
+    lr, momentum, dampening = config.lr, config.momentum, config.dampening
+    weight_decay, nesterov, maximize = config.weight_decay, config.nesterov, config.maximize
     for i, (param, backup, grad) in enumerate(zip(params, backups, grads, strict=False)):
         skip = _skip_flag(found_inf, param.device)
         w = backup.float()
@@ -126,10 +127,12 @@ def restore_sgd_step_(params, backups, grads, momentum_buffers, first_step, *, l
         param.copy_(torch.where(skip, w, w - lr * g))
 
 
-def restore_adam_step_(params, backups, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *,
-                       lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize,
-                       grad_multiplier, found_inf) -> None:
+def restore_adam_step_(params, backups, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
+                       config: AdamConfig, grad_multiplier, found_inf) -> None:
     """w = backup, then one torch.optim.Adam (or AdamW if decoupled) step; steps already advanced."""
+    lr, beta1, beta2, eps = config.lr, config.beta1, config.beta2, config.eps
+    weight_decay, decoupled, amsgrad, maximize = (config.weight_decay, config.decoupled, config.amsgrad,
+                                                  config.maximize)
     for i, (param, backup, grad) in enumerate(zip(params, backups, grads, strict=False)):
         skip = _skip_flag(found_inf, param.device)
         w = backup.float()

@@ -15,7 +15,7 @@ import torch
 import triton.language as tl
 
 from . import triton_kernels as kernels
-from .common import group_by_dtype, split_u64
+from .common import AdamConfig, PerturbConfig, SgdConfig, group_by_dtype, split_u64
 
 TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -121,10 +121,8 @@ def grad_norm(grads, weights, adaptive_eta):
     return norm, nonfinite
 
 
-def perturb_(params, grads, backups, tensor_indices, norm, *, rho, eps, keep_threshold, keep_prob,
-             normalize, adaptive, adaptive_eta, seed, step) -> None:
-    seed_lo, seed_hi = split_u64(seed)
-    masked = keep_threshold < (1 << 24)
+def perturb_(params, grads, backups, tensor_indices, norm, step, config: PerturbConfig) -> None:
+    seed_lo, seed_hi = split_u64(config.seed)
     with _device_guard(params[0].device):
         for group in group_by_dtype(params):
             group_params = _pick(params, group)
@@ -134,10 +132,11 @@ def perturb_(params, grads, backups, tensor_indices, norm, *, rho, eps, keep_thr
                 continue
             kernels.perturb_kernel[(meta.n_chunks,)](
                 *meta.pointers, meta.numels, meta.extra[0], meta.chunk_tensor, meta.chunk_start,
-                norm, step, float(rho), float(eps), 1.0 / keep_prob, float(adaptive_eta),
-                seed_lo, seed_hi, keep_threshold,
+                norm, step, float(config.rho), float(config.eps), 1.0 / config.keep_prob,
+                float(config.adaptive_eta), seed_lo, seed_hi, config.keep_threshold,
                 PARAM_DTYPE=TL_DTYPES[group_params[0].dtype], GRAD_DTYPE=TL_DTYPES[grads[group[0]].dtype],
-                NORMALIZE=normalize, ADAPTIVE=adaptive, MASKED=masked, CHUNK=CHUNK, BLOCK=BLOCK,
+                NORMALIZE=config.normalize, ADAPTIVE=config.adaptive, MASKED=config.masked, CHUNK=CHUNK,
+                BLOCK=BLOCK,
             )
 
 
@@ -161,9 +160,9 @@ def _optional_scalars(meta, grad_multiplier, found_inf):
             found_inf if found_inf is not None else placeholder)
 
 
-def restore_sgd_step_(params, backups, grads, momentum_buffers, first_step, *, lr, momentum,
-                      dampening, weight_decay, nesterov, maximize, grad_multiplier, found_inf) -> None:
-    has_momentum = momentum != 0
+def restore_sgd_step_(params, backups, grads, momentum_buffers, first_step, config: SgdConfig,
+                      grad_multiplier, found_inf) -> None:
+    has_momentum = config.momentum != 0
     with _device_guard(params[0].device):
         for group in group_by_dtype(params):
             group_params = _pick(params, group)
@@ -177,17 +176,18 @@ def restore_sgd_step_(params, backups, grads, momentum_buffers, first_step, *, l
             kernels.restore_sgd_kernel[(meta.n_chunks,)](
                 *pointers, meta.numels, meta.extra[0], meta.chunk_tensor, meta.chunk_start,
                 *_optional_scalars(meta, grad_multiplier, found_inf),
-                float(lr), float(momentum), float(dampening), float(weight_decay),
+                float(config.lr), float(config.momentum), float(config.dampening),
+                float(config.weight_decay),
                 PARAM_DTYPE=TL_DTYPES[group_params[0].dtype], GRAD_DTYPE=TL_DTYPES[grads[group[0]].dtype],
-                HAS_MOMENTUM=has_momentum, NESTEROV=nesterov, MAXIMIZE=maximize,
+                HAS_MOMENTUM=has_momentum, NESTEROV=config.nesterov, MAXIMIZE=config.maximize,
                 HAS_MULTIPLIER=grad_multiplier is not None, HAS_FOUND_INF=found_inf is not None,
                 CHUNK=CHUNK, BLOCK=BLOCK,
             )
 
 
-def restore_adam_step_(params, backups, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *,
-                       lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize,
-                       grad_multiplier, found_inf) -> None:
+def restore_adam_step_(params, backups, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
+                       config: AdamConfig, grad_multiplier, found_inf) -> None:
+    amsgrad, beta1, beta2 = config.amsgrad, config.beta1, config.beta2
     with _device_guard(params[0].device):
         for group in group_by_dtype(params):
             group_params = _pick(params, group)
@@ -200,10 +200,10 @@ def restore_adam_step_(params, backups, grads, exp_avgs, exp_avg_sqs, max_exp_av
             kernels.restore_adam_kernel[(meta.n_chunks,)](
                 *meta.pointers, meta.numels, meta.chunk_tensor, meta.chunk_start,
                 *_optional_scalars(meta, grad_multiplier, found_inf),
-                float(lr), float(beta1), float(beta2), _log2(beta1), _log2(beta2), float(eps),
-                float(weight_decay),
+                float(config.lr), float(beta1), float(beta2), _log2(beta1), _log2(beta2),
+                float(config.eps), float(config.weight_decay),
                 PARAM_DTYPE=TL_DTYPES[group_params[0].dtype], GRAD_DTYPE=TL_DTYPES[grads[group[0]].dtype],
-                DECOUPLED=decoupled, AMSGRAD=amsgrad, MAXIMIZE=maximize,
+                DECOUPLED=config.decoupled, AMSGRAD=amsgrad, MAXIMIZE=config.maximize,
                 HAS_MULTIPLIER=grad_multiplier is not None, HAS_FOUND_INF=found_inf is not None,
                 CHUNK=CHUNK, BLOCK=BLOCK,
             )

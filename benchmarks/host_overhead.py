@@ -1,0 +1,153 @@
+"""Host cost of one SAM iteration's optimizer calls, on parameters so small that the kernels do no work.
+
+With one-element parameters the time of an optimizer step is its Python and dispatch overhead: on a GPU,
+where kernel launches are asynchronous, that host time is what the optimizer side costs for most models.
+Variants, each an iteration's optimizer work with the gradients already in place:
+
+* ``sam_kernels SAM/SSAM/ESAM [backend]``: the optimizer classes, ``first_step()`` + ``second_step()``
+  over SGD with momentum (ESAM: per-tensor SWP, beta 0.6, two-call loop with gamma 1);
+* ``sgd fused`` / ``sgd foreach``: one ``torch.optim.SGD`` step, the base optimizer alone;
+* ``eager SAM`` and ``foreach SAM``: the per-tensor and the foreach SAM of ``benchmarks.optimizer_step``.
+
+Every variant is timed ``--repeats`` times per round, the variants interleaved over ``--rounds`` rounds;
+the median over all calls is reported with its interquartile range, and each ratio is to the fused SGD
+step measured in the same run. On a GPU the host time is the wall time of the calls before any
+synchronize; the device time (after a synchronize) is reported apart.
+
+    python -m benchmarks.host_overhead [--counts 161 2000] [--rounds 5] [--repeats 40] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+from benchmarks import optimizer_step
+from sam_kernels.optim import ESAM, SAM
+
+LR, MOMENTUM, RHO = 0.01, 0.9, 0.05
+
+
+def make_params(count: int, device) -> list[torch.nn.Parameter]:
+    params = [torch.nn.Parameter(torch.randn(1, device=device)) for _ in range(count)]
+    for p in params:
+        p.grad = torch.randn(1, device=device) * 1e-3
+    return params
+
+
+class OptimizerClass:
+    """first_step() + second_step() of a sam_kernels optimizer; the gradients stay in place."""
+
+    def __init__(self, params, cls, backend, **options):
+        self.optimizer = cls(params, torch.optim.SGD, rho=RHO, lr=LR, momentum=MOMENTUM, backend=backend,
+                             **options)
+
+    def step(self):
+        self.optimizer.first_step()
+        self.optimizer.second_step()
+
+
+class BaseStep:
+    def __init__(self, params, **flags):
+        self.optimizer = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, **flags)
+
+    def step(self):
+        self.optimizer.step()
+
+
+def variants(device) -> dict:
+    """Name -> constructor over fresh parameters."""
+    table = {
+        "sgd fused": lambda ps: BaseStep(ps, fused=True),
+        "sgd foreach": lambda ps: BaseStep(ps, foreach=True),
+        "eager SAM": optimizer_step.EagerSAM,
+        "foreach SAM": optimizer_step.ForeachSAM,
+    }
+    for backend in optimizer_step.available_backends(device):
+        table[f"sam_kernels SAM [{backend}]"] = lambda ps, b=backend: OptimizerClass(ps, SAM, b)
+        table[f"sam_kernels SSAM [{backend}]"] = lambda ps, b=backend: OptimizerClass(
+            ps, SAM, b, renormalize=True)
+        table[f"sam_kernels ESAM [{backend}]"] = lambda ps, b=backend: OptimizerClass(
+            ps, ESAM, b, beta=0.6, gamma=1.0)
+    return table
+
+
+def time_calls(variant, device, repeats: int) -> tuple[list[float], float]:
+    """Host seconds of each of ``repeats`` calls (no synchronize between them) and the device seconds
+    of the whole batch (0 on the CPU, where the calls are synchronous)."""
+    host = []
+    start_all = time.perf_counter()
+    for _ in range(repeats):
+        start = time.perf_counter()
+        variant.step()
+        host.append(time.perf_counter() - start)
+    queued = time.perf_counter() - start_all
+    if device.type != "cuda":
+        return host, 0.0
+    torch.cuda.synchronize(device)
+    return host, max(time.perf_counter() - start_all - queued, 0.0) / repeats
+
+
+def run(counts, device, rounds: int, repeats: int) -> list[dict]:
+    rows = []
+    for count in counts:
+        built = {name: make(make_params(count, device)) for name, make in variants(device).items()}
+        for variant in built.values():  # warm-up: plans built, kernels compiled, buffers allocated
+            for _ in range(3):
+                variant.step()
+        samples: dict[str, list[float]] = {name: [] for name in built}
+        device_time: dict[str, list[float]] = {name: [] for name in built}
+        for _ in range(rounds):
+            for name, variant in built.items():  # NOTE: interleaved, so load drift hits every variant
+                host, dev = time_calls(variant, device, repeats)
+                samples[name].extend(host)
+                device_time[name].append(dev)
+        floor = statistics.median(samples["sgd fused"])
+        for name, values in samples.items():
+            q1, _, q3 = statistics.quantiles(values, n=4)
+            median = statistics.median(values)
+            rows.append({"params": count, "variant": name, "host_us": median * 1e6, "q1_us": q1 * 1e6,
+                         "q3_us": q3 * 1e6, "vs_sgd_fused": median / floor,
+                         "device_us": statistics.median(device_time[name]) * 1e6})
+    return rows
+
+
+def format_table(rows: list[dict], device) -> str:
+    lines = ["| params | variant | host time per iteration (median, IQR) | vs fused SGD step |"
+             + (" device time |" if device.type == "cuda" else ""),
+             "|---:|---|---:|---:|" + ("---:|" if device.type == "cuda" else "")]
+    for row in rows:
+        line = (f"| {row['params']} | {row['variant']} | {row['host_us']:.0f} us "
+                f"({row['q1_us']:.0f}-{row['q3_us']:.0f}) | {row['vs_sgd_fused']:.2f}x |")
+        if device.type == "cuda":
+            line += f" {row['device_us']:.0f} us |"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--counts", type=int, nargs="+", default=[161, 2000])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=40)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads on the CPU")
+    parser.add_argument("--json", help="write the rows to this file")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.set_num_threads(args.threads)
+    rows = run(args.counts, device, args.rounds, args.repeats)
+    print(f"device: {optimizer_step.device_name(device)}; torch {torch.__version__}; python "
+          f"{sys.version.split()[0]}; {args.rounds} rounds x {args.repeats} calls per variant")
+    print(format_table(rows, device))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": optimizer_step.device_name(device), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
