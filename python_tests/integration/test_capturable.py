@@ -10,6 +10,7 @@ import pytest
 import torch
 from tolerance import assert_close
 
+from sam_kernels.backends import native_status
 from sam_kernels.optim import ESAM, SAM
 
 from .reference import EagerSAM, HostSyncCounter, loss_of, make_data, make_mlp
@@ -17,13 +18,19 @@ from .reference import EagerSAM, HostSyncCounter, loss_of, make_data, make_mlp
 BASES = {"sgd": (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}), "adam": (torch.optim.Adam, {"lr": 0.01})}
 
 
+KERNEL_BACKENDS = ["triton"] + (["native"] if native_status("cpu")[0] else [])
+
+
+@pytest.mark.parametrize("capturable", [True, False])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("base", BASES)
-def test_capturable_step_makes_no_host_sync(base):
-    """From the very first step on (state creation included), with the Triton kernels; the trajectory
-    still matches an eager SAM over the same base optimizer."""
+def test_fused_step_makes_no_host_sync(base, backend, capturable):
+    """From the very first step on (step plan and state creation included), on each kernel backend, with
+    and without capturable=True; the trajectory still matches an eager SAM over the same base
+    optimizer."""
     base_cls, options = BASES[base]
     model, ref_model = make_mlp(), make_mlp()
-    sam = SAM(model.parameters(), base_cls, rho=0.05, backend="triton", capturable=True, **options)
+    sam = SAM(model.parameters(), base_cls, rho=0.05, backend=backend, capturable=capturable, **options)
     ref = EagerSAM(ref_model, base_cls(ref_model.parameters(), **options), rho=0.05)
     for x, y in make_data(3):
         with HostSyncCounter() as counter:
@@ -33,7 +40,7 @@ def test_capturable_step_makes_no_host_sync(base):
             sam.zero_grad(set_to_none=False)
             loss_of(model, x, y).backward()
             sam.second_step()
-        assert counter.syncs == [], f"host reads in a capturable step: {counter.syncs}"
+        assert counter.syncs == [], f"host reads in a fused step: {counter.syncs}"
         ref.step([(x, y)])
     assert_close([p.detach() for p in model.parameters()], [p.detach() for p in ref_model.parameters()],
                  scale=10)

@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-from .. import ops
+from ..backends.common import U32, mask_threshold, split_u64
+from ..backends.reference import philox4x32_10
 from . import amp
 from .bn import freeze_bn_stats
 from .sam import SAM, check_probability
@@ -19,6 +20,9 @@ from .sam import SAM, check_probability
 #: Philox "tensor index" of the per-tensor SWP draw. NOTE: parameter positions are below 2**32 - 1, so
 #: the per-tensor stream never coincides with the elementwise mask of a parameter (same seed and step).
 SWP_TENSOR_STREAM = 2**32 - 1
+
+#: Steps of per-tensor draws made in one call (see ``ESAM._swp_keep``).
+SWP_BLOCK = 64
 
 SampleLosses = Callable[[torch.Tensor | None], torch.Tensor]
 
@@ -97,6 +101,7 @@ class ESAM(SAM):
         self.gamma = float(gamma)
         self.swp = swp
         self._selecting = False
+        self._swp_block: tuple | None = None
         super().__init__(params, base_optimizer, rho=rho, **kwargs)
 
     @property
@@ -230,9 +235,26 @@ class ESAM(SAM):
         if not eligible:
             return []
         step = self._run.step
-        keep = ops.keep_mask(len(params), SWP_TENSOR_STREAM, self.seed, step,
-                             ops.mask_threshold(self.beta)).tolist()
+        keep = self._swp_keep(len(params), step)
         dropped = [i for i in eligible if not keep[i]]
         if len(dropped) == len(eligible):
             dropped.remove(eligible[step % len(eligible)])
         return [params[i] for i in dropped]
+
+    def _swp_keep(self, count: int, step: int) -> list[bool]:
+        """Row ``step`` of the per-tensor keep draws (the rule of ``_draw_dropped``).
+
+        NOTE (draw block): the Philox reference costs about a hundred small torch ops per call whatever
+        the tensor count, so the draws of ``SWP_BLOCK`` consecutive steps are made in one call and kept;
+        a new seed, beta or tensor count, or a step outside the block, draws a new block.
+        """
+        key = (self.seed, count, self.beta)
+        cached = self._swp_block
+        if cached is None or cached[0] != key or not cached[1] <= step < cached[1] + SWP_BLOCK:
+            steps = torch.arange(step, step + SWP_BLOCK, dtype=torch.int64).unsqueeze(1)
+            elements = torch.arange(count, dtype=torch.int64)
+            word0 = philox4x32_10((elements, SWP_TENSOR_STREAM, steps & U32, steps >> 32),
+                                  split_u64(self.seed))[0]
+            rows = ((word0 >> 8) < mask_threshold(self.beta)).tolist()
+            cached = self._swp_block = (key, step, rows)
+        return cached[2][step - cached[1]]

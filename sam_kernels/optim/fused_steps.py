@@ -8,11 +8,12 @@ generic path can take over at any step.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
 from .. import ops
+from ..backends.common import AdamConfig, SgdConfig
 
 #: Options whose value must be a Python number for the fused step (torch also accepts tensors).
 _NUMBER_OPTIONS = {"sgd": ("lr", "momentum", "dampening", "weight_decay"),
@@ -51,26 +52,18 @@ def unsupported_reason(base: torch.optim.Optimizer) -> str | None:
     return None
 
 
-class PendingStep:
-    """One group's restore-and-step, prepared: ``run`` launches the op, ``commit`` stores the state
-    entries it created. NOTE (atomic descent): preparing reads every option and checks every state
-    tensor, so ``run`` can only fail on what the op itself finds; nothing enters the optimizer state
-    before ``commit``."""
-
-    def __init__(self, launch: Callable[..., None], commit: Callable[[], None]) -> None:
-        self._launch, self._commit = launch, commit
-
-    def run(self, *, grad_multiplier: torch.Tensor | None, found_inf: torch.Tensor,
-            backend: str | None) -> None:
-        self._launch(grad_multiplier=grad_multiplier, found_inf=found_inf, backend=backend)
-
-    def commit(self) -> None:
-        self._commit()
+def structure(kind: str | None, groups: Sequence[dict]) -> tuple:
+    """The group options that decide the fused kernels' operand lists (part of the step plan's key)."""
+    if kind == "sgd":
+        return tuple(group["momentum"] != 0 for group in groups)
+    if kind == "adam":
+        return tuple(bool(group["amsgrad"]) for group in groups)
+    return ()
 
 
-def fused_step(kind: str) -> Callable[..., PendingStep]:
-    """The restore-and-step preparer of a base optimizer kind (see ``fused_kind``)."""
-    return {"sgd": prepare_sgd_step, "adam": prepare_adam_step}[kind]
+def gather_state(kind: str, group: dict, params: Sequence[torch.Tensor], state: dict):
+    """The state of ``group``'s fused step over ``params`` (every one holds a gradient), checked."""
+    return {"sgd": SgdGroupState, "adam": AdamGroupState}[kind](group, params, state)
 
 
 def _check_state(name: str, tensor, param: torch.Tensor, dtype: torch.dtype | None = None) -> None:
@@ -79,89 +72,120 @@ def _check_state(name: str, tensor, param: torch.Tensor, dtype: torch.dtype | No
     expected_dtype = param.dtype if dtype is None else dtype
     expected_shape = param.shape if dtype is None else torch.Size([])
     if (not isinstance(tensor, torch.Tensor) or tensor.shape != expected_shape
-            or tensor.dtype != expected_dtype or tensor.device != param.device):
+            or tensor.dtype != expected_dtype or tensor.device != param.device
+            or (dtype is None and not tensor.is_contiguous())):
         found = (f"{tuple(tensor.shape)} {tensor.dtype} on {tensor.device}"
                  if isinstance(tensor, torch.Tensor) else type(tensor).__name__)
         raise ValueError(f"optimizer state '{name}' of a parameter of shape {tuple(param.shape)}: "
-                         f"expected {tuple(expected_shape)} {expected_dtype} on {param.device}, found "
-                         f"{found}; the state dict loaded does not belong to this model and optimizer")
+                         f"expected a contiguous {tuple(expected_shape)} {expected_dtype} on "
+                         f"{param.device}, found {found}; the state dict loaded does not belong to this "
+                         "model and optimizer")
 
 
-def prepare_sgd_step(group: dict, params: Sequence[torch.Tensor], backups: Sequence[torch.Tensor],
-                     state: dict) -> PendingStep:
-    """Restore ``params`` from ``backups`` and take ``torch.optim.SGD``'s step with ``group``'s options.
+class SgdGroupState:
+    """``torch.optim.SGD``'s state of one group, as the fused restore-and-step takes it.
 
     NOTE: torch's SGD keeps ``state[p]['momentum_buffer']`` only when momentum is nonzero, created on a
-    parameter's first step; the op creates missing buffers and returns the list, which is stored back.
-    A buffer created on a skipped (non-finite) first step stays zero, and the next step then treats it as
-    initialized: ``momentum * 0 + (1 - dampening) * g`` instead of torch's ``g``, identical unless
-    ``dampening`` is nonzero.
+    parameter's first step (``buf = g``). Missing buffers are created here, flagged as first steps, and
+    stored in the optimizer state by ``commit`` once the step ran. A buffer created on a skipped
+    (non-finite) first step stays zero, and the next step then treats it as initialized:
+    ``momentum * 0 + (1 - dampening) * g`` instead of torch's ``g``, identical unless ``dampening`` is
+    nonzero.
     """
-    options = {name: group[name] for name in ("lr", "momentum", "dampening", "weight_decay", "nesterov",
-                                              "maximize")}
-    buffers = [state[p].get("momentum_buffer") if p in state else None for p in params]
-    for param, buffer in zip(params, buffers, strict=True):
-        if buffer is not None:
-            _check_state("momentum_buffer", buffer, param)
-    result: list = []
 
-    def launch(**scalars) -> None:
-        result.extend(ops.restore_sgd_step_(params, backups, buffers, **options, **scalars))
+    def __init__(self, group: dict, params: Sequence[torch.Tensor], state: dict) -> None:
+        self.params = list(params)
+        self.buffers: list[torch.Tensor] = []
+        self.first_step = [0] * len(params)
+        self.created: list[int] = []
+        if group["momentum"] == 0:
+            return
+        for index, param in enumerate(params):
+            buffer = state[param].get("momentum_buffer") if param in state else None
+            if buffer is None:
+                buffer = torch.zeros_like(param, memory_format=torch.contiguous_format)
+                self.first_step[index] = 1
+                self.created.append(index)
+            else:
+                _check_state("momentum_buffer", buffer, param)
+            self.buffers.append(buffer)
 
-    def commit() -> None:
-        if options["momentum"] != 0:
-            for param, buffer in zip(params, result, strict=True):
-                if param.grad is not None:
-                    state[param]["momentum_buffer"] = buffer
+    @staticmethod
+    def config(group: dict) -> SgdConfig:
+        return SgdConfig(lr=float(group["lr"]), momentum=float(group["momentum"]),
+                         dampening=float(group["dampening"]), weight_decay=float(group["weight_decay"]),
+                         nesterov=bool(group["nesterov"]), maximize=bool(group["maximize"]))
 
-    return PendingStep(launch, commit)
+    def run(self, backend, params, backups, grads, config: SgdConfig, grad_multiplier, found_inf) -> None:
+        backend.restore_sgd_step_(params, backups, grads, self.buffers, self.first_step, config,
+                                  grad_multiplier, found_inf)
 
-
-def _adam_state(param: torch.Tensor, state: dict, amsgrad: bool) -> dict:
-    """``param``'s Adam state as the fused op needs it: a copy of the entry, the missing tensors created
-    the way torch's fused Adam does (step on the param's device), the existing ones checked."""
-    entry = dict(state[param]) if param in state else {}
-    if "step" not in entry:
-        entry["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
-        entry["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-        entry["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-    step = entry["step"]
-    if not isinstance(step, torch.Tensor) or step.dtype != torch.float32 or step.device != param.device:
-        # NOTE: torch's non-fused Adam keeps a CPU (or float64) step; the fused op needs float32 on the
-        # parameter's device. Moving it once is harmless to torch, which reads either kind.
-        entry["step"] = torch.as_tensor(step, dtype=torch.float32).to(param.device)
-    if amsgrad and "max_exp_avg_sq" not in entry:
-        entry["max_exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-    _check_state("step", entry["step"], param, torch.float32)
-    for key in ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ()):
-        if key not in entry:
-            raise ValueError(f"optimizer state of a parameter of shape {tuple(param.shape)} lacks "
-                             f"'{key}'; the state dict loaded does not belong to this optimizer")
-        _check_state(key, entry[key], param)
-    return entry
+    def commit(self, state: dict) -> None:
+        for index in self.created:
+            state[self.params[index]]["momentum_buffer"] = self.buffers[index]
+            self.first_step[index] = 0
+        self.created = []
 
 
-def prepare_adam_step(group: dict, params: Sequence[torch.Tensor], backups: Sequence[torch.Tensor],
-                      state: dict) -> PendingStep:
-    """Restore ``params`` from ``backups`` and take torch's Adam (AdamW) step with ``group``'s options."""
-    amsgrad = group["amsgrad"]
-    options = {"lr": group["lr"], "betas": group["betas"], "eps": group["eps"],
-               "weight_decay": group["weight_decay"],
-               "decoupled_weight_decay": group.get("decoupled_weight_decay", False), "amsgrad": amsgrad,
-               "maximize": group["maximize"]}
-    entries = [_adam_state(p, state, amsgrad) if p.grad is not None else None for p in params]
+class AdamGroupState:
+    """``torch.optim.Adam``/``AdamW``'s state of one group, as the fused restore-and-step takes it:
+    missing entries are created the way torch's fused Adam creates them (the step on the parameter's
+    device) and stored by ``commit`` once the step ran; existing ones are checked."""
 
-    def column(key: str) -> list:
-        return [entry[key] if entry is not None else None for entry in entries]
+    def __init__(self, group: dict, params: Sequence[torch.Tensor], state: dict) -> None:
+        self.params = list(params)
+        self.amsgrad = bool(group["amsgrad"])
+        self.pending: list[tuple[torch.Tensor, dict]] = []
+        columns: dict[str, list] = {"exp_avg": [], "exp_avg_sq": [], "max_exp_avg_sq": [], "step": []}
+        for param in params:
+            entry = self._entry(param, state)
+            for key, column in columns.items():
+                if key != "max_exp_avg_sq" or self.amsgrad:
+                    column.append(entry[key])
+        self.exp_avgs, self.exp_avg_sqs = columns["exp_avg"], columns["exp_avg_sq"]
+        self.max_exp_avg_sqs = columns["max_exp_avg_sq"] if self.amsgrad else None
+        self.steps = columns["step"]
 
-    def launch(**scalars) -> None:
-        ops.restore_adam_step_(
-            params, backups, column("exp_avg"), column("exp_avg_sq"),
-            column("max_exp_avg_sq") if amsgrad else None, column("step"), **options, **scalars)
+    def _entry(self, param: torch.Tensor, state: dict) -> dict:
+        current = state.get(param, {})
+        entry = dict(current)
+        if "step" not in entry:
+            entry["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
+            entry["exp_avg"] = torch.zeros_like(param, memory_format=torch.contiguous_format)
+            entry["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.contiguous_format)
+        step = entry["step"]
+        if not isinstance(step, torch.Tensor) or step.dtype != torch.float32 or step.device != param.device:
+            # NOTE: torch's non-fused Adam keeps a CPU (or float64) step; the fused op needs float32 on
+            # the parameter's device. Moving it once is harmless to torch, which reads either kind.
+            entry["step"] = torch.as_tensor(step, dtype=torch.float32).to(param.device)
+        if self.amsgrad and "max_exp_avg_sq" not in entry:
+            entry["max_exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.contiguous_format)
+        _check_state("step", entry["step"], param, torch.float32)
+        for key in ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if self.amsgrad else ()):
+            if key not in entry:
+                raise ValueError(f"optimizer state of a parameter of shape {tuple(param.shape)} lacks "
+                                 f"'{key}'; the state dict loaded does not belong to this optimizer")
+            _check_state(key, entry[key], param)
+        if any(current.get(key) is not value for key, value in entry.items()):
+            self.pending.append((param, entry))
+        return entry
 
-    def commit() -> None:
-        for param, entry in zip(params, entries, strict=True):
-            if entry is not None:
-                state[param].update(entry)
+    @staticmethod
+    def config(group: dict) -> AdamConfig:
+        beta1, beta2 = group["betas"]
+        return AdamConfig(lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2),
+                          eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
+                          decoupled=bool(group.get("decoupled_weight_decay", False)),
+                          amsgrad=bool(group["amsgrad"]), maximize=bool(group["maximize"]))
 
-    return PendingStep(launch, commit)
+    def run(self, backend, params, backups, grads, config: AdamConfig, grad_multiplier, found_inf) -> None:
+        if config.amsgrad != self.amsgrad:
+            raise RuntimeError("amsgrad changed without a new step plan")
+        ops.advance_adam_steps_(self.steps, found_inf)
+        backend.restore_adam_step_(params, backups, grads, self.exp_avgs, self.exp_avg_sqs,
+                                   self.max_exp_avg_sqs, self.steps, config, grad_multiplier, found_inf)
+
+    def commit(self, state: dict) -> None:
+        for param, entry in self.pending:
+            state[param].update(entry)
+        self.pending = []

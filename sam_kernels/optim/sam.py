@@ -12,23 +12,17 @@ import math
 import numbers
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-try:
-    from torch.distributed.tensor import DTensor
-except ImportError:  # a torch build without torch.distributed: no sharded parameters
-
-    class DTensor:  # type: ignore[no-redef]
-        """Placeholder: nothing is an instance."""
-
-from .. import backends, ops
-from ..backends.common import SUPPORTED_DTYPES, first_overlap
+from .. import backends
+from ..backends.common import SUPPORTED_DTYPES, PerturbConfig, first_overlap
 from . import amp, fused_steps
 from .bn import freeze_bn_stats
+from .plan import StepPlan, local_tensor
 
 #: SAM options that may differ between param groups (the rest are optimizer-wide): keyword name -> key in
 #: the param groups. NOTE (option names): the param groups are the base optimizer's own dicts, so SAM's
@@ -112,7 +106,7 @@ def _check_distinct(groups: list[dict]) -> None:
     params, names = [], []
     for group_index, group in enumerate(groups):
         for position, param in enumerate(group["params"]):
-            params.append(_local(param))
+            params.append(local_tensor(param))
             names.append(f"param_groups[{group_index}]['params'][{position}]")
     pair = first_overlap(params)
     if pair is not None:
@@ -230,20 +224,11 @@ def _default_seed() -> int:
     return torch.initial_seed()
 
 
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """The local shard of a DTensor (FSDP2 parameters and gradients), else the tensor itself.
-
-    NOTE: the shard is a view of the storage FSDP2 all-gathers from, so writing it in place perturbs
-    and restores the parameter without swapping any storage.
-    """
-    return tensor._local_tensor if isinstance(tensor, DTensor) else tensor
-
-
-def _local_tensors(params: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
-    """Local parameters and their gradients for the ops (None: the ops read ``.grad`` themselves)."""
-    if not any(isinstance(p, DTensor) for p in params):
-        return params, None
-    return [_local(p) for p in params], [_local(p.grad) if p.grad is not None else None for p in params]
+def _select(items: list, mask: list[bool] | None) -> list:
+    """The items where ``mask`` is True (all of them for no mask)."""
+    if mask is None:
+        return items
+    return [item for item, keep in zip(items, mask, strict=True) if keep]
 
 
 # ----------------------------------------------------------------------------------- optimizer
@@ -270,14 +255,18 @@ class _RunState:
 class _Ascent:
     """What ``first_step`` leaves for ``second_step``."""
 
-    #: Parameters moved to w + e; their backups hold w.
-    perturbed: list[torch.Tensor]
+    #: The step plan of the ascent.
+    plan: StepPlan
+    #: Per planned parameter, whether it was perturbed (None: every one was).
+    kept: list[bool] | None
     #: Global norm of the plain ascent gradient (the target norm of SSAM's renormalization).
     grad_norm: torch.Tensor
     #: 1.0 when the ascent gradient was not finite (the weights were then left unperturbed).
     nonfinite: torch.Tensor
     #: The enabled GradScaler of the ascent (``first_step(grad_scaler=...)``), else None.
     grad_scaler: Any = None
+    #: (local params, backups) of each perturb call made: what a restore puts back.
+    perturbed: list = field(default_factory=list)
 
 
 class SAM(torch.optim.Optimizer):
@@ -353,6 +342,8 @@ class SAM(torch.optim.Optimizer):
         self.backend = backend
         self._backups: dict[torch.Tensor, torch.Tensor] = {}
         self._run = _RunState()
+        self._plan: StepPlan | None = None
+        self._plan_generation = 0
         self.ascent_context: Callable[[], contextlib.AbstractContextManager] | None = None
         self.capturable = capturable
         backends.resolve(self._device(), backend)
@@ -378,6 +369,7 @@ class SAM(torch.optim.Optimizer):
             _check_group(self.param_groups[-1], len(self.param_groups) - 1)
             return
         _adopt_group_options(param_group, base.defaults, self.defaults)
+        self.invalidate_plan()
         base.add_param_group(param_group)
         try:
             _check_group(self.param_groups[-1], len(self.param_groups) - 1)
@@ -425,6 +417,7 @@ class SAM(torch.optim.Optimizer):
             self._share_base()
             raise
         self.seed, self._run.step = seed, step
+        self.invalidate_plan()
         if self.capturable and self._run.device_step is not None:
             self._run.device_step.fill_(self._run.step)  # keeps its address for captured graphs
         else:
@@ -432,8 +425,9 @@ class SAM(torch.optim.Optimizer):
 
     def __getstate__(self) -> dict[str, Any]:
         # NOTE: torch.optim.Optimizer pickles only defaults, state and param_groups; SAM also needs its
-        # base optimizer and options (copy.deepcopy and pickling go through here).
-        return dict(self.__dict__)
+        # base optimizer and options (copy.deepcopy and pickling go through here). The step plan holds
+        # a backend module and is rebuilt at the next step.
+        return {**self.__dict__, "_plan": None}
 
     # ------------------------------------------------------------------------- training loops
 
@@ -486,14 +480,14 @@ class SAM(torch.optim.Optimizer):
             raise RuntimeError("first_step(): called twice; a SAM step is first_step() then "
                                "second_step()")
         scaler = grad_scaler if amp.scaler_enabled(grad_scaler) else None
-        entries = self._params_with_grad(exclude=self._excluded_from_ascent())
-        perturbed = [param for _, items in entries for _, param in items]
-        norm, nonfinite = self._ascent_norm(entries)
+        plan, grads = self._current_plan()
+        kept = self._kept_in_ascent(plan)
+        norm, nonfinite = self._ascent_norm(plan, grads, kept)
         plain_norm = norm
-        if self.renormalize and any(group["sam_adaptive"] for group, items in entries if items):
-            plain_norm = self._norm(perturbed)[0]
+        if self.renormalize and any(g.group["sam_adaptive"] for g in plan.groups):
+            plain_norm = self._norm(plan, _select(grads, kept))[0]
         if scaler is not None:
-            scale = amp.current_scale(scaler, self._device())
+            scale = amp.current_scale(scaler, plan.device)
             inv_scale = amp.inverse(scale)
             plain_norm = plain_norm * inv_scale
             if self.normalize_ascent:
@@ -501,25 +495,31 @@ class SAM(torch.optim.Optimizer):
                 # norm_S + (S - 1) * eps makes it rho / (||g|| + eps) * g, the unscaled ascent. A
                 # non-finite norm stays non-finite, so the op still leaves the weights untouched.
                 norm = norm + (scale - 1.0) * self.eps
-            elif perturbed:
-                torch._foreach_mul_([p.grad for p in perturbed], inv_scale)
+            elif grads:
+                torch._foreach_mul_(_select(grads, kept), inv_scale)
         # NOTE (atomic ascent): the ascent is recorded before the first perturbation, so that an error
         # in a later group's op puts the groups already perturbed back to w (``_restoring_on_error``).
-        self._run.ascent = _Ascent([], plain_norm, nonfinite, scaler)
-        with self._restoring_on_error():
-            for group, items in entries:
-                if not items:
-                    continue
-                params = [param for _, param in items]
-                local, grads = _local_tensors(params)
-                backups = [self._backup(p) for p in params]
-                ops.perturb_(local, backups, norm, grads=grads, eps=self.eps,
-                             normalize=self.normalize_ascent, adaptive=group["sam_adaptive"],
-                             adaptive_eta=group["sam_adaptive_eta"], seed=self.seed,
-                             step=self._rng_step(params[0].device),
-                             tensor_indices=[position for position, _ in items], backend=self.backend,
-                             **self._perturb_options(group))
-                self._run.ascent.perturbed.extend(params)
+        ascent = self._run.ascent = _Ascent(plan, kept, plain_norm, nonfinite, scaler)
+        if plan.params:
+            step = self._rng_step(plan.device)
+            with self._restoring_on_error():
+                for group_plan in plan.groups:
+                    rows = slice(group_plan.start, group_plan.stop)
+                    params, backups = plan.local[rows], plan.backups[rows]
+                    group_grads, positions = grads[rows], group_plan.positions
+                    if kept is not None:
+                        mask = kept[rows]
+                        params, backups = _select(params, mask), _select(backups, mask)
+                        group_grads, positions = _select(group_grads, mask), _select(positions, mask)
+                        if not params:
+                            continue
+                    group = group_plan.group
+                    config = PerturbConfig(eps=self.eps, normalize=self.normalize_ascent,
+                                           adaptive=bool(group["sam_adaptive"]),
+                                           adaptive_eta=float(group["sam_adaptive_eta"]), seed=self.seed,
+                                           **self._perturb_options(group))
+                    plan.backend.perturb_(params, group_grads, backups, positions, norm, step, config)
+                    ascent.perturbed.append((params, backups))
         if zero_grad:
             self._clear_grads()
 
@@ -573,15 +573,24 @@ class SAM(torch.optim.Optimizer):
     def _descend_from(self, ascent: _Ascent, grad_scale: torch.Tensor | None,
                       scaler_found_inf: torch.Tensor | None) -> None:
         """The descent proper: the second gradients' norm and flag, then the fused or generic step."""
-        device = self._device()
-        descent = [param for _, items in self._params_with_grad() for _, param in items]
+        plan, kept = ascent.plan, ascent.kept
+        grads = plan.grads()
+        if grads is None or plan is not self._plan:
+            # NOTE: the gradient set changed between the passes (rare): put w back first, then descend
+            # with a plan of the current gradients from unperturbed weights.
+            self._restore(ascent)
+            plan, grads = self._current_plan()
+            kept = [False] * len(plan.params)
+        else:
+            plan.check_grads(grads)
+        device = plan.device
         inv_scale = amp.inverse(grad_scale.to(device)) if grad_scale is not None else None
         norm = None
         if scaler_found_inf is not None and not self.renormalize:
             # NOTE: the scaler has just checked every gradient of this optimizer; no second norm pass.
             nonfinite = scaler_found_inf.to(device=device, dtype=torch.float32)
         else:
-            norm, nonfinite = self._norm(descent)
+            norm, nonfinite = self._norm(plan, grads)
             if scaler_found_inf is not None:
                 nonfinite = torch.maximum(nonfinite, scaler_found_inf.to(device=device,
                                                                           dtype=torch.float32))
@@ -595,11 +604,10 @@ class SAM(torch.optim.Optimizer):
                 multiplier = multiplier * inv_scale
         if ascent.grad_scaler is not None:
             amp.record_found_inf(ascent.grad_scaler, self, found_inf)
-        kind = self._descent_kind()
-        if kind is None:
-            self._generic_descent(ascent, descent, found_inf, multiplier)
+        if plan.kind is None:
+            self._generic_descent(ascent, plan, found_inf, multiplier)
         else:
-            self._fused_descent(kind, ascent, found_inf, multiplier)
+            self._fused_descent(plan, grads, kept, found_inf, multiplier)
 
     # -------------------------------------------------------------- hooks for the variants
 
@@ -644,32 +652,58 @@ class SAM(torch.optim.Optimizer):
                              "one cannot run) or fused=False")
         return None
 
-    def _params_with_grad(self, exclude: set[torch.Tensor] = frozenset()):
-        """Per group, ``(group, [(global position, param), ...])`` of the params holding a gradient."""
-        entries, offset = [], 0
-        for group_index, group in enumerate(self.param_groups):
-            items = []
-            for index, param in enumerate(group["params"]):
-                if param.grad is None or param in exclude:
-                    continue
-                if param.grad.layout != torch.strided:
-                    raise ValueError(f"param_groups[{group_index}]['params'][{index}]: sparse gradient; "
-                                     "SAM needs dense gradients (e.g. nn.Embedding(sparse=False))")
-                items.append((offset + index, param))
-            entries.append((group, items))
-            offset += len(group["params"])
-        return entries
+    def _plan_key(self) -> tuple:
+        """What a step plan depends on besides the parameters' storage and the gradient set (see
+        plan.py): cheap to compute, O(param groups)."""
+        kind = self._descent_kind()
+        return (self._plan_generation, id(self.param_groups), id(self.state),
+                tuple(len(group["params"]) for group in self.param_groups), kind,
+                fused_steps.structure(kind, self.param_groups))
 
-    def _norm(self, params: list[torch.Tensor], **options) -> tuple[torch.Tensor, torch.Tensor]:
-        """``ops.grad_norm`` with zeros on the parameters' device when ``params`` is empty; over the
+    def _current_plan(self) -> tuple[StepPlan, list[torch.Tensor]]:
+        """The step plan (rebuilt when stale) and the current local gradients of its parameters."""
+        base = self.base_optimizer
+        if self.param_groups is not base.param_groups or self.state is not base.state:
+            # NOTE: the base optimizer's own load_state_dict (called directly) rebinds its group list
+            # and state dict; share them again, with SAM's options filled in and checked.
+            self._share_base()
+            for index, group in enumerate(self.param_groups):
+                _adopt_group_options(group, base.defaults, self.defaults)
+                _check_group(group, index)
+        key = self._plan_key()
+        plan = self._plan
+        if plan is not None and plan.is_current(key):
+            grads = plan.grads()
+            if grads is not None:
+                plan.check_grads(grads)
+                return plan, grads
+        plan = self._plan = StepPlan(self, key, key[4])
+        return plan, plan.grads()
+
+    def invalidate_plan(self) -> None:
+        """Rebuild the step plan at the next step. Only needed after replacing entries of ``state`` by
+        hand; every other change (param groups, parameters' storage, gradients, loaded state) is seen."""
+        self._plan_generation += 1
+        self._plan = None
+
+    def _kept_in_ascent(self, plan: StepPlan) -> list[bool] | None:
+        """Per planned parameter whether it takes part in the ascent (None: all do)."""
+        excluded = self._excluded_from_ascent()
+        if not excluded:
+            return None
+        ids = {id(p) for p in excluded}
+        return [id(p) not in ids for p in plan.params]
+
+    def _norm(self, plan: StepPlan, grads: list[torch.Tensor], weights: list[torch.Tensor] | None = None,
+              adaptive_eta: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Global norm and non-finite flag of ``grads`` (zeros on the device when empty); over the
         local shards and all-reduced when the parameters are sharded (FSDP2)."""
-        group = self._shard_group()
-        if not params:
-            norm = torch.zeros((), dtype=torch.float32, device=self._device())
-            nonfinite = norm.clone()
+        if grads:
+            norm, nonfinite = plan.backend.grad_norm(grads, weights, adaptive_eta)
         else:
-            local, grads = _local_tensors(params)
-            norm, nonfinite = ops.grad_norm(local, grads, backend=self.backend, **options)
+            norm = torch.zeros((), dtype=torch.float32, device=plan.device)
+            nonfinite = norm.clone()
+        group = self._shard_group() if plan.sharded else None
         if group is None:
             return norm, nonfinite
         # NOTE: every rank holds a shard of every parameter, so every rank takes part in each call.
@@ -690,17 +724,26 @@ class SAM(torch.optim.Optimizer):
                 return mesh.get_group() if mesh.ndim == 1 else dist.group.WORLD
         return None
 
-    def _ascent_norm(self, entries) -> tuple[torch.Tensor, torch.Tensor]:
+    def _ascent_norm(self, plan: StepPlan, grads: list[torch.Tensor],
+                     kept: list[bool] | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Global norm of the ascent gradients, each group weighted by its own ASAM options."""
-        parts: dict[tuple[bool, float], list[torch.Tensor]] = defaultdict(list)
-        for group, items in entries:
-            adaptive = group["sam_adaptive"]
-            key = (adaptive, float(group["sam_adaptive_eta"]) if adaptive else 0.0)
-            parts[key].extend(param for _, param in items)
-        results = [self._norm(params, adaptive=adaptive, adaptive_eta=eta)
-                   for (adaptive, eta), params in parts.items() if params]
+        keys = [(bool(g.group["sam_adaptive"]),
+                 float(g.group["sam_adaptive_eta"]) if g.group["sam_adaptive"] else 0.0)
+                for g in plan.groups]
+        if kept is None and len(set(keys)) <= 1:  # the usual case: one call over the plan's lists
+            adaptive, eta = keys[0] if keys else (False, 0.0)
+            return self._norm(plan, grads, plan.local if adaptive else None, eta)
+        parts: dict[tuple[bool, float], tuple[list, list]] = defaultdict(lambda: ([], []))
+        for key, group_plan in zip(keys, plan.groups, strict=True):
+            rows = slice(group_plan.start, group_plan.stop)
+            mask = kept[rows] if kept is not None else None
+            part_grads, part_weights = parts[key]
+            part_grads.extend(_select(grads[rows], mask))
+            part_weights.extend(_select(plan.local[rows], mask))
+        results = [self._norm(plan, part_grads, part_weights if adaptive else None, eta)
+                   for (adaptive, eta), (part_grads, part_weights) in parts.items() if part_grads]
         if len(results) <= 1:
-            return results[0] if results else self._norm([])
+            return results[0] if results else self._norm(plan, [])
         total = torch.stack([norm for norm, _ in results]).square().sum().sqrt()
         flags = torch.stack([flag for _, flag in results] + [(~torch.isfinite(total)).float()])
         return total, flags.amax()
@@ -709,7 +752,7 @@ class SAM(torch.optim.Optimizer):
         """The backup buffer of ``param`` (allocated once, reallocated if the parameter changed); of its
         local shard for a DTensor."""
         backup = self._backups.get(param)
-        local = _local(param)
+        local = local_tensor(param)
         if (backup is None or backup.shape != local.shape or backup.dtype != local.dtype
                 or backup.device != local.device):
             backup = torch.empty_like(local, memory_format=torch.contiguous_format)
@@ -721,41 +764,41 @@ class SAM(torch.optim.Optimizer):
             self._run.device_step = torch.tensor(self._run.step, dtype=torch.int64, device=device)
         return self._run.device_step
 
-    def _fused_descent(self, kind: str, ascent: _Ascent, found_inf: torch.Tensor,
-                       multiplier: torch.Tensor | None) -> None:
-        prepare = fused_steps.fused_step(kind)
-        perturbed = set(ascent.perturbed)
-        pending = []
-        # NOTE (atomic descent): every group is prepared (options read, state gathered and checked
-        # against its parameter) before any kernel runs, and new state entries are stored only after
-        # every group ran, so a bad group or state tensor raises with nothing written.
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None or p in perturbed]
-            if not params:
-                continue
-            # NOTE: a parameter that was not perturbed (no ascent gradient, or dropped by ESAM's SWP)
-            # is its own backup: "w = backup" then reads the current weight, elementwise, before the
-            # same element is written.
-            backups = [self._backups[p] if p in perturbed else p for p in params]
-            pending.append(prepare(group, params, backups, self.state))
-        for step in pending:
-            step.run(grad_multiplier=multiplier, found_inf=found_inf, backend=self.backend)
-        for step in pending:
-            step.commit()
+    def _fused_descent(self, plan: StepPlan, grads: list[torch.Tensor], kept: list[bool] | None,
+                       found_inf: torch.Tensor, multiplier: torch.Tensor | None) -> None:
+        # NOTE: a parameter that was not perturbed (no ascent gradient, or dropped by ESAM's SWP) is its
+        # own backup: "w = backup" then reads the current weight, elementwise, before the same element
+        # is written.
+        backups = plan.backups if kept is None else [
+            backup if keep else param for backup, param, keep in zip(plan.backups, plan.local, kept,
+                                                                      strict=True)]
+        # NOTE (atomic descent): the state was gathered and checked when the plan was built and every
+        # group's options are read here, before any kernel runs; state the step created is stored
+        # only after every group ran.
+        configs = [group_plan.state.config(group_plan.group) for group_plan in plan.groups]
+        for group_plan, config in zip(plan.groups, configs, strict=True):
+            rows = slice(group_plan.start, group_plan.stop)
+            group_plan.state.run(plan.backend, plan.local[rows], backups[rows], grads[rows], config,
+                                 multiplier, found_inf)
+        for group_plan in plan.groups:
+            group_plan.state.commit(self.state)
 
-    def _generic_descent(self, ascent: _Ascent, descent: list[torch.Tensor], found_inf: torch.Tensor,
+    def _generic_descent(self, ascent: _Ascent, plan: StepPlan, found_inf: torch.Tensor,
                          multiplier: torch.Tensor | None) -> None:
-        if ascent.perturbed:
-            ops.restore_(_local_tensors(ascent.perturbed)[0],
-                         [self._backups[p] for p in ascent.perturbed],
-                         backend=self.backend)
-        if multiplier is not None and descent:
-            torch._foreach_mul_([p.grad for p in descent], multiplier)
+        self._restore(ascent)
+        if multiplier is not None and plan.params:
+            torch._foreach_mul_([p.grad for p in plan.params], multiplier)
         # NOTE (host sync): the base optimizer's own step takes no device flag, so skipping it on a
         # non-finite gradient reads the flag on the host, once per step, as torch's GradScaler does.
         # This is the generic path's only sync; the fused path has none.
         if found_inf.item() == 0:
             self.base_optimizer.step()
+
+    def _restore(self, ascent: _Ascent) -> None:
+        """w = backup for every parameter the ascent perturbed (idempotent: the backups hold w until the
+        next ascent)."""
+        for params, backups in ascent.perturbed:
+            ascent.plan.backend.restore_(params, backups)
 
     def _clear_grads(self) -> None:
         """``zero_grad()`` (gradients set to None) without torch.optim's profiler wrapper, which
@@ -771,10 +814,9 @@ class SAM(torch.optim.Optimizer):
         descent too: a restore already done (generic path) or a weight already stepped is set to w again.
         """
         ascent, self._run.ascent = self._run.ascent, None
-        if ascent is not None and ascent.perturbed:
+        if ascent is not None:
             with torch.no_grad():
-                ops.restore_(_local_tensors(ascent.perturbed)[0],
-                             [self._backups[p] for p in ascent.perturbed], backend=self.backend)
+                self._restore(ascent)
 
     @contextlib.contextmanager
     def _restoring_on_error(self) -> Iterator[None]:

@@ -1,0 +1,167 @@
+"""The step plan is rebuilt on every change it depends on: each trigger is applied between steps, and the
+trajectory that follows must equal the one of a freshly built optimizer loaded from a checkpoint of the
+same moment (a stale plan would write into old storage, skip a parameter or misread the state)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from sam_kernels.optim import ESAM, SAM
+
+from .eager import assert_models_equal, make_batches, make_model
+from .test_sam import two_call_step
+
+OPTIMIZERS = {
+    "sgd": lambda params, backend: SAM(params, torch.optim.SGD, lr=0.05, momentum=0.9, backend=backend,
+                                       seed=3),
+    "adamw": lambda params, backend: SAM(params, torch.optim.AdamW, lr=0.01, backend=backend, seed=3),
+    "rmsprop": lambda params, backend: SAM(params, torch.optim.RMSprop, lr=0.01, backend=backend, seed=3),
+    "esam": lambda params, backend: ESAM(params, torch.optim.SGD, lr=0.05, momentum=0.9, beta=0.5,
+                                         gamma=1.0, backend=backend, seed=3),
+}
+
+
+def continue_against_fresh(model, optimizer, make, backend, steps: int = 2, count: int | None = None):
+    """Train ``model`` on with ``optimizer`` and, side by side, a deep copy with a fresh optimizer (over
+    the first ``count`` parameters, default all) loaded from ``optimizer``'s state dict; both must end
+    bit for bit equal."""
+    model.zero_grad()  # deepcopy drops gradients; parameters outside the optimizer may hold some
+    fresh_model = copy.deepcopy(model)
+    fresh = make(list(fresh_model.parameters())[:count], backend)
+    fresh.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    for x, y in make_batches(steps, seed=21):
+        two_call_step(optimizer, model, x, y)
+        two_call_step(fresh, fresh_model, x, y)
+    assert_models_equal(model, fresh_model)
+    return fresh_model
+
+
+def replace_storage(model):
+    """``.data`` of every parameter replaced by a copy in new storage (what ``model.to`` does)."""
+    for p in model.parameters():
+        p.data = p.data.clone()
+
+
+def reshape_last_layer(model):
+    """The last layer's parameters replaced by ones of another shape (and storage)."""
+    layer = model[3]
+    layer.weight.data = torch.randn(3, 10).mul_(0.1)
+    layer.bias.data = torch.randn(3)
+
+
+TRIGGERS = {"storage": replace_storage, "shape": reshape_last_layer}
+
+
+@pytest.mark.parametrize("trigger", TRIGGERS)
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_parameter_change_rebuilds_the_plan(backend, name, trigger):
+    make = OPTIMIZERS[name]
+    model = make_model()
+    optimizer = make(model.parameters(), backend)
+    for x, y in make_batches(2):
+        two_call_step(optimizer, model, x, y)
+    if trigger != "storage":
+        optimizer.state.clear()  # state of the old shapes cannot carry over
+    TRIGGERS[trigger](model)
+    before = [p.detach().clone() for p in model.parameters()]
+    continue_against_fresh(model, optimizer, make, backend)
+    assert not all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_gradient_set_change_rebuilds_the_plan(backend, name):
+    """A parameter without a gradient for two steps, then with one (and the reverse)."""
+    make = OPTIMIZERS[name]
+    model = make_model()
+    optimizer = make(model.parameters(), backend)
+    head = list(model[3].parameters())
+    for p in head:
+        p.requires_grad_(False)
+    for x, y in make_batches(2):
+        two_call_step(optimizer, model, x, y)
+    for p in head:
+        p.requires_grad_(True)
+    fresh_model = continue_against_fresh(model, optimizer, make, backend)
+    for p in list(model[0].parameters()) + list(fresh_model[0].parameters()):
+        p.requires_grad_(False)
+    continue_against_fresh(model, optimizer, make, backend)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_state_and_groups_changes_rebuild_the_plan(backend, name):
+    """A state dict loaded into the base optimizer directly (a new state object), a param group added,
+    and a group's hyper-parameters edited (read at every step)."""
+    make = OPTIMIZERS[name]
+    model = make_model()
+    params = list(model.parameters())
+    optimizer = make(params[:2], backend)
+    for x, y in make_batches(2):
+        two_call_step(optimizer, model, x, y)
+    checkpoint = copy.deepcopy(optimizer.base_optimizer.state_dict())
+    for x, y in make_batches(1, seed=5):
+        two_call_step(optimizer, model, x, y)
+    optimizer.base_optimizer.load_state_dict(checkpoint)
+    continue_against_fresh(model, optimizer, make, backend, count=2)
+    optimizer.add_param_group({"params": params[2:]})
+    optimizer.param_groups[0]["lr"] *= 0.5
+    model.zero_grad()
+    fresh_model = copy.deepcopy(model)
+    fresh = make(list(fresh_model.parameters())[:2], backend)
+    fresh.add_param_group({"params": list(fresh_model.parameters())[2:]})
+    fresh.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    for x, y in make_batches(2, seed=7):
+        two_call_step(optimizer, model, x, y)
+        two_call_step(fresh, fresh_model, x, y)
+    assert_models_equal(model, fresh_model)
+
+
+def test_a_step_reuses_the_plan(backend):
+    """No trigger, no rebuild: the plan object survives steps (and LR changes)."""
+    model = make_model()
+    optimizer = OPTIMIZERS["sgd"](model.parameters(), backend)
+    batches = make_batches(4)
+    two_call_step(optimizer, model, *batches[0])
+    plan = optimizer._plan
+    for x, y in batches[1:]:
+        optimizer.param_groups[0]["lr"] *= 0.9
+        two_call_step(optimizer, model, x, y)
+    assert optimizer._plan is plan
+    optimizer.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))]})
+    assert optimizer._plan is None
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_dtype_change_rebuilds_the_plan(backend, name):
+    """Parameters cast to bfloat16 between steps (``model.to(torch.bfloat16)`` does this)."""
+    make = OPTIMIZERS[name]
+    generator = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(shape, generator=generator)) for shape in [(4, 3), (3,), (5,)]]
+    targets = [torch.randn(p.shape, generator=generator) for p in params]
+
+    def run(weights, optimizer, steps):
+        for _ in range(steps):
+            for _ in range(2):
+                sum(((w.float() - t) ** 2 * (1 + w.float() ** 2)).sum() for w, t in zip(weights, targets))\
+                    .backward()
+                if optimizer._run.ascent is None:
+                    optimizer.first_step(zero_grad=True)
+                else:
+                    optimizer.second_step(zero_grad=True)
+
+    optimizer = make(params, backend)
+    run(params, optimizer, 2)
+    optimizer.state.clear()
+    for p in params:
+        p.data = p.data.to(torch.bfloat16)
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    fresh = make(twins, backend)
+    fresh.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    before = [p.detach().clone() for p in params]
+    run(params, optimizer, 2)
+    run(twins, fresh, 2)
+    assert all(p.dtype == torch.bfloat16 for p in params)
+    assert all(torch.equal(a, b) for a, b in zip(params, twins, strict=True))
+    assert not all(torch.equal(p, b) for p, b in zip(params, before, strict=True))

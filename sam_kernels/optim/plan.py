@@ -1,0 +1,179 @@
+"""The step plan: what a SAM step needs, resolved once per parameter set instead of on every step.
+
+A plan holds the parameters that have a gradient (in the optimizer's global order, grouped by param
+group), their local tensors (the shards of FSDP2 DTensors), their global tensor indices (the mask
+contract), their backups, the resolved backend and, for the fully fused descent, the base optimizer's
+state tensors gathered and checked. A step then collects the current gradients in one pass and hands
+prebuilt lists to the backend: no op-layer validation, no backend resolution, no environment read.
+
+NOTE (invalidation): a plan is rebuilt when anything it holds may have changed:
+  * the param groups: ``add_param_group`` and ``load_state_dict`` bump the optimizer's plan generation,
+    and the plan key holds the group list's identity and each group's parameter count;
+  * a parameter's identity, shape, dtype, device or storage (``model.to``, replacing ``.data``, FSDP2
+    resharding): the data pointers of the local tensors are compared at every ascent (one C-level
+    pass); shape, dtype and device do not change without a new storage;
+  * the set of parameters holding a gradient: checked while the gradients are collected;
+  * the optimizer state tensors: created by the fused step (the generation is bumped after they are
+    stored) or loaded (``load_state_dict``, or a new state dict object); an entry replaced by hand in
+    ``optimizer.state`` is not seen: call ``optimizer.invalidate_plan()`` after doing that;
+  * the options that decide the fused kernels' operand lists (SGD momentum on or off, AMSGrad): in the
+    key.
+Hyper-parameters (lr, rho, betas, ...) are read from the param groups at every step, so LR schedulers and
+edits of a group's options act at once.
+
+NOTE (gradients): torch checks every ``.grad`` assignment against its parameter's shape, dtype and
+device, so a gradient collected for a planned parameter can only differ from it in layout; the plan
+checks contiguity (a C-level pass) and runs the full, named checks only when that fails.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .. import backends
+from ..backends.common import SUPPORTED_DTYPES
+from . import fused_steps
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch build without torch.distributed: no sharded parameters
+
+    class DTensor:  # type: ignore[no-redef]
+        """Placeholder: nothing is an instance."""
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (FSDP2 parameters and gradients), else the tensor itself.
+
+    NOTE: the shard is a view of the storage FSDP2 all-gathers from, so writing it in place perturbs
+    and restores the parameter without swapping any storage.
+    """
+    return tensor._local_tensor if isinstance(tensor, DTensor) else tensor
+
+
+#: ``id(None)``: NOTE: ``id(None) in map(id, grads)`` finds a missing gradient at C speed (``None in
+#: grads`` would call each tensor's ``__eq__``).
+_NONE_ID = id(None)
+
+
+@dataclass
+class GroupPlan:
+    """The planned part of one param group: ``params[start:stop]`` of the plan."""
+
+    group: dict
+    index: int
+    start: int
+    stop: int
+    #: Global tensor indices of the group's planned parameters (the mask contract).
+    positions: list[int]
+    #: The fused descent's prepared state (``fused_steps.GroupState``), or None on the generic path.
+    state: Any = None
+
+
+class StepPlan:
+    """The resolved parameter set of one optimizer; see the module docstring for when it is rebuilt."""
+
+    def __init__(self, optimizer, key: tuple, kind: str | None) -> None:
+        self.key = key
+        self.kind = kind
+        groups = optimizer.param_groups
+        self.params: list[torch.Tensor] = []
+        self.groups: list[GroupPlan] = []
+        self.without_grad: list[torch.Tensor] = []
+        offset = 0
+        for index, group in enumerate(groups):
+            start, positions = len(self.params), []
+            for position, param in enumerate(group["params"]):
+                if param.grad is None:
+                    self.without_grad.append(param)
+                    continue
+                _check_param(param, index, position)
+                self.params.append(param)
+                positions.append(offset + position)
+            offset += len(group["params"])
+            if positions:
+                self.groups.append(GroupPlan(group, index, start, len(self.params), positions))
+        self.sharded = any(isinstance(p, DTensor) for p in self.params)
+        self.local = [local_tensor(p) for p in self.params] if self.sharded else self.params
+        self.device = self.params[0].device if self.params else optimizer._device()
+        for param in self.local[1:]:
+            if param.device != self.device:
+                raise ValueError(f"params: on {param.device} and {self.device}; SAM needs every "
+                                 "parameter on one device")
+        self.pointers = self._pointers()
+        name, _ = backends.resolve(self.device, optimizer.backend)
+        self.backend = backends.get(name)
+        self.backups = [optimizer._backup(p) for p in self.params]
+        self.check_grads(self.grads())
+        if kind is not None:
+            for group_plan in self.groups:
+                params = self.params[group_plan.start:group_plan.stop]
+                group_plan.state = fused_steps.gather_state(kind, group_plan.group, params,
+                                                            optimizer.state)
+
+    def _pointers(self) -> tuple[int, ...]:
+        if torch.compiler.is_compiling():
+            return ()  # fake tensors have no addresses; dynamo guards on the tensors themselves
+        return tuple(map(torch.Tensor.data_ptr, self.local))
+
+    def grads(self) -> list[torch.Tensor] | None:
+        """The planned parameters' current (local) gradients, or None when one of them has none or a
+        parameter left out of the plan has gained one (the plan is then stale)."""
+        grads = [p.grad for p in self.params]
+        if _NONE_ID in map(id, grads):
+            return None
+        if self.without_grad and any(p.grad is not None for p in self.without_grad):
+            return None
+        return [local_tensor(g) for g in grads] if self.sharded else grads
+
+    def is_current(self, key: tuple) -> bool:
+        """Whether the plan still describes the optimizer (the gradient set is checked by ``grads``)."""
+        return key == self.key and self._pointers() == self.pointers
+
+    def check_grads(self, grads: Sequence[torch.Tensor] | None) -> None:
+        """Dense, contiguous gradients (C-level pass); the named checks only when that fails."""
+        if grads is None:
+            return
+        try:
+            if all(map(torch.Tensor.is_contiguous, grads)):
+                return
+        except RuntimeError:  # sparse tensors have no is_contiguous
+            pass
+        for group_plan in self.groups:
+            for slot in range(group_plan.start, group_plan.stop):
+                _check_grad(grads[slot], group_plan.index,
+                            _position_in_group(group_plan.group, self.params[slot]))
+
+
+def _position_in_group(group: dict, param: torch.Tensor) -> int:
+    for position, candidate in enumerate(group["params"]):
+        if candidate is param:
+            return position
+    return -1
+
+
+def _check_param(param: torch.Tensor, group_index: int, position: int) -> None:
+    where = f"param_groups[{group_index}]['params'][{position}]"
+    local = local_tensor(param)
+    if local.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"{where}: dtype {local.dtype} is not supported; use float32, float16 or "
+                         "bfloat16")
+    if not local.is_contiguous():
+        raise ValueError(f"{where}: must be contiguous (channels_last and strided views are not "
+                         "supported); make the model's parameters contiguous "
+                         "(model.to(memory_format=torch.contiguous_format))")
+
+
+def _check_grad(grad: torch.Tensor, group_index: int, position: int) -> None:
+    where = f"param_groups[{group_index}]['params'][{position}]"
+    if grad.layout != torch.strided:
+        raise ValueError(f"{where}: sparse gradient; SAM needs dense gradients (e.g. "
+                         "nn.Embedding(sparse=False))")
+    if not grad.is_contiguous():
+        raise ValueError(f"{where}: its gradient must be contiguous; the gradient is a strided view (a "
+                         "gradient hook, a custom autograd Function or code that assigns .grad returned "
+                         "one); return or assign grad.contiguous()")
