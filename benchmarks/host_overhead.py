@@ -5,9 +5,10 @@ where kernel launches are asynchronous, that host time is what the optimizer sid
 Variants, each an iteration's optimizer work with the gradients already in place:
 
 * ``sam_kernels SAM/SSAM/ESAM [backend]``: the optimizer classes, ``first_step()`` + ``second_step()``
-  over SGD with momentum (ESAM: per-tensor SWP, beta 0.6, two-call loop with gamma 1);
+  over SGD with momentum and weight decay (ESAM: per-tensor SWP, beta 0.6, two-call loop with gamma 1);
 * ``sgd fused`` / ``sgd foreach``: one ``torch.optim.SGD`` step, the base optimizer alone;
-* ``eager SAM`` and ``foreach SAM``: the per-tensor and the foreach SAM of ``benchmarks.optimizer_step``.
+* ``eager SAM`` and ``foreach SAM``: the per-tensor and the foreach SAM.
+The variants are those of ``benchmarks.optimizer_step``.
 
 Every variant is timed ``--repeats`` times per round, the variants interleaved over ``--rounds`` rounds;
 the median over all calls is reported with its interquartile range, and each ratio is to the fused SGD
@@ -28,9 +29,6 @@ import time
 import torch
 
 from benchmarks import optimizer_step
-from sam_kernels.optim import ESAM, SAM
-
-LR, MOMENTUM, RHO = 0.01, 0.9, 0.05
 
 
 def make_params(count: int, device) -> list[torch.nn.Parameter]:
@@ -40,40 +38,20 @@ def make_params(count: int, device) -> list[torch.nn.Parameter]:
     return params
 
 
-class OptimizerClass:
-    """first_step() + second_step() of a sam_kernels optimizer; the gradients stay in place."""
-
-    def __init__(self, params, cls, backend, **options):
-        self.optimizer = cls(params, torch.optim.SGD, rho=RHO, lr=LR, momentum=MOMENTUM, backend=backend,
-                             **options)
-
-    def step(self):
-        self.optimizer.first_step()
-        self.optimizer.second_step()
-
-
-class BaseStep:
-    def __init__(self, params, **flags):
-        self.optimizer = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, **flags)
-
-    def step(self):
-        self.optimizer.step()
-
-
 def variants(device) -> dict:
-    """Name -> constructor over fresh parameters."""
+    """Name -> constructor over fresh parameters (the variants of the optimizer-side benchmark)."""
     table = {
-        "sgd fused": lambda ps: BaseStep(ps, fused=True),
-        "sgd foreach": lambda ps: BaseStep(ps, foreach=True),
+        "sgd fused": optimizer_step.FusedBaseSGD,
+        "sgd foreach": lambda ps: optimizer_step.FusedBaseSGD(ps, foreach=True),
         "eager SAM": optimizer_step.EagerSAM,
         "foreach SAM": optimizer_step.ForeachSAM,
     }
     for backend in optimizer_step.available_backends(device):
-        table[f"sam_kernels SAM [{backend}]"] = lambda ps, b=backend: OptimizerClass(ps, SAM, b)
-        table[f"sam_kernels SSAM [{backend}]"] = lambda ps, b=backend: OptimizerClass(
-            ps, SAM, b, renormalize=True)
-        table[f"sam_kernels ESAM [{backend}]"] = lambda ps, b=backend: OptimizerClass(
-            ps, ESAM, b, beta=0.6, gamma=1.0)
+        table[f"sam_kernels SAM [{backend}]"] = lambda ps, b=backend: optimizer_step.FusedSAM(ps, b)
+        table[f"sam_kernels SSAM [{backend}]"] = lambda ps, b=backend: optimizer_step.FusedSAM(
+            ps, b, renormalize=True)
+        table[f"sam_kernels ESAM [{backend}]"] = lambda ps, b=backend: optimizer_step.FusedSAM(
+            ps, b, keep=0.6)
     return table
 
 

@@ -27,7 +27,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks.shapes import PARAM_SETS, numel
-from sam_kernels import backends, ops
+from sam_kernels import backends
+from sam_kernels.optim import ESAM, SAM
 
 RHO, LR, MOMENTUM, WEIGHT_DECAY = 0.05, 0.1, 0.9, 5e-4
 ESAM_BETA = 0.6
@@ -50,14 +51,15 @@ class Variant:
 
 
 class FusedBaseSGD(Variant):
-    """torch.optim.SGD(fused=True): the base optimizer's step alone, the floor everything is compared to."""
+    """torch.optim.SGD(fused=True): the base optimizer's step alone, the floor everything is compared to
+    (``foreach=True``: torch's multi-tensor foreach step instead)."""
 
     bytes_per_element = 5
 
-    def __init__(self, params):
+    def __init__(self, params, foreach: bool = False):
         super().__init__(params)
         self.optimizer = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY,
-                                         fused=True)
+                                         fused=not foreach, foreach=foreach)
 
     def step(self):
         self.optimizer.step()
@@ -130,7 +132,9 @@ class ForeachSAM(Variant):
 
 @dataclass
 class FusedSAM(Variant):
-    """sam_kernels: norm, perturb with backup, restore fused with the SGD step; one backend."""
+    """sam_kernels' optimizer classes, first_step() + second_step(): norm, perturb with backup, restore
+    fused with the SGD step; one backend. ``renormalize``: SSAM; ``keep < 1``: ESAM's per-tensor SWP
+    with beta = keep (two-call loop, gamma 1)."""
 
     params: list
     backend: str
@@ -140,36 +144,19 @@ class FusedSAM(Variant):
     bytes_per_element: float = 10
 
     def __post_init__(self):
-        device = self.params[0].device
-        self.backups = [torch.empty_like(p) for p in self.params]
-        self.buffers = [None] * len(self.params)
-        self.step_tensor = torch.zeros((), dtype=torch.int64, device=device)
-        self.rng = random.Random(self.seed)
-        if self.renormalize:
-            self.bytes_per_element = 11
+        options = {"rho": RHO, "lr": LR, "momentum": MOMENTUM, "weight_decay": WEIGHT_DECAY,
+                   "backend": self.backend, "seed": self.seed}
         if self.keep < 1:
+            self.optimizer = ESAM(self.params, torch.optim.SGD, beta=self.keep, gamma=1.0, **options)
             self.bytes_per_element = 5 + 5 * self.keep
+        else:
+            self.optimizer = SAM(self.params, torch.optim.SGD, renormalize=self.renormalize, **options)
+            if self.renormalize:
+                self.bytes_per_element = 11
 
-    @torch.no_grad()
     def step(self):
-        grads = [p.grad for p in self.params]
-        kept = list(range(len(self.params)))
-        if self.keep < 1:
-            kept = [i for i in kept if self.rng.random() < self.keep]
-        kept_params = [self.params[i] for i in kept]
-        norm, _ = ops.grad_norm(kept_params, [grads[i] for i in kept], backend=self.backend)
-        ops.perturb_(kept_params, [self.backups[i] for i in kept], norm, rho=RHO / self.keep,
-                     step=self.step_tensor, tensor_indices=kept, backend=self.backend)
-        multiplier = None
-        if self.renormalize:
-            second_norm, _ = ops.grad_norm(self.params, grads, backend=self.backend)
-            multiplier = norm / (second_norm + 1e-12)
-        # Tensors ESAM dropped were never perturbed: their backup is the weight itself.
-        kept_set = set(kept)
-        backups = [self.backups[i] if i in kept_set else p for i, p in enumerate(self.params)]
-        self.buffers = ops.restore_sgd_step_(
-            self.params, backups, self.buffers, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY,
-            grad_multiplier=multiplier, backend=self.backend)
+        self.optimizer.first_step()
+        self.optimizer.second_step()
 
 
 def available_backends(device: torch.device) -> list[str]:

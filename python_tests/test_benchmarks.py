@@ -8,6 +8,7 @@ from tolerance import assert_close
 
 from benchmarks import optimizer_step
 from benchmarks.shapes import PARAM_SETS, numel
+from sam_kernels import backends
 
 TINY_SHAPES = [(4, 3), (7,), (1,), (33,)]
 
@@ -45,22 +46,46 @@ def test_each_variant_ends_at_the_base_step(name):
 
 
 def test_fused_variant_perturbs_before_it_restores(monkeypatch):
-    """The fused variant really applies the SAM perturbation (seen by the restore-and-step op)."""
+    """The fused variant really applies the SAM perturbation (seen by the restore-and-step kernel)."""
     params = tiny_params()
     seen = {}
-    original = optimizer_step.ops.restore_sgd_step_
+    reference = backends.get("torch")
+    original = reference.restore_sgd_step_
 
     def spy(params_, backups, *args, **kwargs):
         seen["perturbed"] = [p.detach().clone() for p in params_]
         seen["backups"] = [b.clone() for b in backups]
         return original(params_, backups, *args, **kwargs)
 
-    monkeypatch.setattr(optimizer_step.ops, "restore_sgd_step_", spy)
+    monkeypatch.setattr(reference, "restore_sgd_step_", spy)
     optimizer_step.FusedSAM(params, "torch").step()
     grads = [p.grad for p in tiny_params()]
     norm = torch.cat([g.flatten() for g in grads]).norm()
     expected = [b + optimizer_step.RHO * g / norm for b, g in zip(seen["backups"], grads)]
     assert_close(seen["perturbed"], expected)
+
+
+@pytest.mark.parametrize("name", ["sgd foreach", "sam_kernels SAM [native]", "sam_kernels ESAM [native]"])
+def test_host_overhead_variants_end_at_the_base_step(name):
+    from benchmarks import host_overhead
+
+    table = host_overhead.variants(torch.device("cpu"))
+    if name not in table:
+        pytest.skip("the native extension is not built")
+    params = tiny_params()
+    table[name](params).step()
+    assert_close([p.detach() for p in params], sgd_reference_step(), msg=name)
+
+
+def test_host_overhead_cli_writes_its_table(tmp_path, capsys):
+    from benchmarks import host_overhead
+
+    out = tmp_path / "host.json"
+    host_overhead.main(["--counts", "3", "--rounds", "1", "--repeats", "3", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert {row["variant"] for row in rows} == set(host_overhead.variants(torch.device("cpu")))
+    assert all(row["host_us"] > 0 for row in rows)
+    assert "vs fused SGD step" in capsys.readouterr().out
 
 
 def test_model_shapes_have_the_published_sizes():
