@@ -2,7 +2,7 @@
 
 ``EagerSAM`` follows the popular per-tensor PyTorch SAM (first_step / second_step, a Python loop over the
 parameters, a clone per tensor for the backup). ``EagerESAM`` follows the official ESAM code's
-semantics (REFERENCE.md section 1): per-tensor stochastic weight perturbation by switching requires_grad
+semantics (docs/algorithms.md): per-tensor stochastic weight perturbation by switching requires_grad
 off, a no-grad forward at w + e in train mode, selection with a strict ">" against the k-th largest
 sharpness (k - 1 samples), and the weights restored by subtracting e.
 """

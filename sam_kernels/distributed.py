@@ -1,6 +1,6 @@
 """SAM under torch.distributed: DDP with a per-worker or a synced ascent, and FSDP2 (``fully_shard``).
 
-DDP (REFERENCE.md section 2): by default each worker perturbs its own replica with its own gradient. The
+DDP (docs/algorithms.md): by default each worker perturbs its own replica with its own gradient. The
 first forward and backward run inside ``model.no_sync()`` (``per_worker_ascent``), so no gradient is
 all-reduced there; the second backward is the usual synced one, and since every worker restores the same
 w and steps with the same all-reduced gradient, the parameters stay identical on every rank. A globally

@@ -1,4 +1,4 @@
-"""Plain eager SAM for the integration tests, written from REFERENCE.md section 1 and torch's AMP rules:
+"""Plain eager SAM for the integration tests, written from docs/algorithms.md and torch's AMP rules:
 one tensor at a time, float64 norms, backups by copy, torch.optim's own step for the descent. Independent
 of sam_kernels.
 """

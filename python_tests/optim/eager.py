@@ -1,4 +1,4 @@
-"""Plain eager SAM-family optimizers written from REFERENCE.md, section 1: one tensor at a time, backups
+"""Plain eager SAM-family optimizers written from docs/algorithms.md: one tensor at a time, backups
 by copy, torch.optim's own base optimizer for the descent. Independent of sam_kernels.optim.
 """
 
@@ -53,7 +53,7 @@ class FrozenBatchNorm:
 
 
 class EagerSAM:
-    """SAM, ASAM, SSAM and USAM per REFERENCE.md.
+    """SAM, ASAM, SSAM and USAM per docs/algorithms.md.
 
     ``groups``: dicts with "params", "rho", "adaptive", "eta". ``base``: a torch.optim optimizer over the
     same parameters. ``keep``: optional per-step (kept tensors, per-tensor scale divisor, element masks)
@@ -127,7 +127,7 @@ def sds_count(gamma: float, batch: int) -> int:
 
 def eager_esam_step(ref: EagerSAM, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, beta: float,
                     gamma: float, kept: set | None = None, masks: dict | None = None) -> torch.Tensor:
-    """One ESAM iteration per REFERENCE.md (selection: exactly sds_count samples, sharpest first)."""
+    """One ESAM iteration per docs/algorithms.md (selection: exactly sds_count samples, sharpest first)."""
     ref.base.zero_grad()
     before = sample_losses(model, x, y)
     before.mean().backward()

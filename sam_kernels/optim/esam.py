@@ -1,5 +1,5 @@
 """ESAM (Du et al. 2022): SAM made cheaper by stochastic weight perturbation (SWP) and
-sharpness-sensitive data selection (SDS), with the official code's semantics (REFERENCE.md, section 1).
+sharpness-sensitive data selection (SDS), with the official code's semantics (docs/algorithms.md).
 """
 
 from __future__ import annotations
