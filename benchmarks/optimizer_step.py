@@ -382,8 +382,13 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads on the CPU (default: torch's; "
+                        "use 1 when other work shares the cores: an oversubscribed thread pool can run "
+                        "100x slower)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows, bandwidth = run(args.sets, args.dtypes, device, args.repeats)
     args.out.mkdir(parents=True, exist_ok=True)
     record = {"device": device_name(device), "threads": torch.get_num_threads(),
