@@ -124,13 +124,13 @@ def test_a_step_reuses_the_plan(backend):
     optimizer = OPTIMIZERS["sgd"](model.parameters(), backend)
     batches = make_batches(4)
     two_call_step(optimizer, model, *batches[0])
-    plan = optimizer._plan
+    plan = optimizer._run.plan
     for x, y in batches[1:]:
         optimizer.param_groups[0]["lr"] *= 0.9
         two_call_step(optimizer, model, x, y)
-    assert optimizer._plan is plan
+    assert optimizer._run.plan is plan
     optimizer.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))]})
-    assert optimizer._plan is None
+    assert optimizer._run.plan is None
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)

@@ -105,8 +105,7 @@ class StepPlan:
                 raise ValueError(f"params: on {param.device} and {self.device}; SAM needs every "
                                  "parameter on one device")
         self.pointers = self._pointers()
-        name, _ = backends.resolve(self.device, optimizer.backend)
-        self.backend = backends.get(name)
+        self.backend_name, _ = backends.resolve(self.device, optimizer.backend)
         self.backups = [optimizer._backup(p) for p in self.params]
         self.check_grads(self.grads())
         if kind is not None:
@@ -114,6 +113,11 @@ class StepPlan:
                 params = self.params[group_plan.start:group_plan.stop]
                 group_plan.state = fused_steps.gather_state(kind, group_plan.group, params,
                                                             optimizer.state)
+
+    @property
+    def backend(self):
+        """The backend module (looked up by name, so a plan pickles and deep-copies)."""
+        return backends.get(self.backend_name)
 
     def _pointers(self) -> tuple[int, ...]:
         if torch.compiler.is_compiling():

@@ -249,6 +249,9 @@ class _RunState:
     #: steps included.
     step: int = 0
     device_step: torch.Tensor | None = None
+    #: The step plan (plan.py) and the counter whose bumps invalidate it.
+    plan: StepPlan | None = None
+    plan_generation: int = 0
 
 
 @dataclass
@@ -342,8 +345,6 @@ class SAM(torch.optim.Optimizer):
         self.backend = backend
         self._backups: dict[torch.Tensor, torch.Tensor] = {}
         self._run = _RunState()
-        self._plan: StepPlan | None = None
-        self._plan_generation = 0
         self.ascent_context: Callable[[], contextlib.AbstractContextManager] | None = None
         self.capturable = capturable
         backends.resolve(self._device(), backend)
@@ -425,9 +426,8 @@ class SAM(torch.optim.Optimizer):
 
     def __getstate__(self) -> dict[str, Any]:
         # NOTE: torch.optim.Optimizer pickles only defaults, state and param_groups; SAM also needs its
-        # base optimizer and options (copy.deepcopy and pickling go through here). The step plan holds
-        # a backend module and is rebuilt at the next step.
-        return {**self.__dict__, "_plan": None}
+        # base optimizer and options (copy.deepcopy and pickling go through here).
+        return dict(self.__dict__)
 
     # ------------------------------------------------------------------------- training loops
 
@@ -575,7 +575,7 @@ class SAM(torch.optim.Optimizer):
         """The descent proper: the second gradients' norm and flag, then the fused or generic step."""
         plan, kept = ascent.plan, ascent.kept
         grads = plan.grads()
-        if grads is None or plan is not self._plan:
+        if grads is None or plan is not self._run.plan:
             # NOTE: the gradient set changed between the passes (rare): put w back first, then descend
             # with a plan of the current gradients from unperturbed weights.
             self._restore(ascent)
@@ -656,7 +656,7 @@ class SAM(torch.optim.Optimizer):
         """What a step plan depends on besides the parameters' storage and the gradient set (see
         plan.py): cheap to compute, O(param groups)."""
         kind = self._descent_kind()
-        return (self._plan_generation, id(self.param_groups), id(self.state),
+        return (self._run.plan_generation, id(self.param_groups), id(self.state),
                 tuple(len(group["params"]) for group in self.param_groups), kind,
                 fused_steps.structure(kind, self.param_groups))
 
@@ -671,20 +671,20 @@ class SAM(torch.optim.Optimizer):
                 _adopt_group_options(group, base.defaults, self.defaults)
                 _check_group(group, index)
         key = self._plan_key()
-        plan = self._plan
+        plan = self._run.plan
         if plan is not None and plan.is_current(key):
             grads = plan.grads()
             if grads is not None:
                 plan.check_grads(grads)
                 return plan, grads
-        plan = self._plan = StepPlan(self, key, key[4])
+        plan = self._run.plan = StepPlan(self, key, key[4])
         return plan, plan.grads()
 
     def invalidate_plan(self) -> None:
         """Rebuild the step plan at the next step. Only needed after replacing entries of ``state`` by
         hand; every other change (param groups, parameters' storage, gradients, loaded state) is seen."""
-        self._plan_generation += 1
-        self._plan = None
+        self._run.plan_generation += 1
+        self._run.plan = None
 
     def _kept_in_ascent(self, plan: StepPlan) -> list[bool] | None:
         """Per planned parameter whether it takes part in the ascent (None: all do)."""
