@@ -1,98 +1,180 @@
-"""Every op of every kernel backend against the pure-torch reference backend, plus the op layer's checks."""
+"""Every op of every kernel backend present against the pure-torch reference backend, plus the op layer's
+checks.
+
+The ``kernel`` fixture yields each kernel backend on each device it runs on here: Triton under the
+interpreter on CPU tensors, the native C++ kernels on the CPU, and on a GPU the native CUDA kernels and
+Triton. The native CPU kernels compute in the reference's operation order without FMA contraction, so
+perturb, the SGD step and restore match the reference bit for bit there; elsewhere (the interpreter's
+vectorized math, FMA contraction on a GPU, Adam's sqrt) results match to the dtype's tolerance. Backend
+specifics (build facts, the C++ Philox, opcheck, launch counts) are in ``backends/``.
+"""
+
+from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import pytest
 import torch
 from tolerance import assert_bitwise_equal, assert_close
 
 from sam_kernels import ops
-from sam_kernels.backends import triton_backend
+from sam_kernels.backends import native_backend, native_status, reference, triton_backend, triton_status
+from sam_kernels.backends.common import mask_threshold
 
-KERNEL_BACKENDS = ["triton"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-MULTI_CHUNK = 2 * triton_backend.CHUNK + 3
 
-# Parameter shapes per case: tensor counts 1, 3 and 300; sizes 0, 1, 7, 1000 and more than one chunk.
+
+@dataclass(frozen=True)
+class Kernel:
+    """A kernel backend on a device."""
+
+    backend: str
+    device: torch.device
+    #: Elements per work item of the backend (the multi-chunk cases straddle two of them).
+    chunk: int
+    #: Whether results equal the reference bit for bit.
+    exact: bool
+
+    def __str__(self) -> str:
+        return f"{self.backend}-{self.device.type}"
+
+
+def _kernels() -> list[Kernel]:
+    found = []
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    native_chunk = native_backend.build_info().get("built") and native_backend._C.CHUNK_SIZE
+    if triton_status("cpu")[0]:
+        found.append(Kernel("triton", cpu, triton_backend.CHUNK, False))
+    if native_status("cpu")[0]:
+        found.append(Kernel("native", cpu, native_chunk, True))
+    if torch.cuda.is_available():
+        if native_status("cuda")[0]:
+            found.append(Kernel("native", cuda, native_chunk, False))
+        if triton_status("cuda")[0]:
+            found.append(Kernel("triton", cuda, triton_backend.CHUNK, False))
+    return found
+
+
+KERNELS = _kernels()
+REFERENCE = Kernel("torch", torch.device("cpu"), triton_backend.CHUNK, True)
+
+
+@pytest.fixture(params=KERNELS, ids=str)
+def kernel(request) -> Kernel:
+    return request.param
+
+
+@pytest.fixture(params=[*KERNELS, REFERENCE], ids=str)
+def any_backend(request) -> Kernel:
+    """Every kernel backend and the reference itself (for contracts that hold on their own)."""
+    return request.param
+
+
+# Parameter shapes per case: tensor counts 1 and 3 (300 in the many-tensor tests); sizes 0, 1, 7, 1000 and
+# more than one chunk of the backend under test ("chunk+").
 SHAPE_SETS = {
     "one-empty": [(0,)],
     "one-scalar": [()],
     "three-odd": [(7,), (1,), (10, 100)],
     "three-with-empty": [(2, 0), (7,), (1000,)],
-    "multi-chunk": [(MULTI_CHUNK,), (3, 5)],
+    "multi-chunk": [("chunk+",), (3, 5)],
 }
 MANY_SHAPES = [((i * 37) % 50,) for i in range(300)]
 
 
-def make_tensors(shapes, dtype, seed=0, scale=1.0):
+def shapes_for(shapes, target: Kernel) -> list[tuple]:
+    """``shapes`` with "chunk+" replaced by two chunks and three elements of ``target``'s backend."""
+    return [tuple(2 * target.chunk + 3 if d == "chunk+" else d for d in s) for s in shapes]
+
+
+def make_tensors(shapes, dtype, seed=0, scale=1.0, device="cpu"):
     generator = torch.Generator().manual_seed(seed)
-    return [(torch.randn(s, generator=generator) * scale).to(dtype) for s in shapes]
+    return [(torch.randn(s, generator=generator) * scale).to(dtype).to(device) for s in shapes]
 
 
 def clones(tensors):
     return [t.clone() for t in tensors]
 
 
-def run_both(backend, fn, *tensor_lists):
-    """Run ``fn(backend, *lists)`` on fresh clones for ``backend`` and the reference; return both."""
+def run_both(target: Kernel, fn, *tensor_lists):
+    """Run ``fn(backend, *lists)`` on fresh clones for ``target`` and the reference; return both."""
     kernel_lists = [clones(ts) for ts in tensor_lists]
     reference_lists = [clones(ts) for ts in tensor_lists]
-    kernel_out = fn(backend, *kernel_lists)
+    kernel_out = fn(target.backend, *kernel_lists)
     reference_out = fn("torch", *reference_lists)
     return (kernel_lists, kernel_out), (reference_lists, reference_out)
+
+
+def assert_matches(actual, expected, dtype, target: Kernel, msg=""):
+    """Bit for bit where the backend is exact, else to the dtype's tolerance."""
+    if target.exact:
+        assert_bitwise_equal(actual, expected, msg)
+    else:
+        assert_close(actual, expected, dtype, msg=msg)
+
+
+def scalar(value, target: Kernel, dtype=torch.float32):
+    return torch.tensor(value, dtype=dtype, device=target.device)
 
 
 # ------------------------------------------------------------------------------------------------ norm
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shapes", SHAPE_SETS.values(), ids=SHAPE_SETS.keys())
 @pytest.mark.parametrize("adaptive", [False, True])
-def test_grad_norm_matches_reference(backend, dtype, shapes, adaptive):
-    params, grads = make_tensors(shapes, dtype, 1), make_tensors(shapes, dtype, 2)
-    norm, flag = ops.grad_norm(params, grads, adaptive=adaptive, adaptive_eta=0.01, backend=backend)
+def test_grad_norm_matches_reference(kernel, dtype, shapes, adaptive):
+    shapes = shapes_for(shapes, kernel)
+    params = make_tensors(shapes, dtype, 1, device=kernel.device)
+    grads = make_tensors(shapes, dtype, 2, device=kernel.device)
+    norm, flag = ops.grad_norm(params, grads, adaptive=adaptive, adaptive_eta=0.01, backend=kernel.backend)
     ref_norm, ref_flag = ops.grad_norm(params, grads, adaptive=adaptive, adaptive_eta=0.01, backend="torch")
     assert norm.dtype == torch.float32 and norm.shape == () and flag.shape == ()
+    assert norm.device == kernel.device and flag.device == kernel.device
     assert_close(norm, ref_norm, torch.float32, scale=10)
     assert flag.item() == ref_flag.item() == 0.0
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_grad_norm_many_tensors_and_mixed_dtypes(backend):
+def test_grad_norm_many_tensors_and_mixed_dtypes(kernel):
     shapes = MANY_SHAPES[:150]
-    params = make_tensors(shapes, torch.float32, 1)[:75] + make_tensors(shapes, torch.bfloat16, 3)[75:]
-    grads = [torch.randn_like(p, dtype=torch.float32).to(p.dtype) for p in params]
-    norm, _ = ops.grad_norm(params, grads, backend=backend)
+    dtypes = [DTYPES[i % 3] for i in range(len(shapes))]
+    grads = [g.to(d) for g, d in zip(make_tensors(shapes, torch.float32, 3, device=kernel.device), dtypes)]
+    params = clones(grads)
+    norm, _ = ops.grad_norm(params, grads, backend=kernel.backend)
     expected = math.sqrt(sum(float((g.double() ** 2).sum()) for g in grads))
     assert norm.item() == pytest.approx(expected, rel=1e-5)
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_grad_norm_is_deterministic_and_skips_missing_grads(backend):
-    params = make_tensors([(MULTI_CHUNK,), (33,), (5,)], torch.float32)
+def test_grad_norm_is_deterministic_and_skips_missing_grads(kernel):
+    params = make_tensors([(2 * kernel.chunk + 3,), (33,), (5,)], torch.float32, device=kernel.device)
     grads = [torch.randn_like(params[0]), None, torch.randn_like(params[2])]
-    first, _ = ops.grad_norm(params, grads, backend=backend)
-    second, _ = ops.grad_norm(params, grads, backend=backend)
+    first, _ = ops.grad_norm(params, grads, backend=kernel.backend)
+    second, _ = ops.grad_norm(params, grads, backend=kernel.backend)
     assert_bitwise_equal(first, second)
     expected = torch.cat([grads[0], grads[2]]).double().norm()
     assert first.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
-@pytest.mark.parametrize("backend", [*KERNEL_BACKENDS, "torch"])
 @pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
-def test_grad_norm_flags_non_finite(backend, bad):
-    params = make_tensors([(10,), (2000,)], torch.float32)
-    grads = make_tensors([(10,), (2000,)], torch.float32, 5)
-    grads[1][1234] = bad
-    _, flag = ops.grad_norm(params, grads, backend=backend)
+def test_grad_norm_flags_non_finite(any_backend, bad):
+    shapes = [(10,), (any_backend.chunk + 7,)]
+    params = make_tensors(shapes, torch.float32, device=any_backend.device)
+    grads = make_tensors(shapes, torch.float32, 5, device=any_backend.device)
+    grads[1][any_backend.chunk + 1] = bad
+    _, flag = ops.grad_norm(params, grads, backend=any_backend.backend)
     assert flag.item() == 1.0
 
 
-@pytest.mark.parametrize("backend", [*KERNEL_BACKENDS, "torch"])
-def test_grad_norm_without_any_grad_is_zero(backend):
-    params = make_tensors([(3,), (4,)], torch.float32)
-    norm, flag = ops.grad_norm(params, [None, None], backend=backend)
+def test_grad_norm_flags_overflowing_squares(any_backend):
+    grads = [torch.full((4,), 3e38, device=any_backend.device)]
+    _, flag = ops.grad_norm(clones(grads), grads, backend=any_backend.backend)
+    assert flag.item() == 1.0
+
+
+def test_grad_norm_without_any_grad_is_zero(any_backend):
+    params = make_tensors([(3,), (4,)], torch.float32, device=any_backend.device)
+    norm, flag = ops.grad_norm(params, [None, None], backend=any_backend.backend)
     assert norm.item() == 0.0 and flag.item() == 0.0
 
 
@@ -103,101 +185,106 @@ def _perturb(backend, params, grads, backups, *, norm, **options):
     ops.perturb_(params, backups, norm, grads=grads, backend=backend, **options)
 
 
-PERTURB_OPTIONS = [
-    {"keep_prob": 1.0, "adaptive": False},
-    {"keep_prob": 0.5, "adaptive": True, "adaptive_eta": 0.01},
-    {"keep_prob": 0.1, "adaptive": False, "normalize": False},
-]
+PERTURB_OPTIONS = {
+    "plain": {"keep_prob": 1.0, "adaptive": False},
+    "masked-adaptive": {"keep_prob": 0.5, "adaptive": True, "adaptive_eta": 0.01},
+    "sparse-mask-usam": {"keep_prob": 0.1, "adaptive": False, "normalize": False},
+}
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shapes", SHAPE_SETS.values(), ids=SHAPE_SETS.keys())
-@pytest.mark.parametrize("options", PERTURB_OPTIONS, ids=["plain", "masked-adaptive", "sparse-mask-usam"])
-def test_perturb_matches_reference(backend, dtype, shapes, options):
-    params, grads = make_tensors(shapes, dtype, 1), make_tensors(shapes, dtype, 2)
+@pytest.mark.parametrize("options", PERTURB_OPTIONS.values(), ids=PERTURB_OPTIONS.keys())
+def test_perturb_matches_reference(kernel, dtype, shapes, options):
+    shapes = shapes_for(shapes, kernel)
+    params = make_tensors(shapes, dtype, 1, device=kernel.device)
+    grads = make_tensors(shapes, dtype, 2, device=kernel.device)
     backups = [torch.full_like(p, 7.0) for p in params]
-    norm = torch.tensor(3.5)
-    opts = dict(rho=0.5, seed=2**40 + 17, step=3, norm=norm, **options)
-    (kernel, _), (reference, _) = run_both(backend, lambda b, *ls: _perturb(b, *ls, **opts),
-                                           params, grads, backups)
-    assert_bitwise_equal(kernel[2], params, "backup must be the exact pre-step weights")
-    assert_bitwise_equal(reference[2], params)
-    assert_close(kernel[0], reference[0], dtype)
+    opts = dict(rho=0.5, seed=2**40 + 17, step=2**32 + 3, norm=scalar(3.5, kernel), **options)
+    (out, _), (ref, _) = run_both(kernel, lambda b, *ls: _perturb(b, *ls, **opts), params, grads, backups)
+    assert_bitwise_equal(out[2], params, "backup must be the exact pre-step weights")
+    assert_bitwise_equal(ref[2], params)
+    assert_matches(out[0], ref[0], dtype, kernel, "perturbed weights")
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_perturb_many_tensors(backend):
-    params = make_tensors(MANY_SHAPES, torch.float32, 1)
-    grads = make_tensors(MANY_SHAPES, torch.float32, 2)
+def test_perturb_many_tensors(kernel):
+    params = make_tensors(MANY_SHAPES, torch.float32, 1, device=kernel.device)
+    grads = make_tensors(MANY_SHAPES, torch.float32, 2, device=kernel.device)
     backups = [torch.empty_like(p) for p in params]
-    opts = dict(norm=torch.tensor(2.0), rho=0.1, keep_prob=0.5, adaptive=True, seed=9, step=11)
-    (kernel, _), (reference, _) = run_both(backend, lambda b, *ls: _perturb(b, *ls, **opts),
-                                           params, grads, backups)
-    assert_close(kernel[0], reference[0])
-    assert_bitwise_equal(kernel[2], params)
+    opts = dict(norm=scalar(2.0, kernel), rho=0.1, keep_prob=0.5, adaptive=True, seed=9, step=11)
+    (out, _), (ref, _) = run_both(kernel, lambda b, *ls: _perturb(b, *ls, **opts), params, grads, backups)
+    assert_matches(out[0], ref[0], torch.float32, kernel)
+    assert_bitwise_equal(out[2], params)
 
 
-def keep_mask_of(backend, shapes, dtype=torch.float32, **options):
+def keep_mask_of(target: Kernel, shapes, dtype=torch.float32, **options):
     """The mask a backend applies, read off a perturbation of w = 0 by g = 1 (every e is then nonzero)."""
-    params = [torch.zeros(s, dtype=dtype) for s in shapes]
-    grads = [torch.ones(s, dtype=dtype) for s in shapes]
-    backups = [torch.empty_like(p) for p in params]
-    ops.perturb_(params, backups, torch.tensor(1.0), grads=grads, rho=1.0, backend=backend, **options)
-    return [p != 0 for p in params]
-
-
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-@pytest.mark.parametrize("keep_prob", [0.5, 0.1])
-def test_masks_are_bit_identical_across_backends(backend, keep_prob):
-    shapes = [(MULTI_CHUNK,), (7,), (0,), (1000,)]
-    options = dict(keep_prob=keep_prob, seed=123456789012, step=2**33 + 5)
-    kernel = keep_mask_of(backend, shapes, **options)
-    reference = keep_mask_of("torch", shapes, **options)
-    assert_bitwise_equal(kernel, reference)
-    kept = torch.cat([m.flatten() for m in kernel]).float().mean().item()
-    n = sum(m.numel() for m in kernel)
-    assert abs(kept - keep_prob) < 5 * math.sqrt(keep_prob * (1 - keep_prob) / n)
-
-
-@pytest.mark.parametrize("backend", [*KERNEL_BACKENDS, "torch"])
-def test_mask_depends_on_global_tensor_index_not_on_grouping(backend):
-    """A tensor's mask follows its global index, whatever the list, dtype group or chunking around it."""
-    options = dict(keep_prob=0.5, seed=5, step=1)
-    alone = keep_mask_of(backend, [(MULTI_CHUNK,)], tensor_indices=[2], **options)[0]
-    params = [torch.zeros(3, dtype=torch.bfloat16), torch.zeros(9), torch.zeros(MULTI_CHUNK)]
+    params = [torch.zeros(s, dtype=dtype, device=target.device) for s in shapes]
     grads = [torch.ones_like(p) for p in params]
-    ops.perturb_(params, [torch.empty_like(p) for p in params], torch.tensor(1.0), grads=grads, rho=1.0,
-                 backend=backend, **options)
-    assert_bitwise_equal(params[2] != 0, alone)
-    other_step = keep_mask_of(backend, [(MULTI_CHUNK,)], tensor_indices=[2], keep_prob=0.5, seed=5, step=2)
-    other_index = keep_mask_of(backend, [(MULTI_CHUNK,)], tensor_indices=[1], **options)
+    backups = [torch.empty_like(p) for p in params]
+    ops.perturb_(params, backups, scalar(1.0, target), grads=grads, rho=1.0, backend=target.backend,
+                 **options)
+    return [(p != 0).cpu() for p in params]
+
+
+@pytest.mark.parametrize("keep_prob", [0.5, 0.1, 0.999])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_masks_are_bit_identical_with_the_contract(kernel, keep_prob, dtype):
+    """The mask of the contract (the reference's Philox, itself checked against known answers), whatever
+    the dtype, with seeds, steps and tensor indices beyond 32 bits."""
+    shapes = [(2 * kernel.chunk + 3,), (7,), (0,), (1000,), (1,)]
+    options = dict(keep_prob=keep_prob, seed=2**63 + 123456789012, step=2**33 + 5,
+                   tensor_indices=[17, 3, 2**32 - 1, 0, 2**31])
+    masks = keep_mask_of(kernel, shapes, dtype, **options)
+    expected = [reference.keep_mask(math.prod(s), t, options["seed"], options["step"],
+                                    mask_threshold(keep_prob)).view(s)
+                for s, t in zip(shapes, options["tensor_indices"])]
+    assert_bitwise_equal(masks, expected)
+    kept = torch.cat([m.flatten() for m in masks]).float().mean().item()
+    n = sum(m.numel() for m in masks)
+    assert abs(kept - keep_prob) < 5 * math.sqrt(keep_prob * (1 - keep_prob) / n) + 1e-9
+
+
+def test_mask_depends_on_global_tensor_index_not_on_grouping(any_backend):
+    """A tensor's mask follows its global index, whatever the list, dtype group or chunking around it."""
+    big = 2 * any_backend.chunk + 3
+    options = dict(keep_prob=0.5, seed=5, step=1)
+    alone = keep_mask_of(any_backend, [(big,)], tensor_indices=[2], **options)[0]
+    device = any_backend.device
+    params = [torch.zeros(3, dtype=torch.bfloat16, device=device), torch.zeros(9, device=device),
+              torch.zeros(big, device=device)]
+    grads = [torch.ones_like(p) for p in params]
+    ops.perturb_(params, [torch.empty_like(p) for p in params], scalar(1.0, any_backend), grads=grads,
+                 rho=1.0, backend=any_backend.backend, **options)
+    assert_bitwise_equal((params[2] != 0).cpu(), alone)
+    other_step = keep_mask_of(any_backend, [(big,)], tensor_indices=[2], keep_prob=0.5, seed=5, step=2)
+    other_index = keep_mask_of(any_backend, [(big,)], tensor_indices=[1], **options)
     assert not torch.equal(other_step[0], alone) and not torch.equal(other_index[0], alone)
 
 
-@pytest.mark.parametrize("backend", [*KERNEL_BACKENDS, "torch"])
 @pytest.mark.parametrize("bad", [math.inf, math.nan])
-def test_non_finite_gradient_leaves_weights_untouched(backend, bad):
-    params = make_tensors([(100,), (3000,)], torch.float32)
-    grads = make_tensors([(100,), (3000,)], torch.float32, 4)
+def test_non_finite_gradient_leaves_weights_untouched(any_backend, bad):
+    shapes = [(100,), (any_backend.chunk + 5,)]
+    params = make_tensors(shapes, torch.float32, device=any_backend.device)
+    grads = make_tensors(shapes, torch.float32, 4, device=any_backend.device)
     grads[0][17] = bad
     before = clones(params)
-    norm, flag = ops.grad_norm(params, grads, backend=backend)
-    ops.perturb_(params, [torch.empty_like(p) for p in params], norm, grads=grads, rho=0.05,
-                 keep_prob=0.5, backend=backend)
+    backups = [torch.empty_like(p) for p in params]
+    norm, flag = ops.grad_norm(params, grads, backend=any_backend.backend)
+    ops.perturb_(params, backups, norm, grads=grads, rho=0.05, keep_prob=0.5, backend=any_backend.backend)
     assert flag.item() == 1.0
     assert_bitwise_equal(params, before)
+    assert_bitwise_equal(backups, before)
 
 
-@pytest.mark.parametrize("backend", [*KERNEL_BACKENDS, "torch"])
 @pytest.mark.parametrize("adaptive", [False, True])
-def test_zero_gradient_gives_no_nan_and_no_perturbation(backend, adaptive):
-    params = make_tensors([(100,), (7,)], torch.float32)
+def test_zero_gradient_gives_no_nan_and_no_perturbation(any_backend, adaptive):
+    params = make_tensors([(100,), (7,)], torch.float32, device=any_backend.device)
     grads = [torch.zeros_like(p) for p in params]
     before = clones(params)
-    norm, flag = ops.grad_norm(params, grads, adaptive=adaptive, backend=backend)
+    norm, flag = ops.grad_norm(params, grads, adaptive=adaptive, backend=any_backend.backend)
     ops.perturb_(params, [torch.empty_like(p) for p in params], norm, grads=grads, rho=0.05,
-                 adaptive=adaptive, backend=backend)
+                 adaptive=adaptive, backend=any_backend.backend)
     assert norm.item() == 0.0 and flag.item() == 0.0
     assert_bitwise_equal(params, before)
 
@@ -205,14 +292,15 @@ def test_zero_gradient_gives_no_nan_and_no_perturbation(backend, adaptive):
 # --------------------------------------------------------------------------------------------- restore
 
 
-@pytest.mark.parametrize("backend", [*KERNEL_BACKENDS, "torch"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_restore_is_bit_exact(backend, dtype):
-    shapes = [(0,), (1,), (7,), (MULTI_CHUNK,)]
-    backups = make_tensors(shapes, dtype, 1)
+def test_restore_is_bit_exact(any_backend, dtype):
+    big = 2 * any_backend.chunk + 3
+    shapes = [(0,), (1,), (7,), (big,), (3, 333)]
+    backups = make_tensors(shapes, dtype, 1, device=any_backend.device)
     backups[2][3] = math.nan
-    params = make_tensors(shapes, dtype, 2)
-    ops.restore_(params, backups, backend=backend)
+    backups[3][any_backend.chunk] = -0.0
+    params = make_tensors(shapes, dtype, 2, device=any_backend.device)
+    ops.restore_(params, backups, backend=any_backend.backend)
     assert_bitwise_equal(params, backups)
 
 
@@ -220,48 +308,49 @@ def test_restore_is_bit_exact(backend, dtype):
 
 
 def _sgd(backend, params, backups, grads, buffers, *, multiplier=None, found_inf=None, **options):
-    out = ops.restore_sgd_step_(params, backups, [b.clone() if b is not None else None for b in buffers],
-                                grads=grads, grad_multiplier=multiplier, found_inf=found_inf,
-                                backend=backend, **options)
-    return out
+    return ops.restore_sgd_step_(params, backups, [b.clone() if b is not None else None for b in buffers],
+                                 grads=grads, grad_multiplier=multiplier, found_inf=found_inf,
+                                 backend=backend, **options)
 
 
-SGD_OPTIONS = [
-    {"lr": 0.1},
-    {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.05, "nesterov": True},
-    {"lr": 0.05, "momentum": 0.8, "dampening": 0.3, "maximize": True},
-]
+SGD_OPTIONS = {
+    "plain": {"lr": 0.1},
+    "nesterov-wd": {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.05, "nesterov": True},
+    "dampening-maximize": {"lr": 0.05, "momentum": 0.8, "dampening": 0.3, "maximize": True},
+    "wd-no-momentum": {"lr": 0.05, "weight_decay": 0.01},
+}
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shapes", SHAPE_SETS.values(), ids=SHAPE_SETS.keys())
-@pytest.mark.parametrize("options", SGD_OPTIONS, ids=["plain", "nesterov-wd", "dampening-maximize"])
+@pytest.mark.parametrize("options", SGD_OPTIONS.values(), ids=SGD_OPTIONS.keys())
 @pytest.mark.parametrize("first_step", [True, False])
-def test_restore_sgd_step_matches_reference(backend, dtype, shapes, options, first_step):
-    backups, grads = make_tensors(shapes, dtype, 1), make_tensors(shapes, dtype, 2)
+def test_restore_sgd_step_matches_reference(kernel, dtype, shapes, options, first_step):
+    shapes = shapes_for(shapes, kernel)
+    backups = make_tensors(shapes, dtype, 1, device=kernel.device)
+    grads = make_tensors(shapes, dtype, 2, device=kernel.device)
     params = [b + 0.25 for b in backups]
-    buffers = [None if first_step else b for b in make_tensors(shapes, dtype, 3)]
-    multiplier = torch.tensor(0.75)
+    buffers = [None if first_step else b for b in make_tensors(shapes, dtype, 3, device=kernel.device)]
+    multiplier = scalar(0.75, kernel)
     run = lambda b, p, bk, g: _sgd(b, p, bk, g, buffers, multiplier=multiplier, **options)  # noqa: E731
-    (kernel, kernel_buffers), (reference, reference_buffers) = run_both(backend, run, params, backups, grads)
-    assert_close(kernel[0], reference[0], dtype)
+    (out, out_buffers), (ref, ref_buffers) = run_both(kernel, run, params, backups, grads)
+    assert_matches(out[0], ref[0], dtype, kernel, "weights")
     if options.get("momentum"):
-        assert_close(kernel_buffers, reference_buffers, dtype)
+        assert_matches(out_buffers, ref_buffers, dtype, kernel, "momentum buffers")
 
 
-ADAM_OPTIONS = [
-    {"lr": 0.01, "weight_decay": 0.1},
-    {"lr": 0.01, "weight_decay": 0.1, "decoupled_weight_decay": True, "amsgrad": True},
-    {"lr": 0.02, "betas": (0.8, 0.99), "eps": 1e-6, "maximize": True},
-]
+ADAM_OPTIONS = {
+    "adam-l2": {"lr": 0.01, "weight_decay": 0.1},
+    "adamw-amsgrad": {"lr": 0.01, "weight_decay": 0.1, "decoupled_weight_decay": True, "amsgrad": True},
+    "maximize-betas": {"lr": 0.02, "betas": (0.8, 0.99), "eps": 1e-6, "maximize": True},
+}
 
 
-def _adam_state(shapes, dtype, step):
-    exp_avgs = [t.abs() * 0.1 for t in make_tensors(shapes, dtype, 4)]
-    exp_avg_sqs = [t.abs() * 0.01 for t in make_tensors(shapes, dtype, 5)]
+def _adam_state(shapes, dtype, step, device):
+    exp_avgs = [t.abs() * 0.1 for t in make_tensors(shapes, dtype, 4, device=device)]
+    exp_avg_sqs = [t.abs() * 0.01 for t in make_tensors(shapes, dtype, 5, device=device)]
     max_sqs = [v * 1.5 for v in exp_avg_sqs]
-    steps = [torch.tensor(float(step)) for _ in shapes]
+    steps = [torch.tensor(float(step), device=device) for _ in shapes]
     return exp_avgs, exp_avg_sqs, max_sqs, steps
 
 
@@ -271,68 +360,96 @@ def _adam(backend, params, backups, grads, exp_avgs, exp_avg_sqs, max_sqs, steps
                            grad_multiplier=multiplier, found_inf=found_inf, backend=backend, **options)
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shapes", SHAPE_SETS.values(), ids=SHAPE_SETS.keys())
-@pytest.mark.parametrize("options", ADAM_OPTIONS, ids=["adam-l2", "adamw-amsgrad", "maximize-betas"])
+@pytest.mark.parametrize("options", ADAM_OPTIONS.values(), ids=ADAM_OPTIONS.keys())
 @pytest.mark.parametrize("step", [0, 9])
-def test_restore_adam_step_matches_reference(backend, dtype, shapes, options, step):
-    backups, grads = make_tensors(shapes, dtype, 1), make_tensors(shapes, dtype, 2)
+def test_restore_adam_step_matches_reference(kernel, dtype, shapes, options, step):
+    shapes = shapes_for(shapes, kernel)
+    backups = make_tensors(shapes, dtype, 1, device=kernel.device)
+    grads = make_tensors(shapes, dtype, 2, device=kernel.device)
     params = [b - 0.5 for b in backups]
-    state = _adam_state(shapes, dtype, step)
-    run = lambda b, *ls: _adam(b, *ls, multiplier=torch.tensor(1.5), **options)  # noqa: E731
-    (kernel, _), (reference, _) = run_both(backend, run, params, backups, grads, *state)
+    state = _adam_state(shapes, dtype, step, kernel.device)
+    run = lambda b, *ls: _adam(b, *ls, multiplier=scalar(1.5, kernel), **options)  # noqa: E731
+    (out, _), (ref, _) = run_both(kernel, run, params, backups, grads, *state)
     for name, k, r in zip(["params", "backups", "grads", "exp_avgs", "exp_avg_sqs", "max", "steps"],
-                          kernel, reference):
+                          out, ref):
         assert_close(k, r, dtype, msg=name)
-    assert all(s.item() == step + 1 for s in kernel[6])
+    assert all(s.item() == step + 1 for s in out[6])
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_restore_steps_many_tensors(backend):
-    dtype = torch.float32
-    backups, grads = make_tensors(MANY_SHAPES, dtype, 1), make_tensors(MANY_SHAPES, dtype, 2)
+def test_restore_steps_many_tensors(kernel):
+    dtype, device = torch.float32, kernel.device
+    backups = make_tensors(MANY_SHAPES, dtype, 1, device=device)
+    grads = make_tensors(MANY_SHAPES, dtype, 2, device=device)
     params = [b * 2 for b in backups]
-    buffers = make_tensors(MANY_SHAPES, dtype, 3)
+    buffers = make_tensors(MANY_SHAPES, dtype, 3, device=device)
     run = lambda b, p, bk, g: _sgd(b, p, bk, g, buffers, lr=0.1, momentum=0.9)  # noqa: E731
-    (kernel, kernel_buffers), (reference, reference_buffers) = run_both(backend, run, params, backups, grads)
-    assert_close(kernel[0], reference[0])
-    assert_close(kernel_buffers, reference_buffers)
-    state = _adam_state(MANY_SHAPES, dtype, 3)
+    (out, out_buffers), (ref, ref_buffers) = run_both(kernel, run, params, backups, grads)
+    assert_matches(out[0], ref[0], dtype, kernel)
+    assert_matches(out_buffers, ref_buffers, dtype, kernel)
+    state = _adam_state(MANY_SHAPES, dtype, 3, device)
     run = lambda b, *ls: _adam(b, *ls, lr=0.01, decoupled_weight_decay=True, weight_decay=0.01)  # noqa: E731
-    (kernel, _), (reference, _) = run_both(backend, run, params, backups, grads, *state)
-    assert_close(kernel[0], reference[0])
-    assert_close(kernel[3], reference[3])
+    (out, _), (ref, _) = run_both(kernel, run, params, backups, grads, *state)
+    assert_close(out[0], ref[0])
+    assert_close(out[3], ref[3])
 
 
-@pytest.mark.parametrize("backend", [*KERNEL_BACKENDS, "torch"])
+def test_two_steps_of_each_optimizer_match_reference(kernel):
+    """State written by one step feeds the next (first-step buffers, advanced Adam counters)."""
+    shapes = shapes_for([(3, 5), ("chunk+",), (1,)], kernel)
+    backups = make_tensors(shapes, torch.float32, 1, device=kernel.device)
+    grads = make_tensors(shapes, torch.float32, 2, device=kernel.device)
+    results = {}
+    for backend in [kernel.backend, "torch"]:
+        params, buffers = clones(backups), [None] * len(shapes)
+        for _ in range(2):
+            buffers = ops.restore_sgd_step_(params, clones(params), buffers, grads=grads, lr=0.1,
+                                            momentum=0.9, dampening=0.1, weight_decay=1e-3, backend=backend)
+        state = _adam_state(shapes, torch.float32, 0, kernel.device)
+        adam_params = clones(backups)
+        for _ in range(2):
+            _adam(backend, adam_params, clones(adam_params), grads, *state, lr=0.01, amsgrad=True,
+                  decoupled_weight_decay=True, weight_decay=0.01)
+        results[backend] = (params, buffers, adam_params, state)
+    out, ref = results[kernel.backend], results["torch"]
+    assert_matches(out[0], ref[0], torch.float32, kernel)
+    assert_matches(out[1], ref[1], torch.float32, kernel)
+    assert_close(out[2], ref[2])
+    for k, r in zip(out[3], ref[3]):
+        assert_close(k, r)
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-def test_found_inf_restores_weights_and_keeps_state(backend, optimizer):
-    shapes = [(5,), (1000,), (MULTI_CHUNK,)]
-    backups, grads = make_tensors(shapes, torch.float32, 1), make_tensors(shapes, torch.float32, 2)
+def test_found_inf_restores_weights_and_keeps_state(any_backend, optimizer):
+    device = any_backend.device
+    shapes = [(5,), (1000,), (any_backend.chunk + 3,)]
+    backups = make_tensors(shapes, torch.float32, 1, device=device)
+    grads = make_tensors(shapes, torch.float32, 2, device=device)
     grads[1][4] = math.nan
     params = [b + 1.0 for b in backups]
-    found_inf = torch.tensor(1.0)
+    found_inf = scalar(1.0, any_backend)
     if optimizer == "sgd":
-        buffers = make_tensors(shapes, torch.float32, 3)
-        new_buffers = _sgd(backend, params, backups, grads, buffers, found_inf=found_inf, lr=0.1,
-                           momentum=0.9)
+        buffers = make_tensors(shapes, torch.float32, 3, device=device)
+        new_buffers = _sgd(any_backend.backend, params, backups, grads, buffers, found_inf=found_inf,
+                           lr=0.1, momentum=0.9)
         assert_bitwise_equal(new_buffers, buffers)
     else:
-        state = _adam_state(shapes, torch.float32, 4)
+        state = _adam_state(shapes, torch.float32, 4, device)
         before = [clones(s) for s in state]
-        _adam(backend, params, backups, grads, *state, found_inf=found_inf, lr=0.1, amsgrad=True)
+        _adam(any_backend.backend, params, backups, grads, *state, found_inf=found_inf, lr=0.1,
+              amsgrad=True)
         for s, b in zip(state, before):
             assert_bitwise_equal(s, b)
     assert_bitwise_equal(params, backups)
 
 
-@pytest.mark.parametrize("backend", [*KERNEL_BACKENDS, "torch"])
-def test_parameters_without_grad_are_only_restored(backend):
-    backups = make_tensors([(4,), (6,)], torch.float32)
+def test_parameters_without_grad_are_only_restored(any_backend):
+    device = any_backend.device
+    backups = make_tensors([(4,), (6,)], torch.float32, device=device)
     params = [b + 1 for b in backups]
-    grads = [None, torch.ones(6)]
-    ops.restore_sgd_step_(params, backups, [None, None], grads=grads, lr=0.5, backend=backend)
+    grads = [None, torch.ones(6, device=device)]
+    ops.restore_sgd_step_(params, backups, [None, None], grads=grads, lr=0.5, backend=any_backend.backend)
     assert_bitwise_equal(params[0], backups[0])
     assert_close(params[1], backups[1] - 0.5)
 
