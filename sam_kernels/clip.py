@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from . import ops
+from .distributed import local_tensor
 
 __all__ = ["clip_grad_norm_", "grad_norm"]
 
@@ -36,9 +37,9 @@ def grad_norm(parameters: torch.Tensor | Iterable[torch.Tensor], *, process_grou
     device = params[0].device if params else torch.device("cpu")
     by_device: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
     for p in params:
-        local, grad = _local(p), _local(p.grad)
+        local, grad = local_tensor(p), local_tensor(p.grad)
         by_device[local.device].append((local, grad))
-    total = torch.zeros((), dtype=torch.float32, device=_local(params[0]).device if params else device)
+    total = torch.zeros((), dtype=torch.float32, device=local_tensor(params[0]).device if params else device)
     for pairs in by_device.values():
         norm, _ = ops.grad_norm([w for w, _ in pairs], [g for _, g in pairs], backend=backend)
         total = total + norm.to(total.device).square()
@@ -66,14 +67,8 @@ def clip_grad_norm_(parameters: torch.Tensor | Iterable[torch.Tensor], max_norm:
     coef = torch.clamp(float(max_norm) / (total + 1e-6), max=1.0)
     groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = defaultdict(list)
     for p in params:
-        grad = _local(p.grad)
+        grad = local_tensor(p.grad)
         groups[(grad.device, grad.dtype)].append(grad)
     for (grad_device, _), grads in groups.items():
         torch._foreach_mul_(grads, coef.to(grad_device))
     return total
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """The local shard of a DTensor, else the tensor itself."""
-    to_local = getattr(tensor, "to_local", None)
-    return to_local() if callable(to_local) and type(tensor).__name__ == "DTensor" else tensor

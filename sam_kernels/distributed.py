@@ -23,7 +23,35 @@ from collections.abc import Iterable, Iterator
 import torch
 import torch.distributed as dist
 
-__all__ = ["average_gradients_", "broadcast_seed_", "per_worker_ascent"]
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch build without torch.distributed: no sharded parameters
+
+    class DTensor:  # type: ignore[no-redef]
+        """Placeholder: nothing is an instance."""
+
+
+__all__ = ["average_gradients_", "broadcast_seed_", "local_tensor", "per_worker_ascent", "shard_group"]
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (FSDP2 parameters and gradients), else the tensor itself.
+
+    NOTE: the shard is a view of the storage FSDP2 all-gathers from, so writing it in place perturbs
+    and restores the parameter without swapping any storage.
+    """
+    return tensor._local_tensor if isinstance(tensor, DTensor) else tensor
+
+
+def shard_group(params: Iterable[torch.Tensor]):
+    """The process group over which ``params`` are sharded (DTensors of FSDP2, judged by the first one),
+    or None for ordinary tensors."""
+    for param in params:
+        if not isinstance(param, DTensor):
+            return None
+        mesh = param.device_mesh
+        return mesh.get_group() if mesh.ndim == 1 else dist.group.WORLD
+    return None
 
 
 @contextlib.contextmanager

@@ -36,24 +36,8 @@ import torch
 
 from .. import backends
 from ..backends.common import SUPPORTED_DTYPES
+from ..distributed import DTensor, local_tensor
 from . import fused_steps
-
-try:
-    from torch.distributed.tensor import DTensor
-except ImportError:  # a torch build without torch.distributed: no sharded parameters
-
-    class DTensor:  # type: ignore[no-redef]
-        """Placeholder: nothing is an instance."""
-
-
-def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """The local shard of a DTensor (FSDP2 parameters and gradients), else the tensor itself.
-
-    NOTE: the shard is a view of the storage FSDP2 all-gathers from, so writing it in place perturbs
-    and restores the parameter without swapping any storage.
-    """
-    return tensor._local_tensor if isinstance(tensor, DTensor) else tensor
-
 
 #: ``id(None)``: NOTE: ``id(None) in map(id, grads)`` finds a missing gradient at C speed (``None in
 #: grads`` would call each tensor's ``__eq__``).

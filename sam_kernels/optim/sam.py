@@ -20,9 +20,10 @@ import torch.distributed as dist
 
 from .. import backends
 from ..backends.common import SUPPORTED_DTYPES, PerturbConfig, first_overlap
+from ..distributed import local_tensor, shard_group
 from . import amp, fused_steps
 from .bn import freeze_bn_stats
-from .plan import StepPlan, local_tensor
+from .plan import StepPlan
 
 #: SAM options that may differ between param groups (the rest are optimizer-wide): keyword name -> key in
 #: the param groups. NOTE (option names): the param groups are the base optimizer's own dicts, so SAM's
@@ -714,15 +715,8 @@ class SAM(torch.optim.Optimizer):
         return norm, torch.maximum(nonfinite, (~torch.isfinite(norm)).float())
 
     def _shard_group(self):
-        """The process group over which the parameters are sharded (DTensor parameters of FSDP2), or
-        None for ordinary parameters."""
-        for group in self.param_groups:
-            for param in group["params"]:
-                mesh = getattr(param, "device_mesh", None)
-                if mesh is None:
-                    return None
-                return mesh.get_group() if mesh.ndim == 1 else dist.group.WORLD
-        return None
+        """The process group of sharded (FSDP2) parameters, or None."""
+        return shard_group(p for group in self.param_groups for p in group["params"])
 
     def _ascent_norm(self, plan: StepPlan, grads: list[torch.Tensor],
                      kept: list[bool] | None) -> tuple[torch.Tensor, torch.Tensor]:
