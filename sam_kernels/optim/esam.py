@@ -15,7 +15,8 @@ from ..backends.common import U32, mask_threshold, split_u64
 from ..backends.reference import philox4x32_10
 from . import amp
 from .bn import freeze_bn_stats
-from .sam import SAM, check_probability
+from .checks import check_probability
+from .sam import SAM
 
 #: Philox "tensor index" of the per-tensor SWP draw. NOTE: parameter positions are below 2**32 - 1, so
 #: the per-tensor stream never coincides with the elementwise mask of a parameter (same seed and step).
