@@ -84,3 +84,28 @@ def test_metadata_is_cached_while_storage_is_unchanged():
     assert first.pointers[0].tolist() == [p.data_ptr() for p in params]
     moved = [params[0], torch.randn(triton_backend.CHUNK + 1)]
     assert triton_backend._metadata([moved]) is not first
+
+
+@pytest.mark.parametrize("sm", [80, 90])
+def test_gpu_numerics_in_the_ptx(sm):
+    """Compiled ahead of time for sm_80 / sm_90 (no GPU needed): IEEE division everywhere (no
+    ``div.full``/``div.approx``) and AMSGrad's max propagating NaN, like the reference and native."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    script = Path(__file__).with_name("triton_ptx.py")
+    result = subprocess.run([sys.executable, str(script), str(sm)], capture_output=True, text=True, env=env,
+                            timeout=600, cwd=Path(__file__).parents[2])
+    if result.returncode != 0 and "GPUTarget" in result.stderr and "ImportError" in result.stderr:
+        pytest.skip("this Triton cannot compile ahead of time")
+    assert result.returncode == 0, result.stderr[-2000:]
+    counts = json.loads(result.stdout.strip().splitlines()[-1])
+    for name, found in counts.items():
+        assert found["div.full.f32"] == found["div.approx"] == 0, (name, found)
+        assert found["div.rn.f32"] > 0, (name, found)
+    assert counts["restore_adam_amsgrad"]["max.NaN.f32"] > 0
+    assert counts["restore_adam_amsgrad"]["max.f32"] == 0

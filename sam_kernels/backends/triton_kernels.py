@@ -99,7 +99,8 @@ def perturb_kernel(
     backup = _typed_ptr(backup_ptrs, row, PARAM_DTYPE)
     norm = tl.load(norm_ptr)
     finite = norm - norm == 0.0
-    scale = rho / (norm + eps) * inv_keep_prob if NORMALIZE else rho * inv_keep_prob
+    # NOTE (IEEE division): tl.div_rn, not `/`, which lowers to approximate division on NVIDIA GPUs.
+    scale = tl.div_rn(rho, norm + eps) * inv_keep_prob if NORMALIZE else rho * inv_keep_prob
     step = tl.load(step_ptr)
     step_lo = (step & 0xFFFFFFFF).to(tl.uint32)
     step_hi = ((step >> 32) & 0xFFFFFFFF).to(tl.uint32)
@@ -208,7 +209,7 @@ def restore_adam_kernel(
     exp_avg_sq = _typed_ptr(exp_avg_sq_ptrs, row, PARAM_DTYPE)
     multiplier, skip = _step_scalars(multiplier_ptr, found_inf_ptr, HAS_MULTIPLIER, HAS_FOUND_INF)
     step = tl.load(_typed_ptr(step_ptrs, row, tl.float32))
-    step_size = lr / (1.0 - tl.exp2(step * log2_beta1))
+    step_size = tl.div_rn(lr, 1.0 - tl.exp2(step * log2_beta1))
     bias_correction2_sqrt = tl.sqrt_rn(1.0 - tl.exp2(step * log2_beta2))
     for block_start in range(start, end, BLOCK):
         offs = block_start + tl.arange(0, BLOCK)
@@ -231,11 +232,12 @@ def restore_adam_kernel(
         if AMSGRAD:
             max_exp_avg_sq = _typed_ptr(max_exp_avg_sq_ptrs, row, PARAM_DTYPE)
             v_max_old = tl.load(max_exp_avg_sq + offs, mask=inside, other=0.0).to(tl.float32)
-            v_max = tl.maximum(v_max_old, v)
+            # NOTE: NaN propagates, as torch.maximum (the reference) and the native kernels do.
+            v_max = tl.maximum(v_max_old, v, propagate_nan=tl.PropagateNan.ALL)
             tl.store(max_exp_avg_sq + offs, tl.where(skip, v_max_old, v_max).to(PARAM_DTYPE),
                      mask=inside)
-            denom = tl.sqrt_rn(v_max) / bias_correction2_sqrt + eps
+            denom = tl.div_rn(tl.sqrt_rn(v_max), bias_correction2_sqrt) + eps
         else:
-            denom = tl.sqrt_rn(v) / bias_correction2_sqrt + eps
-        w_new = tl.where(skip, w, w_decayed - step_size * m / denom)
+            denom = tl.div_rn(tl.sqrt_rn(v), bias_correction2_sqrt) + eps
+        w_new = tl.where(skip, w, w_decayed - step_size * tl.div_rn(m, denom))
         tl.store(param + offs, w_new.to(PARAM_DTYPE), mask=inside)
