@@ -8,7 +8,7 @@ What gets built (printed at build time; ``pip install -v`` shows it):
 * plus the CUDA part (csrc/cuda/) when torch is a CUDA build and the CUDA toolkit (nvcc) is found
   through ``CUDA_HOME`` (or torch's own search), unless ``SAM_KERNELS_NO_CUDA=1``.
   ``SAM_KERNELS_FORCE_CUDA=1`` makes a missing CUDA part an error instead of a CPU-only build.
-  ``TORCH_CUDA_ARCH_LIST`` picks the GPU architectures (default here: "8.0;9.0"); ``MAX_JOBS`` caps
+  ``TORCH_CUDA_ARCH_LIST`` picks the GPU architectures (default here: "8.0;9.0+PTX"); ``MAX_JOBS`` caps
   the parallel compile jobs.
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 from setuptools import setup
 
 ROOT = Path(__file__).parent
-DEFAULT_CUDA_ARCHS = "8.0;9.0"
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 
 
 def _flag(name: str) -> bool:
