@@ -332,11 +332,11 @@ def restore_adam_step_(params: Tensors, backups: Tensors, exp_avgs: Tensors, exp
 
 
 def advance_adam_steps_(steps: Tensors, found_inf: torch.Tensor | None) -> None:
-    """Add 1 to Adam's per-parameter step counters, 0 where ``found_inf`` is set, on the device."""
+    """Add 1 to Adam's per-parameter step counters, 0 when ``found_inf`` is nonzero, on the device."""
     if found_inf is None:
         torch._foreach_add_(steps, 1.0)
     else:
         # NOTE: a tensor list, not a 0-d tensor operand: the CPU kernel of the scalar-tensor overload
         # reads the scalar on the host, which would break CUDA-graph capture and compiled steps.
-        increment = 1.0 - found_inf.float()
+        increment = (found_inf == 0).float()  # any nonzero flag skips (GradScaler's may exceed 1)
         torch._foreach_add_(steps, [increment] * len(steps))
