@@ -268,7 +268,6 @@ void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList bac
 // ---------------------------------------------------------------------------------------------- restore
 
 void restore_cpu(at::TensorList params, at::TensorList backups) {
-  const at::Device device = device_of(params);
   check_restore_args(params, backups);
   int64_t total_elements = 0;
   const auto items = work_items(params, &total_elements);
@@ -304,7 +303,6 @@ void restore_sgd_step_cpu(at::TensorList params, at::TensorList backups, at::Ten
                           bool maximize, const std::optional<at::Tensor>& grad_multiplier,
                           const std::optional<at::Tensor>& found_inf) {
   const at::Device device = device_of(params);
-  const size_t n = params.size();
   const bool has_momentum = momentum != 0.0;
   check_sgd_args(params, backups, grads, momentum_buffers, first_step, has_momentum);
   const auto multiplier_t = optional_scalar("grad_multiplier", grad_multiplier, device);

@@ -22,7 +22,7 @@ import torch
 from .common import AdamConfig, PerturbConfig, SgdConfig, split_u64
 
 BUILD_HINT = ("build it from source: `CUDA_HOME=/usr/local/cuda pip install --no-build-isolation -e .` "
-              "(or the CMake build; see README, 'Backends and building the native extension')")
+              "(or the CMake build; see README, 'Backends and building from source')")
 
 EXTENSION = "sam_kernels._C"
 

@@ -17,9 +17,10 @@
 
 namespace sam_kernels {
 
-// NOTE (chunking): every backend splits each tensor into chunks of kChunkSize elements (the last one may be
-// shorter; empty tensors own none). A chunk is the unit of parallel work and the unit of the norm's first
-// reduction stage, so the norm's partials, and therefore its bits, do not depend on the thread count.
+// NOTE (chunking): the native CPU and CUDA kernels split each tensor into chunks of kChunkSize elements
+// (the last one may be shorter; empty tensors own none; the Triton backend has its own, CHUNK in
+// sam_kernels/backends/triton_backend.py). A chunk is the unit of parallel work and the unit of the norm's
+// first reduction stage, so the norm's partials, and therefore its bits, do not depend on the thread count.
 // Masks do not depend on chunking at all (they use the element index within the tensor).
 constexpr int64_t kChunkSize = 65536;
 
