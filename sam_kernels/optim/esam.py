@@ -135,7 +135,7 @@ class ESAM(SAM):
         if self.gamma != 1.0 and closure is not None:
             raise ValueError(f"gamma={self.gamma}: data selection needs per-sample losses; use "
                              "sds_step(sample_losses), or gamma=1 to run step(closure) with SWP only")
-        return super().step(closure)
+        return self._step(closure)
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False, *, grad_scaler: Any = None) -> None:

@@ -11,10 +11,12 @@ import contextlib
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
 from .. import backends
 from ..backends.common import PerturbConfig
@@ -128,6 +130,8 @@ class _RunState:
     #: The step plan (plan.py) and the counter whose bumps invalidate it.
     plan: StepPlan | None = None
     plan_generation: int = 0
+    #: Inside ``step()``: torch's wrapper runs the step hooks.
+    in_step: bool = False
 
 
 @dataclass
@@ -323,6 +327,11 @@ class SAM(torch.optim.Optimizer):
         how ``torch.amp.GradScaler.step(optimizer)`` drives SAM, handing over its ``grad_scale`` (None
         when ``scaler.unscale_(optimizer)`` already ran) and ``found_inf`` tensors as attributes.
         """
+        return self._step(closure)
+
+    def _step(self, closure: Callable[[], Any] | None) -> Any:
+        """The body of ``step`` (torch.optim wraps each class's ``step`` with its hooks; a subclass calls
+        this, not ``super().step``, so that the hooks run once)."""
         scaler_attributes = hasattr(self, "grad_scale") or hasattr(self, "found_inf")
         if closure is None:
             if self._run.ascent is None:
@@ -335,13 +344,34 @@ class SAM(torch.optim.Optimizer):
             raise RuntimeError("step(closure) under torch.amp.GradScaler is not supported (the scaler "
                                "checks the gradients before the closure runs); use first_step("
                                "grad_scaler=scaler), the second backward, then scaler.step(optimizer)")
-        with torch.enable_grad(), self._ascent_pass():
-            loss = closure()
-        self.first_step(zero_grad=True)
-        with self._restoring_on_error(), torch.enable_grad(), freeze_bn_stats():
-            closure()
-        self.second_step()
+        self._run.in_step = True  # torch's wrapper of step() runs the step hooks
+        try:
+            with torch.enable_grad(), self._ascent_pass():
+                loss = closure()
+            self.first_step(zero_grad=True)
+            with self._restoring_on_error(), torch.enable_grad(), freeze_bn_stats():
+                closure()
+            self.second_step()
+        finally:
+            self._run.in_step = False
         return loss
+
+    def _run_step_hooks(self, which: str) -> None:
+        """torch.optim's step pre- or post-hooks (global ones included), for the two-call loop.
+
+        NOTE (step hooks): torch runs them around ``step()``, which the two-call loop never calls, so
+        ``first_step`` runs the pre-hooks and ``second_step`` the post-hooks: once per SAM step. Inside
+        ``step(closure)``, and on the GradScaler path (``scaler.step`` calls ``step()``), torch's wrapper
+        runs them instead. A pre-hook's returned arguments have nothing to replace here and are ignored.
+        """
+        if self._run.in_step:
+            return
+        if which == "pre":
+            hooks = chain(_global_optimizer_pre_hooks.values(), self._optimizer_step_pre_hooks.values())
+        else:
+            hooks = chain(self._optimizer_step_post_hooks.values(), _global_optimizer_post_hooks.values())
+        for hook in hooks:
+            hook(self, (self,), {})
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False, *, grad_scaler: Any = None) -> None:
@@ -356,6 +386,8 @@ class SAM(torch.optim.Optimizer):
             raise RuntimeError("first_step(): called twice; a SAM step is first_step() then "
                                "second_step()")
         scaler = grad_scaler if amp.scaler_enabled(grad_scaler) else None
+        if scaler is None:
+            self._run_step_hooks("pre")
         plan, grads = self._current_plan()
         kept = self._kept_in_ascent(plan)
         norm, nonfinite = self._ascent_norm(plan, grads, kept)
@@ -412,6 +444,7 @@ class SAM(torch.optim.Optimizer):
                                "go through scaler.step(optimizer), which unscales the second gradients; "
                                "the weights were restored and this step skipped")
         self._descend(None, None, zero_grad=zero_grad)
+        self._run_step_hooks("post")
 
     @torch.no_grad()
     def _descend(self, grad_scale: torch.Tensor | None, scaler_found_inf: torch.Tensor | None, *,
@@ -443,6 +476,7 @@ class SAM(torch.optim.Optimizer):
         # NOTE: torch's LR schedulers warn unless the optimizer marks itself as stepped; the two-call
         # loop never calls step(), so second_step sets the flag that their step() wrapper would set.
         self._opt_called = True
+        self.base_optimizer._opt_called = True  # a scheduler may be attached to the base optimizer
         if zero_grad:
             self._clear_grads()
 
@@ -661,7 +695,10 @@ class SAM(torch.optim.Optimizer):
         # non-finite gradient reads the flag on the host, once per step, as torch's GradScaler does.
         # This is the generic path's only sync; the fused path has none.
         if found_inf.item() == 0:
-            self.base_optimizer.step()
+            # NOTE (step hooks): the base optimizer's step unwrapped, so that the global step hooks run
+            # once per SAM step (SAM runs them), not a second time for the base optimizer.
+            base_step = type(self.base_optimizer).step
+            getattr(base_step, "__wrapped__", base_step)(self.base_optimizer)
 
     def _restore(self, ascent: _Ascent) -> None:
         """w = backup for every parameter the ascent perturbed (idempotent: the backups hold w until the
