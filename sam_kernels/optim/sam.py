@@ -8,6 +8,7 @@ The class owns the bookkeeping; every pass over the weights is one op of ``sam_k
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -695,10 +696,21 @@ class SAM(torch.optim.Optimizer):
         # non-finite gradient reads the flag on the host, once per step, as torch's GradScaler does.
         # This is the generic path's only sync; the fused path has none.
         if found_inf.item() == 0:
-            # NOTE (step hooks): the base optimizer's step unwrapped, so that the global step hooks run
-            # once per SAM step (SAM runs them), not a second time for the base optimizer.
-            base_step = type(self.base_optimizer).step
-            getattr(base_step, "__wrapped__", base_step)(self.base_optimizer)
+            self._base_step()
+
+    def _base_step(self) -> None:
+        """The base optimizer's step.
+
+        NOTE (step hooks): its class's step unwrapped, so that the global step hooks run once per SAM step
+        (SAM runs them), not a second time for the base optimizer; a step patched onto the instance (by a
+        wrapper or a test) is called as it is.
+        """
+        base = self.base_optimizer
+        step = base.__dict__.get("step")
+        if step is None:
+            step = type(base).step
+            step = functools.partial(getattr(step, "__wrapped__", step), base)
+        step()
 
     def _restore(self, ascent: _Ascent) -> None:
         """w = backup for every parameter the ascent perturbed (idempotent: the backups hold w until the
