@@ -11,7 +11,7 @@ import torch
 
 from sam_kernels.optim import ESAM, SAM
 
-from .eager import assert_models_equal, make_batches, make_model
+from .eager import assert_models_equal, batch_loss, make_batches, make_model
 from .test_sam import two_call_step
 
 OPTIMIZERS = {
@@ -119,13 +119,15 @@ def test_state_and_groups_changes_rebuild_the_plan(backend, name):
 
 
 def test_a_step_reuses_the_plan(backend):
-    """No trigger, no rebuild: the plan object survives steps (and LR changes)."""
+    """No trigger, no rebuild: the plan object survives steps (and LR changes) once the first step
+    has created the optimizer state (a new state entry count is a trigger)."""
     model = make_model()
     optimizer = OPTIMIZERS["sgd"](model.parameters(), backend)
-    batches = make_batches(4)
-    two_call_step(optimizer, model, *batches[0])
+    batches = make_batches(5)
+    for x, y in batches[:2]:
+        two_call_step(optimizer, model, x, y)
     plan = optimizer._run.plan
-    for x, y in batches[1:]:
+    for x, y in batches[2:]:
         optimizer.param_groups[0]["lr"] *= 0.9
         two_call_step(optimizer, model, x, y)
     assert optimizer._run.plan is plan
@@ -165,3 +167,51 @@ def test_dtype_change_rebuilds_the_plan(backend, name):
     assert all(p.dtype == torch.bfloat16 for p in params)
     assert all(torch.equal(a, b) for a, b in zip(params, twins, strict=True))
     assert not all(torch.equal(p, b) for p, b in zip(params, before, strict=True))
+
+
+def test_cleared_state_and_replaced_group_dicts_rebuild_the_plan(backend):
+    """``state.clear()`` (same dict object) and a group dict replaced in ``param_groups`` are seen."""
+    model = make_model()
+    optimizer = OPTIMIZERS["adamw"](model.parameters(), backend)
+    for x, y in make_batches(2):
+        two_call_step(optimizer, model, x, y)
+    optimizer.state.clear()
+    continue_against_fresh(model, optimizer, OPTIMIZERS["adamw"], backend)
+    assert len(optimizer.state) == len(list(model.parameters()))
+    optimizer.param_groups[0] = dict(optimizer.param_groups[0], lr=0.0)
+    frozen = [p.detach().clone() for p in model.parameters()]
+    two_call_step(optimizer, model, *make_batches(1, seed=3)[0])
+    assert all(torch.equal(p, f) for p, f in zip(model.parameters(), frozen, strict=True))
+
+
+def test_options_changed_between_the_passes_are_seen(backend):
+    """AMSGrad switched on between first_step and second_step: the descent rebuilds its plan (from w)
+    instead of failing half-way or using stale operand lists."""
+    model = make_model()
+    optimizer = OPTIMIZERS["adamw"](model.parameters(), backend)
+    two_call_step(optimizer, model, *make_batches(1)[0])
+    x, y = make_batches(1, seed=4)[0]
+    batch_loss(model, x, y).backward()
+    optimizer.first_step(zero_grad=True)
+    optimizer.param_groups[0]["amsgrad"] = True
+    batch_loss(model, x, y).backward()
+    optimizer.second_step(zero_grad=True)
+    assert all("max_exp_avg_sq" in optimizer.state[p] for p in model.parameters())
+
+
+def test_esam_keeps_its_plan_across_steps(backend):
+    """ESAM's dropped tensors have no ascent gradient inside ascent_pass: the plan allows exactly those
+    to lack one instead of being rebuilt twice per step."""
+    model = make_model()
+    optimizer = ESAM(model.parameters(), torch.optim.SGD, lr=0.05, momentum=0.9, beta=0.5, gamma=1.0,
+                     backend=backend, seed=3)
+    plans = []
+    for x, y in make_batches(6):
+        def closure(x=x, y=y):
+            optimizer.zero_grad()
+            loss = batch_loss(model, x, y)
+            loss.backward()
+            return loss
+        optimizer.step(closure)
+        plans.append(optimizer._run.plan)
+    assert len({id(plan) for plan in plans[2:]}) == 1

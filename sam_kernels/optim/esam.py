@@ -137,6 +137,8 @@ class ESAM(SAM):
                              "sds_step(sample_losses), or gamma=1 to run step(closure) with SWP only")
         return self._step(closure)
 
+    step.hooked = True  # NOTE (step hooks): SAM runs the hooks itself; see SAM.step
+
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False, *, grad_scaler: Any = None) -> None:
         """SAM's ascent with SWP. Outside ``sds_step`` this requires ``gamma == 1`` (the two-call loop's

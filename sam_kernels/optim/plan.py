@@ -8,14 +8,16 @@ prebuilt lists to the backend: no op-layer validation, no backend resolution, no
 
 NOTE (invalidation): a plan is rebuilt when anything it holds may have changed:
   * the param groups: ``add_param_group`` and ``load_state_dict`` bump the optimizer's plan generation,
-    and the plan key holds the group list's identity and each group's parameter count;
+    the plan key holds the identities of the group list and of each group dict and each group's
+    parameter count, and the parameters' identities are compared at every ascent (one C-level pass);
   * a parameter's identity, shape, dtype, device or storage (``model.to``, replacing ``.data``, FSDP2
     resharding): the data pointers of the local tensors are compared at every ascent (one C-level
     pass); shape, dtype and device do not change without a new storage;
   * the set of parameters holding a gradient: checked while the gradients are collected;
-  * the optimizer state tensors: created by the fused step (the generation is bumped after they are
-    stored) or loaded (``load_state_dict``, or a new state dict object); an entry replaced by hand in
-    ``optimizer.state`` is not seen: call ``optimizer.invalidate_plan()`` after doing that;
+  * the optimizer state tensors: created by the fused step (stored by its commit, which updates the
+    plan's lists), loaded (``load_state_dict``, or a new state dict object) or cleared (the number of
+    state entries is in the key); an entry replaced by hand in ``optimizer.state`` is not seen: call
+    ``optimizer.invalidate_plan()`` after doing that;
   * the options that decide the fused kernels' operand lists (SGD momentum on or off, AMSGrad): in the
     key.
 Hyper-parameters (lr, rho, betas, ...) are read from the param groups at every step, so LR schedulers and
@@ -28,6 +30,7 @@ checks contiguity (a C-level pass) and runs the full, named checks only when tha
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -89,6 +92,7 @@ class StepPlan:
                 raise ValueError(f"params: on {param.device} and {self.device}; SAM needs every "
                                  "parameter on one device")
         self.pointers = self._pointers()
+        self.param_ids = _param_ids(groups)
         self.backend_name, _ = backends.resolve(self.device, optimizer.backend)
         self.backups = [optimizer._backup(p) for p in self.params]
         self.check_grads(self.grads())
@@ -108,33 +112,46 @@ class StepPlan:
             return ()  # fake tensors have no addresses; dynamo guards on the tensors themselves
         return tuple(map(torch.Tensor.data_ptr, self.local))
 
-    def grads(self) -> list[torch.Tensor] | None:
-        """The planned parameters' current (local) gradients, or None when one of them has none or a
-        parameter left out of the plan has gained one (the plan is then stale)."""
+    def grads(self, may_lack: frozenset[int] = frozenset()) -> list[torch.Tensor | None] | None:
+        """The planned parameters' current (local) gradients, or None when the plan is stale: a planned
+        parameter has none (unless its id is in ``may_lack``: ESAM's dropped tensors, whose ascent
+        gradient autograd skipped), or a parameter left out of the plan has gained one."""
         grads = [p.grad for p in self.params]
-        if _NONE_ID in map(id, grads):
+        if _NONE_ID in map(id, grads) and (not may_lack or any(
+                g is None and id(p) not in may_lack for p, g in zip(self.params, grads))):
             return None
         if self.without_grad and any(p.grad is not None for p in self.without_grad):
             return None
-        return [local_tensor(g) for g in grads] if self.sharded else grads
+        if self.sharded:
+            return [local_tensor(g) if g is not None else None for g in grads]
+        return grads
 
-    def is_current(self, key: tuple) -> bool:
-        """Whether the plan still describes the optimizer (the gradient set is checked by ``grads``)."""
-        return key == self.key and self._pointers() == self.pointers
+    def is_current(self, key: tuple, groups: list[dict]) -> bool:
+        """Whether the plan still describes the optimizer: the same key, the same parameter objects, the
+        same storage (the gradient set is checked by ``grads``)."""
+        return key == self.key and _param_ids(groups) == self.param_ids and self._pointers() == self.pointers
 
     def check_grads(self, grads: Sequence[torch.Tensor] | None) -> None:
         """Dense, contiguous gradients (C-level pass); the named checks only when that fails."""
         if grads is None:
             return
+        present = [g for g in grads if g is not None] if _NONE_ID in map(id, grads) else grads
         try:
-            if all(map(torch.Tensor.is_contiguous, grads)):
+            if all(map(torch.Tensor.is_contiguous, present)):
                 return
         except RuntimeError:  # sparse tensors have no is_contiguous
             pass
         for group_plan in self.groups:
             for slot in range(group_plan.start, group_plan.stop):
+                if grads[slot] is None:
+                    continue
                 _check_grad(grads[slot], group_plan.index,
                             _position_in_group(group_plan.group, self.params[slot]))
+
+
+def _param_ids(groups: list[dict]) -> list[int]:
+    """Identities of every parameter of every group, in order (one C-level pass)."""
+    return list(map(id, itertools.chain.from_iterable(group["params"] for group in groups)))
 
 
 def _position_in_group(group: dict, param: torch.Tensor) -> int:

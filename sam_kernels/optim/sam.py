@@ -8,7 +8,6 @@ The class owns the bookkeeping; every pass over the weights is one op of ``sam_k
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -131,8 +130,6 @@ class _RunState:
     #: The step plan (plan.py) and the counter whose bumps invalidate it.
     plan: StepPlan | None = None
     plan_generation: int = 0
-    #: Inside ``step()``: torch's wrapper runs the step hooks.
-    in_step: bool = False
 
 
 @dataclass
@@ -242,6 +239,7 @@ class SAM(torch.optim.Optimizer):
         # objects), so anything that edits one edits the other; rebind after the base rebinds them.
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
+        self._shared = (self.param_groups, self.state)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group to SAM and its base optimizer (SAM's defaults fill missing options)."""
@@ -330,9 +328,13 @@ class SAM(torch.optim.Optimizer):
         """
         return self._step(closure)
 
+    # NOTE (step hooks): torch.optim wraps a class's ``step`` with its hook runner unless the function is
+    # marked ``hooked``; SAM runs the hooks itself (``_run_step_hooks``) so that every calling style runs
+    # each hook exactly once, the pre-hooks before the ascent and the post-hooks after the descent.
+    step.hooked = True
+
     def _step(self, closure: Callable[[], Any] | None) -> Any:
-        """The body of ``step`` (torch.optim wraps each class's ``step`` with its hooks; a subclass calls
-        this, not ``super().step``, so that the hooks run once)."""
+        """The body of ``step``, shared with subclasses."""
         scaler_attributes = hasattr(self, "grad_scale") or hasattr(self, "found_inf")
         if closure is None:
             if self._run.ascent is None:
@@ -345,28 +347,19 @@ class SAM(torch.optim.Optimizer):
             raise RuntimeError("step(closure) under torch.amp.GradScaler is not supported (the scaler "
                                "checks the gradients before the closure runs); use first_step("
                                "grad_scaler=scaler), the second backward, then scaler.step(optimizer)")
-        self._run.in_step = True  # torch's wrapper of step() runs the step hooks
-        try:
-            with torch.enable_grad(), self._ascent_pass():
-                loss = closure()
-            self.first_step(zero_grad=True)
-            with self._restoring_on_error(), torch.enable_grad(), freeze_bn_stats():
-                closure()
-            self.second_step()
-        finally:
-            self._run.in_step = False
+        with torch.enable_grad(), self._ascent_pass():
+            loss = closure()
+        self.first_step(zero_grad=True)
+        with self._restoring_on_error(), torch.enable_grad(), freeze_bn_stats():
+            closure()
+        self.second_step()
         return loss
 
     def _run_step_hooks(self, which: str) -> None:
-        """torch.optim's step pre- or post-hooks (global ones included), for the two-call loop.
-
-        NOTE (step hooks): torch runs them around ``step()``, which the two-call loop never calls, so
-        ``first_step`` runs the pre-hooks and ``second_step`` the post-hooks: once per SAM step. Inside
-        ``step(closure)``, and on the GradScaler path (``scaler.step`` calls ``step()``), torch's wrapper
-        runs them instead. A pre-hook's returned arguments have nothing to replace here and are ignored.
+        """torch.optim's step pre- or post-hooks (global ones included): ``first_step`` runs the pre-hooks,
+        the descent (``second_step``, or ``step()`` from GradScaler) the post-hooks, so each runs once per
+        SAM step in every style. A pre-hook's returned arguments have nothing to replace and are ignored.
         """
-        if self._run.in_step:
-            return
         if which == "pre":
             hooks = chain(_global_optimizer_pre_hooks.values(), self._optimizer_step_pre_hooks.values())
         else:
@@ -387,10 +380,10 @@ class SAM(torch.optim.Optimizer):
             raise RuntimeError("first_step(): called twice; a SAM step is first_step() then "
                                "second_step()")
         scaler = grad_scaler if amp.scaler_enabled(grad_scaler) else None
-        if scaler is None:
-            self._run_step_hooks("pre")
-        plan, grads = self._current_plan()
-        kept = self._kept_in_ascent(plan)
+        self._run_step_hooks("pre")
+        excluded = self._excluded_from_ascent()
+        plan, grads = self._current_plan(frozenset(map(id, excluded)))
+        kept = self._kept_in_ascent(plan, excluded)
         norm, nonfinite = self._ascent_norm(plan, grads, kept)
         plain_norm = norm
         if self.renormalize and any(g.group["sam_adaptive"] for g in plan.groups):
@@ -445,7 +438,6 @@ class SAM(torch.optim.Optimizer):
                                "go through scaler.step(optimizer), which unscales the second gradients; "
                                "the weights were restored and this step skipped")
         self._descend(None, None, zero_grad=zero_grad)
-        self._run_step_hooks("post")
 
     @torch.no_grad()
     def _descend(self, grad_scale: torch.Tensor | None, scaler_found_inf: torch.Tensor | None, *,
@@ -478,6 +470,7 @@ class SAM(torch.optim.Optimizer):
         # loop never calls step(), so second_step sets the flag that their step() wrapper would set.
         self._opt_called = True
         self.base_optimizer._opt_called = True  # a scheduler may be attached to the base optimizer
+        self._run_step_hooks("post")
         if zero_grad:
             self._clear_grads()
 
@@ -486,7 +479,7 @@ class SAM(torch.optim.Optimizer):
         """The descent proper: the second gradients' norm and flag, then the fused or generic step."""
         plan, kept = ascent.plan, ascent.kept
         grads = plan.grads()
-        if grads is None or plan is not self._run.plan:
+        if grads is None or plan is not self._run.plan or self._plan_key() != plan.key:
             # NOTE: the gradient set changed between the passes (rare): put w back first, then descend
             # with a plan of the current gradients from unperturbed weights.
             self._restore(ascent)
@@ -567,28 +560,34 @@ class SAM(torch.optim.Optimizer):
         """What a step plan depends on besides the parameters' storage and the gradient set (see
         plan.py): cheap to compute, O(param groups)."""
         kind = self._descent_kind()
-        return (self._run.plan_generation, id(self.param_groups), id(self.state),
-                tuple(len(group["params"]) for group in self.param_groups), kind,
-                fused_steps.structure(kind, self.param_groups))
+        groups = self.param_groups
+        return (self._run.plan_generation, id(groups), id(self.state), len(self.state),
+                tuple(map(id, groups)), tuple(len(group["params"]) for group in groups), kind,
+                fused_steps.structure(kind, groups))
 
-    def _current_plan(self) -> tuple[StepPlan, list[torch.Tensor]]:
-        """The step plan (rebuilt when stale) and the current local gradients of its parameters."""
+    def _current_plan(self, may_lack: frozenset[int] = frozenset()) -> tuple[StepPlan, list]:
+        """The step plan (rebuilt when stale) and the current local gradients of its parameters
+        (None for those in ``may_lack``, ids of parameters sitting out the ascent, that have none)."""
         base = self.base_optimizer
         if self.param_groups is not base.param_groups or self.state is not base.state:
             # NOTE: the base optimizer's own load_state_dict (called directly) rebinds its group list
-            # and state dict; share them again, with SAM's options filled in and checked.
+            # and state dict, or the user assigned SAM's: share them again (the side that changed
+            # wins), with SAM's options filled in and checked.
+            shared_groups, shared_state = self._shared
+            if base.param_groups is shared_groups and base.state is shared_state:
+                base.param_groups, base.state = self.param_groups, self.state
             self._share_base()
             for index, group in enumerate(self.param_groups):
                 adopt_group_options(group, base.defaults, self.defaults)
                 check_group(group, index)
         key = self._plan_key()
         plan = self._run.plan
-        if plan is not None and plan.is_current(key):
-            grads = plan.grads()
+        if plan is not None and plan.is_current(key, self.param_groups):
+            grads = plan.grads(may_lack)
             if grads is not None:
                 plan.check_grads(grads)
                 return plan, grads
-        plan = self._run.plan = StepPlan(self, key, key[4])
+        plan = self._run.plan = StepPlan(self, key, kind=key[6])
         return plan, plan.grads()
 
     def invalidate_plan(self) -> None:
@@ -597,9 +596,8 @@ class SAM(torch.optim.Optimizer):
         self._run.plan_generation += 1
         self._run.plan = None
 
-    def _kept_in_ascent(self, plan: StepPlan) -> list[bool] | None:
+    def _kept_in_ascent(self, plan: StepPlan, excluded) -> list[bool] | None:
         """Per planned parameter whether it takes part in the ascent (None: all do)."""
-        excluded = self._excluded_from_ascent()
         if not excluded:
             return None
         ids = {id(p) for p in excluded}
@@ -699,18 +697,24 @@ class SAM(torch.optim.Optimizer):
             self._base_step()
 
     def _base_step(self) -> None:
-        """The base optimizer's step.
+        """The base optimizer's step, with its own step hooks but not the global ones.
 
-        NOTE (step hooks): its class's step unwrapped, so that the global step hooks run once per SAM step
-        (SAM runs them), not a second time for the base optimizer; a step patched onto the instance (by a
-        wrapper or a test) is called as it is.
+        NOTE (step hooks): the global hooks run once per SAM step (SAM runs them), so the base class's
+        step is called unwrapped, between the base optimizer's own hooks. A step patched onto the base
+        instance is called as it is, except an LR scheduler's step counter (SAM marks the base as
+        stepped itself).
         """
         base = self.base_optimizer
-        step = base.__dict__.get("step")
-        if step is None:
-            step = type(base).step
-            step = functools.partial(getattr(step, "__wrapped__", step), base)
-        step()
+        patched = base.__dict__.get("step")
+        if patched is not None and not getattr(patched, "_wrapped_by_lr_sched", False):
+            patched()
+            return
+        for hook in list(base._optimizer_step_pre_hooks.values()):
+            hook(base, (base,), {})
+        step = type(base).step
+        getattr(step, "__wrapped__", step)(base)
+        for hook in list(base._optimizer_step_post_hooks.values()):
+            hook(base, (base,), {})
 
     def _restore(self, ascent: _Ascent) -> None:
         """w = backup for every parameter the ascent perturbed (idempotent: the backups hold w until the
