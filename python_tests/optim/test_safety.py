@@ -416,3 +416,16 @@ def test_non_contiguous_gradient_error_names_the_gradient():
                                          r"contiguous.*grad\.contiguous\(\)") as error:
         sam.first_step()
     assert "parameters contiguous" not in str(error.value)
+
+
+@pytest.mark.parametrize("name", [n for n in every_base() if n not in REFUSED])
+def test_every_torch_optimizer_checkpoint_loads_back(name):
+    """state_dict -> load_state_dict round-trips over each torch.optim base (its own checks included)."""
+    cls = getattr(torch.optim, name)
+    model = make_model()
+    params = [p for p in model.parameters() if p.dim() == 2] if name == "Muon" else list(model.parameters())
+    sam = SAM(params, cls, backend="torch", **OPTIONS.get(name, {"lr": 0.01}))
+    two_call_step(sam, model, *make_batches(1)[0])
+    state = copy.deepcopy(sam.state_dict())
+    sam.load_state_dict(state)
+    assert sam.state_dict()["sam"] == state["sam"]

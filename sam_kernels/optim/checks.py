@@ -112,19 +112,20 @@ def checked_sam_entry(entry: Any, seed: int, step: int) -> tuple[int, int]:
     return int(entry["seed"]), int(entry["step"])
 
 
-def check_base_options(base: torch.optim.Optimizer, group: dict, index: int) -> None:
-    """A loaded group has every option of the base optimizer, with values its constructor accepts."""
+def check_base_options(base: torch.optim.Optimizer, group: dict, index: int, previous: dict) -> None:
+    """A loaded group has every option the group it replaces had (``previous``: those the base
+    optimizer's step reads), with values the base optimizer's constructor accepts."""
     where = f"state_dict['param_groups'][{index}]"
-    missing = [name for name in base.defaults if name not in group]
+    missing = [name for name in previous if name not in group and name not in ("params", "param_names")]
     if missing:
         raise ValueError(f"{where}: lacks {', '.join(map(repr, missing))} of {type(base).__name__}; the "
                          "state dict comes from another optimizer class")
-    numbers_only = {name: group[name] for name in base.defaults
-                    if isinstance(group[name], (int, float, tuple)) and not isinstance(group[name], bool)}
+    numbers_only = {name: group[name] for name in base.defaults if name in group
+                    and isinstance(group[name], (int, float, tuple)) and not isinstance(group[name], bool)}
     try:
         # NOTE: torch.optim checks its hyper-parameters in the constructor only; building a throwaway
-        # optimizer over one scalar runs those checks on the loaded values.
-        type(base)([torch.zeros(1, requires_grad=True)], **numbers_only)
+        # optimizer over one small matrix (Muon takes matrices only) runs those checks on the loaded values.
+        type(base)([torch.zeros(2, 2, requires_grad=True)], **numbers_only)
     except TypeError:
         return  # a constructor with another signature: its own step will check
     except ValueError as error:

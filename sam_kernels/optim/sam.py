@@ -286,10 +286,11 @@ class SAM(torch.optim.Optimizer):
         try:
             base.load_state_dict(state_dict)
             self._share_base()
-            for index, group in enumerate(self.param_groups):
+            for index, (group, old) in enumerate(zip(self.param_groups, previous["param_groups"],
+                                                      strict=True)):
                 adopt_group_options(group, base.defaults, self.defaults)
                 check_group(group, index)
-                check_base_options(base, group, index)
+                check_base_options(base, group, index, old)
             check_state_shapes(self.param_groups, self.state)
             self._descent_kind()
         except BaseException:
