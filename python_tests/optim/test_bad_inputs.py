@@ -23,7 +23,8 @@ def params():
 
 @pytest.mark.parametrize(("options", "match"), [
     ({"rho": -0.1}, "rho"), ({"rho": float("nan")}, "rho"),
-    ({"rho": torch.tensor(0.05)}, "rho"), ({"eps": 0.0}, "eps"), ({"adaptive_eta": -1.0}, "adaptive_eta"),
+    ({"rho": torch.tensor(0.05)}, "rho"), ({"sam_eps": 0.0}, "sam_eps"),
+    ({"adaptive_eta": -1.0}, "adaptive_eta"),
     ({"seed": -1}, "seed"), ({"fused": True, "foreach": True}, "fused and foreach"),
     ({"backend": "cuda-magic"}, "backend"), ({"maximize": True}, "maximize"),
 ])

@@ -429,3 +429,11 @@ def test_every_torch_optimizer_checkpoint_loads_back(name):
     state = copy.deepcopy(sam.state_dict())
     sam.load_state_dict(state)
     assert sam.state_dict()["sam"] == state["sam"]
+
+
+def test_eps_goes_to_the_base_optimizer():
+    """``eps`` is the base optimizer's (Adam's 1e-8 by default); SAM's own epsilon is ``sam_eps``."""
+    sam = SAM(make_model().parameters(), torch.optim.Adam, lr=0.01, eps=1e-3, sam_eps=1e-9)
+    assert sam.param_groups[0]["eps"] == 1e-3 and sam.eps == 1e-9
+    with pytest.raises(TypeError, match="eps"):
+        SAM(make_model().parameters(), torch.optim.SGD, lr=0.1, eps=1e-3)

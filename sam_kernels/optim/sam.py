@@ -155,7 +155,7 @@ class SAM(torch.optim.Optimizer):
 
     ``base_optimizer`` is a torch.optim class (its options as extra keyword arguments, the convention of
     the popular implementations) or an optimizer instance. Per-group options: ``rho``, ``adaptive``
-    (ASAM, weight ``|w| + adaptive_eta``), ``adaptive_eta``. Optimizer-wide: ``eps`` (of the ascent
+    (ASAM, weight ``|w| + adaptive_eta``), ``adaptive_eta``. Optimizer-wide: ``sam_eps`` (of the ascent
     scale and of SSAM's ratio), ``normalize_ascent=False`` (USAM's ``e = rho * g``), ``renormalize``
     (SSAM: the descent gradient rescaled to the ascent gradient's norm), ``seed`` (of the random
     masks; default ``torch.initial_seed()``),
@@ -183,14 +183,14 @@ class SAM(torch.optim.Optimizer):
     _step_supports_amp_scaling = True
 
     def __init__(self, params: Iterable | None, base_optimizer, *, rho: float = 0.05,
-                 adaptive: bool = False, adaptive_eta: float = 0.0, eps: float = 1e-12,
+                 adaptive: bool = False, adaptive_eta: float = 0.0, sam_eps: float = 1e-12,
                  normalize_ascent: bool = True, renormalize: bool = False, seed: int | None = None,
                  foreach: bool | None = None, fused: bool | None = None, backend: str | None = None,
                  capturable: bool = False, **base_kwargs: Any) -> None:
         check_non_negative("rho", rho)
         check_bool("adaptive", adaptive)
         check_non_negative("adaptive_eta", adaptive_eta)
-        check_positive("eps", eps)
+        check_positive("sam_eps", sam_eps)
         check_bool("normalize_ascent", normalize_ascent)
         check_bool("renormalize", renormalize)
         check_optional_bool("fused", fused)
@@ -214,7 +214,7 @@ class SAM(torch.optim.Optimizer):
         self._share_base()
         self.defaults = {**base.defaults, **self.defaults}
         check_distinct(self.param_groups)
-        self.eps = float(eps)
+        self.eps = float(sam_eps)
         self.normalize_ascent = normalize_ascent
         self.renormalize = renormalize
         self.seed = _default_seed() if seed is None else seed
