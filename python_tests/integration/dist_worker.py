@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime
+import faulthandler
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -21,10 +23,25 @@ STEPS = 3
 
 
 def init(rank: int, port: int) -> None:
+    faulthandler.enable()  # a crash in native code prints the Python stack of every thread
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=60))
+
+
+def finish() -> None:
+    """Leave once every rank is done, skipping the interpreter's teardown.
+
+    NOTE (teardown): gloo's worker threads can outlive ``destroy_process_group`` and abort the process
+    while the interpreter finalizes ("terminate called without an active exception"), after the results
+    were saved. Exiting with ``os._exit`` once both ranks passed the barrier keeps such a teardown crash
+    from failing a run whose results are complete; a crash before the barrier still fails the test."""
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def shard(x: torch.Tensor, y: torch.Tensor, rank: int):
@@ -98,8 +115,7 @@ def ddp_run(rank: int, port: int, out: str, backends: list[str]) -> None:
             results[(backend, f"{key}_dropped")] = everyone
     if rank == 0:
         torch.save(results, out)
-    dist.barrier()
-    dist.destroy_process_group()
+    finish()
 
 
 def fsdp_run(rank: int, port: int, out: str, backends: list[str]) -> None:
@@ -135,5 +151,4 @@ def fsdp_run(rank: int, port: int, out: str, backends: list[str]) -> None:
     dist.all_gather_object(everyone, results)
     if rank == 0:
         torch.save(everyone, out)
-    dist.barrier()
-    dist.destroy_process_group()
+    finish()
