@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <cstdint>
 #include <optional>
 #include <vector>
@@ -67,7 +68,7 @@ inline void check_grad_norm_args(at::TensorList grads, at::TensorList weights) {
 
 inline void check_perturb_args(at::TensorList params, at::TensorList grads, at::TensorList backups,
                                at::IntArrayRef tensor_indices, const at::Tensor& step,
-                               int64_t keep_threshold, double keep_prob) {
+                               int64_t keep_threshold, double scale_factor) {
   const at::Device device = device_of(params);
   check_list("params", params, params.size(), device);
   check_list("grads", grads, params.size(), device, params);
@@ -75,7 +76,8 @@ inline void check_perturb_args(at::TensorList params, at::TensorList grads, at::
   TORCH_CHECK(tensor_indices.size() == params.size(), "tensor_indices: expected ", params.size(),
               " entries, got ", tensor_indices.size());
   TORCH_CHECK(keep_threshold >= 0 && keep_threshold <= kKeepAll, "keep_threshold: must be in [0, 2**24]");
-  TORCH_CHECK(keep_prob > 0.0 && keep_prob <= 1.0, "keep_prob: must be in (0, 1]");
+  TORCH_CHECK(std::isfinite(scale_factor) && scale_factor > 0.0,
+              "scale_factor: must be a positive finite number");
   if (params.empty()) return;
   TORCH_CHECK(step.numel() == 1 && step.scalar_type() == at::kLong && step.device() == device,
               "step: expected a one-element int64 tensor on ", device);

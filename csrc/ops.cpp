@@ -33,7 +33,7 @@ TORCH_LIBRARY(sam_kernels, m) {
   m.def("grad_norm(Tensor[] grads, Tensor[] weights, float adaptive_eta) -> (Tensor, Tensor)", tags);
   m.def(
       "perturb_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] backups, int[] tensor_indices, "
-      "Tensor norm, Tensor step, float rho, float eps, int keep_threshold, float keep_prob, "
+      "Tensor norm, Tensor step, float rho, float eps, int keep_threshold, float scale_factor, "
       "bool normalize, bool adaptive, float adaptive_eta, int seed_lo, int seed_hi) -> ()",
       tags);
   m.def("restore_(Tensor(a!)[] params, Tensor[] backups) -> ()", tags);

@@ -212,6 +212,7 @@ class PerturbCase:
     rho: float
     eps: float
     keep_prob: float
+    scale_factor: float | None  # None: the op's default, 1 / keep_prob
     normalize: bool
     adaptive: bool
     eta: float
@@ -237,7 +238,9 @@ def perturb_cases(draw) -> PerturbCase:
         tensors=tensors, norm=norm,
         rho=draw(st.one_of(st.sampled_from([0.0, 0.05, 0.5]), reals(0.0, 2.0))),
         eps=draw(st.sampled_from([1e-12, 1e-12, 1e-6, 0.0])),
-        keep_prob=draw(keep_probs), normalize=draw(st.booleans()), adaptive=draw(st.booleans()),
+        keep_prob=draw(keep_probs),
+        scale_factor=draw(st.one_of(st.none(), st.sampled_from([1.0, 1 / 0.6]), reals(0.01, 100.0))),
+        normalize=draw(st.booleans()), adaptive=draw(st.booleans()),
         eta=draw(st.sampled_from([0.0, 0.01, 0.5])), seed=draw(seeds), step=draw(steps),
         step_shape=draw(st.sampled_from([(), (), (1,), None])), tensor_indices=indices)
 
@@ -260,7 +263,8 @@ def test_perturb_matches_reference(target, case):
                                                                      dtype=torch.int64, device=device)
         out, backups = clones(params), clones(garbage)
         ops.perturb_(out, backups, norm, grads=grads, rho=case.rho, eps=case.eps, keep_prob=case.keep_prob,
-                     normalize=case.normalize, adaptive=case.adaptive, adaptive_eta=case.eta,
+                     scale_factor=case.scale_factor, normalize=case.normalize,
+                     adaptive=case.adaptive, adaptive_eta=case.eta,
                      seed=case.seed, step=step, tensor_indices=case.tensor_indices, backend=name)
         results[name] = out, backups
     out, backups = results[backend]

@@ -9,6 +9,7 @@ them on the host.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -153,23 +154,27 @@ def grad_norm(params: Tensors, grads: OptionalTensors | None = None, *, adaptive
 
 def perturb_(params: Tensors, backups: Tensors, norm: torch.Tensor, *, rho: float,
              grads: OptionalTensors | None = None, eps: float = 1e-12, keep_prob: float = 1.0,
-             normalize: bool = True, adaptive: bool = False, adaptive_eta: float = 0.0, seed: int = 0,
-             step: int | torch.Tensor = 0, tensor_indices: Sequence[int] | None = None,
-             backend: str | None = None) -> None:
+             scale_factor: float | None = None, normalize: bool = True, adaptive: bool = False,
+             adaptive_eta: float = 0.0, seed: int = 0, step: int | torch.Tensor = 0,
+             tensor_indices: Sequence[int] | None = None, backend: str | None = None) -> None:
     """Write ``backup = w``, then ``w += scale * m * (T_w^2 if adaptive) * g`` in place.
 
-    ``scale = rho / (norm + eps) / keep_prob`` (``rho / keep_prob`` when ``normalize`` is False: the
-    unnormalized ascent of USAM), computed on the device from the ``norm`` tensor. ``m`` is a
-    Bernoulli(``keep_prob``) mask regenerated from (seed, step, tensor index, element index), see
-    ``backends/common.py``; ``keep_prob=1`` means no mask. ``tensor_indices`` are the parameters'
-    positions in the optimizer's global order (default: their positions in ``params``). A non-finite
-    ``norm`` leaves every weight untouched (the backup is still written). Parameters without a gradient
-    are neither perturbed nor backed up.
+    ``scale = rho / (norm + eps) * scale_factor`` (``rho * scale_factor`` when ``normalize`` is False:
+    the unnormalized ascent of USAM), computed on the device from the ``norm`` tensor;
+    ``scale_factor`` defaults to ``1 / keep_prob`` (an unbiased mask). ``m`` is a Bernoulli(``keep_prob``)
+    mask regenerated from (seed, step, tensor index, element index), see ``backends/common.py``;
+    ``keep_prob=1`` means no mask. ``tensor_indices`` are the parameters' positions in the optimizer's
+    global order (default: their positions in ``params``). A non-finite ``norm`` leaves every weight
+    untouched (the backup is still written). Parameters without a gradient are neither perturbed nor
+    backed up.
     """
     kept = _with_grads(params, grads)
     grads = _resolve_grads(params, grads)
     _check_list("backups", backups, len(params))
     _check_probability("keep_prob", keep_prob)
+    scale_factor = 1.0 / keep_prob if scale_factor is None else scale_factor
+    if not (math.isfinite(scale_factor) and scale_factor > 0):
+        raise ValueError(f"scale_factor: must be a positive finite number, got {scale_factor}")
     if rho < 0:
         raise ValueError(f"rho: must be non-negative, got {rho}")
     if eps < 0:
@@ -188,8 +193,8 @@ def perturb_(params: Tensors, backups: Tensors, norm: torch.Tensor, *, rho: floa
     _check_scalar("norm", norm, device)
     step = _device_step(step, device)
     config = PerturbConfig(rho=float(rho), eps=float(eps), keep_prob=float(keep_prob),
-                           normalize=bool(normalize), adaptive=bool(adaptive),
-                           adaptive_eta=float(adaptive_eta), seed=int(seed))
+                           scale_factor=float(scale_factor), normalize=bool(normalize),
+                           adaptive=bool(adaptive), adaptive_eta=float(adaptive_eta), seed=int(seed))
     _backend(params, backend).perturb_(
         _pick(params, kept), _pick(grads, kept), _pick(backups, kept),
         [int(t) for t in _pick(tensor_indices, kept)], norm.reshape(()).float(), step, config)

@@ -226,15 +226,16 @@ SAMK_CPU_LOOP void perturb_range(T* __restrict param, const T* __restrict grad, 
 
 void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList backups,
                  at::IntArrayRef tensor_indices, const at::Tensor& norm, const at::Tensor& step, double rho,
-                 double eps, int64_t keep_threshold, double keep_prob, bool normalize, bool adaptive,
+                 double eps, int64_t keep_threshold, double scale_factor, bool normalize, bool adaptive,
                  double adaptive_eta, int64_t seed_lo, int64_t seed_hi) {
   const at::Device device = device_of(params);
-  check_perturb_args(params, grads, backups, tensor_indices, step, keep_threshold, keep_prob);
+  check_perturb_args(params, grads, backups, tensor_indices, step, keep_threshold, scale_factor);
   if (params.empty()) return;
   const float norm_value = *data<float>(device_scalar("norm", norm, device));
   const uint64_t step_value = static_cast<uint64_t>(step.reshape({}).item<int64_t>());
 
-  const PerturbConfig config{static_cast<float>(rho), static_cast<float>(eps), static_cast<float>(keep_prob),
+  const PerturbConfig config{static_cast<float>(rho), static_cast<float>(eps),
+                             static_cast<float>(scale_factor),
                              static_cast<float>(adaptive_eta), normalize};
   const float scale = perturb_scale(config, norm_value);
   const bool finite = is_finite(norm_value);

@@ -122,16 +122,17 @@ std::tuple<at::Tensor, at::Tensor> grad_norm_cuda(at::TensorList grads, at::Tens
 
 void perturb_cuda(at::TensorList params, at::TensorList grads, at::TensorList backups,
                   at::IntArrayRef tensor_indices, const at::Tensor& norm, const at::Tensor& step, double rho,
-                  double eps, int64_t keep_threshold, double keep_prob, bool normalize, bool adaptive,
+                  double eps, int64_t keep_threshold, double scale_factor, bool normalize, bool adaptive,
                   double adaptive_eta, int64_t seed_lo, int64_t seed_hi) {
   const at::Device device = device_of(params);
-  check_perturb_args(params, grads, backups, tensor_indices, step, keep_threshold, keep_prob);
+  check_perturb_args(params, grads, backups, tensor_indices, step, keep_threshold, scale_factor);
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = current_stream(device);
   const at::Tensor norm_f = device_scalar("norm", norm, device);
   const at::Tensor step_c = step.contiguous();
-  const PerturbConfig config{static_cast<float>(rho), static_cast<float>(eps), static_cast<float>(keep_prob),
+  const PerturbConfig config{static_cast<float>(rho), static_cast<float>(eps),
+                             static_cast<float>(scale_factor),
                              static_cast<float>(adaptive_eta), normalize};
   for (const auto& group : dtype_groups(params)) {
     HostLists host({params, grads, backups}, group);

@@ -68,6 +68,16 @@ def test_reference_masked_ascent_is_scaled_by_inverse_keep_prob():
         assert_close(w, p + torch.where(mask, e / 0.5, torch.zeros_like(e)))
 
 
+def test_reference_scale_factor_is_apart_from_the_mask():
+    """ESAM's per-tensor drop: no elementwise mask (keep_prob 1), the kept perturbation times 1 / beta."""
+    params, grads, _ = model_and_grads(1)
+    expected, norm = eager_sam_perturbation(params, grads, rho=0.1)
+    perturbed = [p.clone() for p in params]
+    ops.perturb_(perturbed, [torch.empty_like(p) for p in params], norm, grads=grads, rho=0.1,
+                 keep_prob=1.0, scale_factor=1 / 0.6, backend="torch")
+    assert_close(perturbed, [p + e / 0.6 for p, e in zip(params, expected, strict=True)])
+
+
 def eager_sam_run(optimizer_cls, options, steps, rho=0.05):
     """Plain per-tensor SAM with torch.optim for the base step, on fixed synthetic gradients."""
     params, first, second = model_and_grads(2)

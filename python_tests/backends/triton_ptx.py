@@ -38,7 +38,7 @@ def kernels() -> dict:
     perturb = {name: POINTERS for name in ("param_ptrs", "grad_ptrs", "backup_ptrs", "numels",
                                            "tensor_ids", "chunk_tensor", "chunk_start")}
     perturb.update({"norm_ptr": "*fp32", "step_ptr": "*i64"})
-    perturb.update({name: "fp32" for name in ("rho", "eps", "inv_keep_prob", "adaptive_eta")})
+    perturb.update({name: "fp32" for name in ("rho", "eps", "scale_factor", "adaptive_eta")})
     perturb.update({name: "i64" for name in ("seed_lo", "seed_hi", "keep_threshold")})
     common = {"PARAM_DTYPE": tl.float32, "GRAD_DTYPE": tl.float32, "CHUNK": 16384, "BLOCK": 1024}
     return {

@@ -50,12 +50,17 @@ def split_u64(value: int) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class PerturbConfig:
-    """``w += rho / (norm + eps) / keep_prob * m * (T_w^2 if adaptive) * g`` (``rho / keep_prob`` without
-    ``normalize``); ``m`` is the mask of the contract above at probability ``keep_prob``."""
+    """``w += rho / (norm + eps) * scale_factor * m * (T_w^2 if adaptive) * g`` (``rho * scale_factor``
+    without ``normalize``); ``m`` is the mask of the contract above at probability ``keep_prob``.
+
+    NOTE (scale factor): the mask probability and the extra factor are separate: an unbiased
+    elementwise mask passes ``scale_factor = 1 / keep_prob``; ESAM's per-tensor drop passes
+    ``keep_prob = 1`` (no elementwise mask) and ``scale_factor = 1 / beta``."""
 
     rho: float
     eps: float = 1e-12
     keep_prob: float = 1.0
+    scale_factor: float = 1.0
     normalize: bool = True
     adaptive: bool = False
     adaptive_eta: float = 0.0

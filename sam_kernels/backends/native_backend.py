@@ -102,7 +102,7 @@ def grad_norm(grads, weights, adaptive_eta):
 def perturb_(params, grads, backups, tensor_indices, norm, step, config: PerturbConfig) -> None:
     seed_lo, seed_hi = split_u64(config.seed)
     _ops().perturb_(params, grads, backups, tensor_indices, norm, step, config.rho, config.eps,
-                    config.keep_threshold, config.keep_prob, config.normalize, config.adaptive,
+                    config.keep_threshold, config.scale_factor, config.normalize, config.adaptive,
                     config.adaptive_eta, seed_lo, seed_hi)
 
 
@@ -144,7 +144,7 @@ if _C is not None:
 
     @torch.library.register_fake("sam_kernels::perturb_")
     def _perturb_fake(params, grads, backups, tensor_indices, norm, step, rho, eps, keep_threshold,
-                      keep_prob, normalize, adaptive, adaptive_eta, seed_lo, seed_hi):
+                      scale_factor, normalize, adaptive, adaptive_eta, seed_lo, seed_hi):
         return None
 
     @torch.library.register_fake("sam_kernels::restore_")

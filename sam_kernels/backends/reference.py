@@ -74,7 +74,7 @@ def perturb_(params, grads, backups, tensor_indices, norm, step, config: Perturb
     """backup = w; w += scale * mask * (T_w^2 if adaptive) * g, unless the norm is not finite."""
     rho, adaptive, adaptive_eta = config.rho, config.adaptive, config.adaptive_eta
     scale = rho / (norm + config.eps) if config.normalize else torch.full_like(norm, rho)
-    scale = scale / config.keep_prob
+    scale = scale * config.scale_factor
     finite = torch.isfinite(norm)
     for param, grad, backup, index in zip(params, grads, backups, tensor_indices, strict=False):
         backup.copy_(param)

@@ -132,7 +132,7 @@ def perturb_(params, grads, backups, tensor_indices, norm, step, config: Perturb
                 continue
             kernels.perturb_kernel[(meta.n_chunks,)](
                 *meta.pointers, meta.numels, meta.extra[0], meta.chunk_tensor, meta.chunk_start,
-                norm, step, float(config.rho), float(config.eps), 1.0 / config.keep_prob,
+                norm, step, float(config.rho), float(config.eps), float(config.scale_factor),
                 float(config.adaptive_eta), seed_lo, seed_hi, config.keep_threshold,
                 PARAM_DTYPE=TL_DTYPES[group_params[0].dtype], GRAD_DTYPE=TL_DTYPES[grads[group[0]].dtype],
                 NORMALIZE=config.normalize, ADAPTIVE=config.adaptive, MASKED=config.masked, CHUNK=CHUNK,

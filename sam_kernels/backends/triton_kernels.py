@@ -81,15 +81,15 @@ def _keep_mask(offs, tensor_id, step_lo, step_hi, seed_lo, seed_hi, keep_thresho
     return (r >> 8).to(tl.int32) < keep_threshold
 
 
-@triton.jit(do_not_specialize=["rho", "eps", "inv_keep_prob", "adaptive_eta", "seed_lo", "seed_hi",
+@triton.jit(do_not_specialize=["rho", "eps", "scale_factor", "adaptive_eta", "seed_lo", "seed_hi",
                                "keep_threshold"])
 def perturb_kernel(
     param_ptrs, grad_ptrs, backup_ptrs, numels, tensor_ids, chunk_tensor, chunk_start,
-    norm_ptr, step_ptr, rho, eps, inv_keep_prob, adaptive_eta, seed_lo, seed_hi, keep_threshold,
+    norm_ptr, step_ptr, rho, eps, scale_factor, adaptive_eta, seed_lo, seed_hi, keep_threshold,
     PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, NORMALIZE: tl.constexpr,
     ADAPTIVE: tl.constexpr, MASKED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """backup = w; w += scale * mask * (T_w^2 if ADAPTIVE) * g, scale = rho / (norm + eps) / keep_prob.
+    """backup = w; w += scale * mask * (T_w^2 if ADAPTIVE) * g, scale = rho / (norm + eps) * scale_factor.
 
     A non-finite norm leaves w as it was (the backup is still written).
     """
@@ -100,7 +100,7 @@ def perturb_kernel(
     norm = tl.load(norm_ptr)
     finite = norm - norm == 0.0
     # NOTE (IEEE division): tl.div_rn, not `/`, which lowers to approximate division on NVIDIA GPUs.
-    scale = tl.div_rn(rho, norm + eps) * inv_keep_prob if NORMALIZE else rho * inv_keep_prob
+    scale = tl.div_rn(rho, norm + eps) * scale_factor if NORMALIZE else rho * scale_factor
     step = tl.load(step_ptr)
     step_lo = (step & 0xFFFFFFFF).to(tl.uint32)
     step_hi = ((step >> 32) & 0xFFFFFFFF).to(tl.uint32)

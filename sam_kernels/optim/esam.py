@@ -213,11 +213,10 @@ class ESAM(SAM):
         return set(self._draw_dropped())
 
     def _perturb_options(self, group: dict) -> dict[str, Any]:
-        if self.swp == "tensor":
-            # NOTE: the op divides by keep_prob but also masks elementwise when keep_prob < 1, so the
-            # per-tensor 1/beta goes into rho instead.
-            return {"rho": group["sam_rho"] / self.beta, "keep_prob": 1.0}
-        return {"rho": group["sam_rho"], "keep_prob": self.beta}
+        # NOTE (scale factor): per-tensor SWP masks nothing elementwise (the dropped tensors sit out
+        # the call), element SWP masks at beta; both scale the kept perturbation by 1 / beta.
+        keep_prob = 1.0 if self.swp == "tensor" else self.beta
+        return {"rho": group["sam_rho"], "keep_prob": keep_prob, "scale_factor": 1.0 / self.beta}
 
     # ------------------------------------------------------------------------------ SWP
 

@@ -8,6 +8,7 @@ The class owns the bookkeeping; every pass over the weights is one op of ``sam_k
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -21,7 +22,8 @@ from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimize
 from .. import backends
 from ..backends.common import PerturbConfig
 from ..distributed import local_tensor, shard_group
-from . import amp, fused_steps
+from . import amp, descent, fused_steps
+from .base import make_base
 from .bn import freeze_bn_stats
 from .checks import (
     adopt_group_options,
@@ -36,64 +38,6 @@ from .checks import (
     checked_sam_entry,
 )
 from .plan import StepPlan
-
-#: Base optimizers SAM cannot drive: their step needs what a SAM step cannot give.
-_REFUSED_BASES = {
-    "LBFGS": "LBFGS re-evaluates the closure inside its own step (a line search), which SAM's two "
-             "passes cannot provide; use a first-order base optimizer",
-    "SparseAdam": "SparseAdam needs sparse gradients and SAM needs dense ones; use Adam or AdamW",
-}
-
-
-def _flat_params(params) -> list[torch.Tensor]:
-    """The tensors of a ``params`` argument (tensors, dicts of param groups or (name, tensor) pairs)."""
-    flat = []
-    for item in params:
-        items = item["params"] if isinstance(item, dict) else [item]
-        items = [items] if isinstance(items, torch.Tensor) else items
-        flat.extend(entry[1] if isinstance(entry, tuple) else entry for entry in items)
-    return flat
-
-
-def _check_base_class(cls: type) -> None:
-    """Refuse, at construction, base optimizers that would fail (or silently misbehave) at a step."""
-    if isinstance(cls, type) and issubclass(cls, SAM):
-        raise TypeError(f"base_optimizer: {cls.__name__} is a SAM optimizer itself; wrap the base "
-                        "optimizer once (SAM(params, torch.optim.SGD, ...))")
-    for name, reason in _REFUSED_BASES.items():
-        refused = getattr(torch.optim, name, None)
-        if refused is not None and isinstance(cls, type) and issubclass(cls, refused):
-            raise ValueError(f"base_optimizer: {reason}")
-
-
-def _make_base(params, base_optimizer, base_kwargs: dict, foreach: bool | None) -> torch.optim.Optimizer:
-    """The base optimizer: built from a class and keyword arguments, or an instance taken as is."""
-    _check_base_class(base_optimizer if isinstance(base_optimizer, type) else type(base_optimizer))
-    if isinstance(base_optimizer, torch.optim.Optimizer):
-        if base_kwargs:
-            raise TypeError(f"{', '.join(base_kwargs)}: options of the base optimizer go with a class "
-                            "(SAM(params, torch.optim.SGD, lr=...)), not with an optimizer instance")
-        base = base_optimizer
-        if params is not None:
-            given = _flat_params(params)
-            held = [p for group in base.param_groups for p in group["params"]]
-            if len(given) != len(held) or any(a is not b for a, b in zip(given, held, strict=False)):
-                raise ValueError("params: differ from the base optimizer instance's parameters; pass "
-                                 "the same parameters or None")
-    elif isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer):
-        if params is None:
-            raise TypeError("params: required when base_optimizer is an optimizer class")
-        base = base_optimizer(params, **base_kwargs)
-    else:
-        raise TypeError("base_optimizer: expected a torch.optim.Optimizer class (with its options as "
-                        f"keyword arguments) or instance, got {base_optimizer!r}")
-    if foreach is not None:
-        if "foreach" not in base.defaults:
-            raise ValueError(f"foreach: {type(base).__name__} has no foreach option")
-        base.defaults["foreach"] = foreach
-        for group in base.param_groups:
-            group["foreach"] = foreach
-    return base
 
 
 def _default_seed() -> int:
@@ -181,6 +125,8 @@ class SAM(torch.optim.Optimizer):
     #: torch.amp.GradScaler.step hands this optimizer ``grad_scale`` and ``found_inf`` tensors instead of
     #: unscaling and checking the gradients itself (see ``step``).
     _step_supports_amp_scaling = True
+    #: Marks SAM and its subclasses, which cannot be the base optimizer of another SAM.
+    _is_sam_optimizer = True
 
     def __init__(self, params: Iterable | None, base_optimizer, *, rho: float = 0.05,
                  adaptive: bool = False, adaptive_eta: float = 0.0, sam_eps: float = 1e-12,
@@ -205,7 +151,7 @@ class SAM(torch.optim.Optimizer):
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
                                  or not 0 <= seed < 2**64):
             raise ValueError(f"seed: must be an int in [0, 2**64), got {seed!r}")
-        base = _make_base(params, base_optimizer, base_kwargs, foreach)
+        base = make_base(params, base_optimizer, base_kwargs, foreach)
         sam_defaults = {"sam_rho": rho, "sam_adaptive": adaptive, "sam_adaptive_eta": adaptive_eta}
         for group in base.param_groups:
             adopt_group_options(group, base.defaults, sam_defaults)
@@ -488,31 +434,17 @@ class SAM(torch.optim.Optimizer):
             kept = [False] * len(plan.params)
         else:
             plan.check_grads(grads)
-        device = plan.device
-        inv_scale = amp.inverse(grad_scale.to(device)) if grad_scale is not None else None
-        norm = None
-        if scaler_found_inf is not None and not self.renormalize:
-            # NOTE: the scaler has just checked every gradient of this optimizer; no second norm pass.
-            nonfinite = scaler_found_inf.to(device=device, dtype=torch.float32)
-        else:
-            norm, nonfinite = self._norm(plan, grads)
-            if scaler_found_inf is not None:
-                nonfinite = torch.maximum(nonfinite, scaler_found_inf.to(device=device,
-                                                                          dtype=torch.float32))
-        # NOTE: GradScaler sums its per-device flags, so a flag may exceed 1; the ops want 0 or 1.
-        found_inf = (torch.maximum(ascent.nonfinite, nonfinite) != 0).float()
-        multiplier = inv_scale
-        if self.renormalize:
-            true_norm = norm if inv_scale is None else norm * inv_scale
-            multiplier = ascent.grad_norm / (true_norm + self.eps)
-            if inv_scale is not None:
-                multiplier = multiplier * inv_scale
+        norm_of = functools.partial(self._norm, plan)
+        found_inf, multiplier = descent.flag_and_multiplier(
+            ascent.nonfinite, ascent.grad_norm if self.renormalize else None, norm_of, grads,
+            grad_scale, scaler_found_inf, self.eps, plan.device)
         if ascent.grad_scaler is not None:
             amp.record_found_inf(ascent.grad_scaler, self, found_inf)
         if plan.kind is None:
-            self._generic_descent(ascent, plan, found_inf, multiplier)
+            self._restore(ascent)
+            descent.generic(plan, found_inf, multiplier, self.base_optimizer)
         else:
-            self._fused_descent(plan, grads, kept, found_inf, multiplier)
+            descent.fused(plan, grads, kept, found_inf, multiplier, self.state)
 
     # -------------------------------------------------------------- hooks for the variants
 
@@ -666,56 +598,6 @@ class SAM(torch.optim.Optimizer):
         if self._run.device_step is None or self._run.device_step.device != device:
             self._run.device_step = torch.tensor(self._run.step, dtype=torch.int64, device=device)
         return self._run.device_step
-
-    def _fused_descent(self, plan: StepPlan, grads: list[torch.Tensor], kept: list[bool] | None,
-                       found_inf: torch.Tensor, multiplier: torch.Tensor | None) -> None:
-        # NOTE: a parameter that was not perturbed (no ascent gradient, or dropped by ESAM's SWP) is its
-        # own backup: "w = backup" then reads the current weight, elementwise, before the same element
-        # is written.
-        backups = plan.backups if kept is None else [
-            backup if keep else param for backup, param, keep in zip(plan.backups, plan.local, kept,
-                                                                      strict=True)]
-        # NOTE (atomic descent): the state was gathered and checked when the plan was built and every
-        # group's options are read here, before any kernel runs; state the step created is stored
-        # only after every group ran.
-        configs = [group_plan.state.config(group_plan.group) for group_plan in plan.groups]
-        for group_plan, config in zip(plan.groups, configs, strict=True):
-            rows = slice(group_plan.start, group_plan.stop)
-            group_plan.state.run(plan.backend, plan.local[rows], backups[rows], grads[rows], config,
-                                 multiplier, found_inf)
-        for group_plan in plan.groups:
-            group_plan.state.commit(self.state)
-
-    def _generic_descent(self, ascent: _Ascent, plan: StepPlan, found_inf: torch.Tensor,
-                         multiplier: torch.Tensor | None) -> None:
-        self._restore(ascent)
-        if multiplier is not None and plan.params:
-            torch._foreach_mul_([p.grad for p in plan.params], multiplier)
-        # NOTE (host sync): the base optimizer's own step takes no device flag, so skipping it on a
-        # non-finite gradient reads the flag on the host, once per step, as torch's GradScaler does.
-        # This is the generic path's only sync; the fused path has none.
-        if found_inf.item() == 0:
-            self._base_step()
-
-    def _base_step(self) -> None:
-        """The base optimizer's step, with its own step hooks but not the global ones.
-
-        NOTE (step hooks): the global hooks run once per SAM step (SAM runs them), so the base class's
-        step is called unwrapped, between the base optimizer's own hooks. A step patched onto the base
-        instance is called as it is, except an LR scheduler's step counter (SAM marks the base as
-        stepped itself).
-        """
-        base = self.base_optimizer
-        patched = base.__dict__.get("step")
-        if patched is not None and not getattr(patched, "_wrapped_by_lr_sched", False):
-            patched()
-            return
-        for hook in list(base._optimizer_step_pre_hooks.values()):
-            hook(base, (base,), {})
-        step = type(base).step
-        getattr(step, "__wrapped__", step)(base)
-        for hook in list(base._optimizer_step_post_hooks.values()):
-            hook(base, (base,), {})
 
     def _restore(self, ascent: _Ascent) -> None:
         """w = backup for every parameter the ascent perturbed (idempotent: the backups hold w until the

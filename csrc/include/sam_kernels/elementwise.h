@@ -50,16 +50,16 @@ SAMK_FUNC NormResult finish_norm(float sum_of_squares) {
 // ---------------------------------------------------------------------------------------------- perturb
 
 struct PerturbConfig {
-  float rho, eps, keep_prob, adaptive_eta;
+  float rho, eps, scale_factor, adaptive_eta;  // scale_factor: apart from the mask (e.g. 1 / keep_prob)
   bool normalize;
 };
 
-// Scale of the perturbation from the device-resident norm: rho / (norm + eps) / keep_prob (rho / keep_prob
+// Scale of the perturbation from the device-resident norm: rho / (norm + eps) * scale_factor (rho * scale_factor
 // without normalization). NOTE: the reference computes `rho / t` as `t.reciprocal() * rho` (torch's
 // __rtruediv__), so this does too.
 SAMK_FUNC float perturb_scale(const PerturbConfig& c, float norm) {
   const float scale = c.normalize ? (1.0f / (norm + c.eps)) * c.rho : c.rho;
-  return scale / c.keep_prob;
+  return scale * c.scale_factor;
 }
 
 // w + scale * keep * (T_w^2 if ADAPTIVE) * g, or w itself when the norm is not finite.
