@@ -76,8 +76,7 @@ inline void check_perturb_args(at::TensorList params, at::TensorList grads, at::
   TORCH_CHECK(tensor_indices.size() == params.size(), "tensor_indices: expected ", params.size(),
               " entries, got ", tensor_indices.size());
   TORCH_CHECK(keep_threshold >= 0 && keep_threshold <= kKeepAll, "keep_threshold: must be in [0, 2**24]");
-  TORCH_CHECK(std::isfinite(scale_factor) && scale_factor > 0.0,
-              "scale_factor: must be a positive finite number");
+  TORCH_CHECK(std::isfinite(scale_factor), "scale_factor: must be a finite number");
   if (params.empty()) return;
   TORCH_CHECK(step.numel() == 1 && step.scalar_type() == at::kLong && step.device() == device,
               "step: expected a one-element int64 tensor on ", device);

@@ -239,7 +239,7 @@ def perturb_cases(draw) -> PerturbCase:
         rho=draw(st.one_of(st.sampled_from([0.0, 0.05, 0.5]), reals(0.0, 2.0))),
         eps=draw(st.sampled_from([1e-12, 1e-12, 1e-6, 0.0])),
         keep_prob=draw(keep_probs),
-        scale_factor=draw(st.one_of(st.none(), st.sampled_from([1.0, 1 / 0.6]), reals(0.01, 100.0))),
+        scale_factor=draw(st.one_of(st.none(), st.sampled_from([1.0, 1 / 0.6, -1.0]), reals(-100.0, 100.0))),
         normalize=draw(st.booleans()), adaptive=draw(st.booleans()),
         eta=draw(st.sampled_from([0.0, 0.01, 0.5])), seed=draw(seeds), step=draw(steps),
         step_shape=draw(st.sampled_from([(), (), (1,), None])), tensor_indices=indices)

@@ -191,6 +191,7 @@ PERTURB_OPTIONS = {
     "sparse-mask-usam": {"keep_prob": 0.1, "adaptive": False, "normalize": False},
     "unmasked-scaled": {"keep_prob": 1.0, "scale_factor": 1 / 0.6},
     "masked-scaled-usam": {"keep_prob": 0.5, "scale_factor": 3.0, "normalize": False},
+    "negative-scale": {"keep_prob": 1.0, "scale_factor": -1.0},
 }
 
 
@@ -475,7 +476,6 @@ def test_bad_inputs_raise_errors_naming_the_argument():
         (lambda: ops.grad_norm([torch.zeros(4, 3).t()]), r"params\[0\]: must be contiguous"),
         (lambda: ops.perturb_(p, b, norm, grads=g, rho=0.1, keep_prob=0.0), "keep_prob"),
         (lambda: ops.perturb_(p, b, norm, grads=g, rho=0.1, keep_prob=1.5), "keep_prob"),
-        (lambda: ops.perturb_(p, b, norm, grads=g, rho=0.1, scale_factor=0.0), "scale_factor"),
         (lambda: ops.perturb_(p, b, norm, grads=g, rho=0.1, scale_factor=float("inf")), "scale_factor"),
         (lambda: ops.perturb_(p, b, norm, grads=g, rho=-1.0), "rho"),
         (lambda: ops.perturb_(p, b, norm, grads=g, rho=0.1, seed=-1), "seed"),

@@ -161,7 +161,8 @@ def perturb_(params: Tensors, backups: Tensors, norm: torch.Tensor, *, rho: floa
 
     ``scale = rho / (norm + eps) * scale_factor`` (``rho * scale_factor`` when ``normalize`` is False:
     the unnormalized ascent of USAM), computed on the device from the ``norm`` tensor;
-    ``scale_factor`` defaults to ``1 / keep_prob`` (an unbiased mask). ``m`` is a Bernoulli(``keep_prob``)
+    ``scale_factor`` defaults to ``1 / keep_prob`` (an unbiased mask); a negative one moves against
+    ``g`` (Momentum SAM's ``w - rho * v / ||v||``). ``m`` is a Bernoulli(``keep_prob``)
     mask regenerated from (seed, step, tensor index, element index), see ``backends/common.py``;
     ``keep_prob=1`` means no mask. ``tensor_indices`` are the parameters' positions in the optimizer's
     global order (default: their positions in ``params``). A non-finite ``norm`` leaves every weight
@@ -173,8 +174,8 @@ def perturb_(params: Tensors, backups: Tensors, norm: torch.Tensor, *, rho: floa
     _check_list("backups", backups, len(params))
     _check_probability("keep_prob", keep_prob)
     scale_factor = 1.0 / keep_prob if scale_factor is None else scale_factor
-    if not (math.isfinite(scale_factor) and scale_factor > 0):
-        raise ValueError(f"scale_factor: must be a positive finite number, got {scale_factor}")
+    if not math.isfinite(scale_factor):
+        raise ValueError(f"scale_factor: must be a finite number, got {scale_factor}")
     if rho < 0:
         raise ValueError(f"rho: must be non-negative, got {rho}")
     if eps < 0:

@@ -1,7 +1,11 @@
-"""Optimizer classes: SAM (with ASAM, SSAM and USAM as options) and ESAM, over the fused op layer."""
+"""Optimizer classes: SAM (with ASAM, SSAM, USAM and the step schedules as options), ESAM, LookSAM and
+MomentumSAM, over the fused op layer."""
 
 from .bn import freeze_bn_stats
+from .cheap import LookSAM, MomentumSAM
 from .esam import ESAM, sample_losses_closure, selected_count
 from .sam import SAM
+from .schedules import AESAM, Interval, LatePhase, Randomized, Schedule
 
-__all__ = ["ESAM", "SAM", "freeze_bn_stats", "sample_losses_closure", "selected_count"]
+__all__ = ["AESAM", "ESAM", "SAM", "Interval", "LatePhase", "LookSAM", "MomentumSAM", "Randomized",
+           "Schedule", "freeze_bn_stats", "sample_losses_closure", "selected_count"]

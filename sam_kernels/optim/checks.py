@@ -98,18 +98,22 @@ def check_distinct(groups: list[dict]) -> None:
                          "parameter")
 
 
-def checked_sam_entry(entry: Any, seed: int, step: int) -> tuple[int, int]:
-    """(seed, step) of a state dict's ``"sam"`` entry (the current ones when it has none), checked."""
+def checked_sam_entry(entry: Any, seed: int, step: int) -> tuple[int, int, dict | None, dict | None]:
+    """(seed, step, schedule state, variant state) of a state dict's ``"sam"`` entry (the current seed
+    and step and no other state when it has none), checked."""
     if entry is None:
-        return seed, step
-    if not isinstance(entry, dict) or set(entry) != {"seed", "step"}:
-        raise ValueError(f"state_dict['sam']: expected {{'seed': int, 'step': int}}, got {entry!r}")
+        return seed, step, None, None
+    if (not isinstance(entry, dict) or not {"seed", "step"} <= set(entry)
+            or not set(entry) <= {"seed", "step", "schedule", "variant"}
+            or not all(isinstance(entry.get(key, {}), dict) for key in ("schedule", "variant"))):
+        raise ValueError("state_dict['sam']: expected {'seed': int, 'step': int} (and dicts 'schedule' "
+                         f"and 'variant'), got {entry!r}")
     for name, bits in (("seed", 64), ("step", 63)):
         value = entry[name]
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value < 2**bits:
             raise ValueError(f"state_dict['sam']['{name}']: must be an int in [0, 2**{bits}), got "
                              f"{value!r}")
-    return int(entry["seed"]), int(entry["step"])
+    return int(entry["seed"]), int(entry["step"]), entry.get("schedule"), entry.get("variant")
 
 
 def check_base_options(base: torch.optim.Optimizer, group: dict, index: int, previous: dict) -> None:
@@ -134,7 +138,7 @@ def check_base_options(base: torch.optim.Optimizer, group: dict, index: int, pre
 
 #: State entries that torch.optim optimizers keep with their parameter's shape.
 _PARAM_SHAPED_STATE = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "square_avg",
-                       "acc_delta", "sum", "ax", "prev", "step_size", "exp_inf", "grad_avg")
+                       "acc_delta", "sum", "ax", "prev", "step_size", "exp_inf", "grad_avg", "looksam_gv")
 
 
 def check_state_shapes(groups: list[dict], state: dict) -> None:

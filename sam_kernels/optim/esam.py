@@ -103,6 +103,11 @@ class ESAM(SAM):
         self.swp = swp
         self._selecting = False
         self._swp_block: tuple | None = None
+        schedule = kwargs.get("schedule")
+        if schedule is not None and getattr(schedule, "needs_grad_norm", False):
+            raise ValueError(f"schedule: {type(schedule).__name__} decides after the first backward, "
+                             "which SWP has already pruned (a plain step would lack the dropped tensors' "
+                             "gradients); use a host schedule (Interval, Randomized, LatePhase) with ESAM")
         super().__init__(params, base_optimizer, rho=rho, **kwargs)
 
     @property
@@ -179,6 +184,12 @@ class ESAM(SAM):
             self.first_step(zero_grad=True, grad_scaler=scaler)
         finally:
             self._selecting = False
+        if not self.needs_second_pass():  # a plain step of a schedule: the first gradients descend
+            if scaler is not None:
+                scaler.step(self)
+            else:
+                self.second_step()
+            return before.mean()
         indices = None
         with self._restoring_on_error():
             if selected_count(self.gamma, before.numel()) < before.numel():
@@ -230,8 +241,8 @@ class ESAM(SAM):
         (user-frozen ones stay as they are). If every one would be dropped, the one at position
         ``step % count`` of them is kept, so that the ascent backward has something to differentiate.
         """
-        if self.swp != "tensor" or self.beta == 1.0:
-            return []
+        if self.swp != "tensor" or self.beta == 1.0 or not self._planned_sam_step():
+            return []  # a plain step of a schedule needs every gradient
         params = [param for group in self.param_groups for param in group["params"]]
         eligible = [i for i, param in enumerate(params) if param.requires_grad]
         if not eligible:

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
-from .. import backends
+from .. import backends, ops
 from ..backends.common import PerturbConfig
 from ..distributed import local_tensor, shard_group
 from . import amp, descent, fused_steps
@@ -38,6 +38,7 @@ from .checks import (
     checked_sam_entry,
 )
 from .plan import StepPlan
+from .schedules import Schedule, check_schedule
 
 
 def _default_seed() -> int:
@@ -74,6 +75,8 @@ class _RunState:
     #: The step plan (plan.py) and the counter whose bumps invalidate it.
     plan: StepPlan | None = None
     plan_generation: int = 0
+    #: (step, decision) of a host schedule, made once per step (ESAM's SWP asks before the ascent).
+    decision: tuple[int, bool] | None = None
 
 
 @dataclass
@@ -92,6 +95,10 @@ class _Ascent:
     grad_scaler: Any = None
     #: (local params, backups) of each perturb call made: what a restore puts back.
     perturbed: list = field(default_factory=list)
+    #: A plain step (the schedule said no SAM): nothing was perturbed and the descent uses the first
+    #: gradients, put aside in ``stashed`` when ``first_step(zero_grad=True)`` cleared them.
+    plain: bool = False
+    stashed: list | None = None
 
 
 class SAM(torch.optim.Optimizer):
@@ -132,7 +139,7 @@ class SAM(torch.optim.Optimizer):
                  adaptive: bool = False, adaptive_eta: float = 0.0, sam_eps: float = 1e-12,
                  normalize_ascent: bool = True, renormalize: bool = False, seed: int | None = None,
                  foreach: bool | None = None, fused: bool | None = None, backend: str | None = None,
-                 capturable: bool = False, **base_kwargs: Any) -> None:
+                 capturable: bool = False, schedule: Schedule | None = None, **base_kwargs: Any) -> None:
         check_non_negative("rho", rho)
         check_bool("adaptive", adaptive)
         check_non_negative("adaptive_eta", adaptive_eta)
@@ -142,6 +149,10 @@ class SAM(torch.optim.Optimizer):
         check_optional_bool("fused", fused)
         check_optional_bool("foreach", foreach)
         check_bool("capturable", capturable)
+        check_schedule(schedule)
+        if capturable and schedule is not None:
+            raise ValueError("capturable=True: a schedule decides on the host at every step whether the "
+                             "second pass runs, which a captured graph cannot replay; use schedule=None")
         if capturable and (fused is False or foreach):
             raise ValueError("capturable=True: needs the fused descent (the generic one reads the "
                              "non-finite flag on the host); leave fused and foreach unset")
@@ -171,6 +182,7 @@ class SAM(torch.optim.Optimizer):
         self._run = _RunState()
         self.ascent_context: Callable[[], contextlib.AbstractContextManager] | None = None
         self.capturable = capturable
+        self.schedule = schedule
         backends.resolve(self._device(), backend)
         self._descent_kind()
         if capturable:
@@ -213,6 +225,11 @@ class SAM(torch.optim.Optimizer):
             # checkpoint time).
             self._run.step = int(self._run.device_step)
         state["sam"] = {"seed": self.seed, "step": self._run.step}
+        if self.schedule is not None:
+            state["sam"]["schedule"] = self.schedule.state_dict()
+        variant = self._variant_state()
+        if variant:
+            state["sam"]["variant"] = variant
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -226,7 +243,14 @@ class SAM(torch.optim.Optimizer):
         """
         self._check_not_perturbed("load_state_dict()")
         state_dict = dict(state_dict)
-        seed, step = checked_sam_entry(state_dict.pop("sam", None), self.seed, self._run.step)
+        seed, step, schedule_state, variant_state = checked_sam_entry(
+            state_dict.pop("sam", None), self.seed, self._run.step)
+        variant_state = self._checked_variant_state(variant_state)
+        if self.schedule is not None and schedule_state is not None:
+            self.schedule.load_state_dict(schedule_state)  # checks before changing anything
+        elif schedule_state:
+            raise ValueError("state_dict['sam']['schedule']: this optimizer has no schedule; build it "
+                             "with the schedule the checkpoint was saved with")
         base = self.base_optimizer
         previous = {"state": base.state, "param_groups": base.param_groups}
         try:
@@ -243,7 +267,9 @@ class SAM(torch.optim.Optimizer):
             base.__dict__.update(previous)
             self._share_base()
             raise
-        self.seed, self._run.step = seed, step
+        self.seed, self._run.step, self._run.decision = seed, step, None
+        if variant_state is not None:
+            self._load_variant_state(variant_state)
         self.invalidate_plan()
         if self.capturable and self._run.device_step is not None:
             self._run.device_step.fill_(self._run.step)  # keeps its address for captured graphs
@@ -297,10 +323,33 @@ class SAM(torch.optim.Optimizer):
         with torch.enable_grad(), self._ascent_pass():
             loss = closure()
         self.first_step(zero_grad=True)
-        with self._restoring_on_error(), torch.enable_grad(), freeze_bn_stats():
-            closure()
+        if self.needs_second_pass():
+            with self._restoring_on_error(), torch.enable_grad(), freeze_bn_stats():
+                closure()
         self.second_step()
         return loss
+
+    def needs_second_pass(self) -> bool:
+        """After ``first_step``: whether this step is a SAM step, so the second forward and backward
+        must run before the descent. False on a plain step of a ``schedule``: then call
+        ``second_step()`` (or ``scaler.step``) right away; it steps with the first gradients (kept even
+        when ``first_step(zero_grad=True)`` cleared them)."""
+        if self._run.ascent is None:
+            raise RuntimeError("needs_second_pass(): call it after first_step()")
+        return not self._run.ascent.plain
+
+    def _planned_sam_step(self) -> bool | None:
+        """This step's decision when it is known before the first backward (True without a schedule),
+        None when it needs the first gradient (AE-SAM)."""
+        schedule = self.schedule
+        if schedule is None:
+            return True
+        if schedule.needs_grad_norm:
+            return None
+        step = self._run.step
+        if self._run.decision is None or self._run.decision[0] != step:
+            self._run.decision = (step, bool(schedule.decide(step, self.seed)))
+        return self._run.decision[1]
 
     def _run_step_hooks(self, which: str) -> None:
         """torch.optim's step pre- or post-hooks (global ones included): ``first_step`` runs the pre-hooks,
@@ -333,12 +382,18 @@ class SAM(torch.optim.Optimizer):
         kept = self._kept_in_ascent(plan, excluded)
         norm, nonfinite = self._ascent_norm(plan, grads, kept)
         plain_norm = norm
-        if self.renormalize and any(g.group["sam_adaptive"] for g in plan.groups):
+        wants_plain_norm = self.renormalize or self._planned_sam_step() is None
+        if wants_plain_norm and any(g.group["sam_adaptive"] for g in plan.groups):
             plain_norm = self._norm(plan, _select(grads, kept))[0]
+        inv_scale = None
         if scaler is not None:
             scale = amp.current_scale(scaler, plan.device)
             inv_scale = amp.inverse(scale)
             plain_norm = plain_norm * inv_scale
+        if not self._is_sam_step(plain_norm, nonfinite):
+            self._plain_ascent(plan, plain_norm, nonfinite, scaler, zero_grad)
+            return
+        if scaler is not None:
             if self.normalize_ascent:
                 # NOTE: the op's scale is rho / (norm + eps) times the scaled gradient S * g; passing
                 # norm_S + (S - 1) * eps makes it rho / (||g|| + eps) * g, the unscaled ascent. A
@@ -369,7 +424,24 @@ class SAM(torch.optim.Optimizer):
                                            **self._perturb_options(group))
                     plan.backend.perturb_(params, group_grads, backups, positions, norm, step, config)
                     ascent.perturbed.append((params, backups))
+        self._after_ascent(plan, grads)
         if zero_grad:
+            self._clear_grads()
+
+    def _is_sam_step(self, plain_norm: torch.Tensor, nonfinite: torch.Tensor) -> bool:
+        """The schedule's decision for this step (True without a schedule)."""
+        planned = self._planned_sam_step()
+        if planned is not None:
+            return planned
+        return bool(self.schedule.decide(self._run.step, self.seed, plain_norm.square(), nonfinite == 0))
+
+    def _plain_ascent(self, plan: StepPlan, grad_norm: torch.Tensor, nonfinite: torch.Tensor,
+                      scaler: Any, zero_grad: bool) -> None:
+        """A plain step's ascent: nothing perturbed; the gradients are put aside if cleared (no copy)."""
+        ascent = self._run.ascent = _Ascent(plan, [False] * len(plan.params), grad_norm, nonfinite, scaler,
+                                            plain=True)
+        if zero_grad:
+            ascent.stashed = [param.grad for param in plan.params]
             self._clear_grads()
 
     def second_step(self, zero_grad: bool = False) -> None:
@@ -408,11 +480,13 @@ class SAM(torch.optim.Optimizer):
         # that (a bad gradient, a state tensor that does not fit, a failing base step) puts the weights
         # back to w and leaves the optimizer state as it was.
         with self._restoring_on_error():
-            self._descend_from(ascent, grad_scale, scaler_found_inf)
+            plan = self._descend_from(ascent, grad_scale, scaler_found_inf)
         self._run.ascent = None
         self._run.step += 1
         if self._run.device_step is not None:
             self._run.device_step.add_(1)
+        with self._restoring_on_error():
+            self._after_step(plan)
         # NOTE: torch's LR schedulers warn unless the optimizer marks itself as stepped; the two-call
         # loop never calls step(), so second_step sets the flag that their step() wrapper would set.
         self._opt_called = True
@@ -422,10 +496,16 @@ class SAM(torch.optim.Optimizer):
             self._clear_grads()
 
     def _descend_from(self, ascent: _Ascent, grad_scale: torch.Tensor | None,
-                      scaler_found_inf: torch.Tensor | None) -> None:
-        """The descent proper: the second gradients' norm and flag, then the fused or generic step."""
+                      scaler_found_inf: torch.Tensor | None) -> StepPlan:
+        """The descent proper: the second gradients' norm and flag, then the fused or generic step;
+        returns the plan it ran."""
         plan, kept = ascent.plan, ascent.kept
-        grads = plan.grads()
+        if ascent.stashed is not None:
+            # NOTE: a plain step whose second backward was skipped: the first gradients come back.
+            for param, grad in zip(plan.params, ascent.stashed, strict=True):
+                if param.grad is None:
+                    param.grad = grad
+        grads = plan.grads() if plan is not None else None
         if grads is None or plan is not self._run.plan or self._plan_key() != plan.key:
             # NOTE: the gradient set changed between the passes (rare): put w back first, then descend
             # with a plan of the current gradients from unperturbed weights.
@@ -440,13 +520,39 @@ class SAM(torch.optim.Optimizer):
             grad_scale, scaler_found_inf, self.eps, plan.device)
         if ascent.grad_scaler is not None:
             amp.record_found_inf(ascent.grad_scaler, self, found_inf)
+        self._before_descent(ascent, plan, grads, found_inf, grad_scale)
         if plan.kind is None:
             self._restore(ascent)
             descent.generic(plan, found_inf, multiplier, self.base_optimizer)
         else:
             descent.fused(plan, grads, kept, found_inf, multiplier, self.state)
+        return plan
 
     # -------------------------------------------------------------- hooks for the variants
+
+    def _after_ascent(self, plan: StepPlan, grads: list[torch.Tensor]) -> None:
+        """Called at the end of a SAM step's ascent, before the gradients are cleared."""
+
+    def _before_descent(self, ascent: _Ascent, plan: StepPlan, grads: list[torch.Tensor],
+                        found_inf: torch.Tensor, grad_scale: torch.Tensor | None) -> None:
+        """Called once the descent's flag is known, before the descent reads the gradients."""
+
+    def _after_step(self, plan: StepPlan) -> None:
+        """Called after the descent, once the step is counted, before the post-hooks."""
+
+    def _variant_state(self) -> dict[str, Any]:
+        """A variant's own state for ``state_dict()["sam"]["variant"]`` (none for SAM)."""
+        return {}
+
+    def _checked_variant_state(self, state: dict | None) -> dict | None:
+        """``state`` checked before anything is loaded (SAM has none to take)."""
+        if state:
+            raise ValueError(f"state_dict['sam']['variant']: {type(self).__name__} keeps no variant "
+                             f"state, got {sorted(state)}")
+        return state
+
+    def _load_variant_state(self, state: dict) -> None:
+        """Take a state checked by ``_checked_variant_state``."""
 
     def _excluded_from_ascent(self) -> set[torch.Tensor]:
         """Parameters that sit out the ascent even if they hold a gradient."""
@@ -603,7 +709,10 @@ class SAM(torch.optim.Optimizer):
         """w = backup for every parameter the ascent perturbed (idempotent: the backups hold w until the
         next ascent)."""
         for params, backups in ascent.perturbed:
-            ascent.plan.backend.restore_(params, backups)
+            if ascent.plan is not None:
+                ascent.plan.backend.restore_(params, backups)
+            else:  # perturbed outside a step (MomentumSAM.perturb): through the op layer
+                ops.restore_(params, backups, backend=self.backend)
 
     def _clear_grads(self) -> None:
         """``zero_grad()`` (gradients set to None) without torch.optim's profiler wrapper, which
