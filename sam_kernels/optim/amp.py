@@ -49,7 +49,9 @@ def record_found_inf(grad_scaler: torch.amp.GradScaler, optimizer: torch.optim.O
     on the device), so that ``update()`` backs off when either SAM pass overflowed."""
     recorded = grad_scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"]
     if not recorded:
-        raise RuntimeError("grad_scaler: recorded no inf check for this optimizer; call "
-                           "scaler.step(optimizer) after the second backward")
+        # NOTE: the scaler saw no gradient to check (a plain step whose gradients SAM had put aside);
+        # record SAM's flag so that ``update()`` has the check it requires.
+        recorded[found_inf.device] = found_inf.to(torch.float32).clone()
+        return
     for flag in recorded.values():
         flag.copy_(torch.maximum(flag, found_inf.to(device=flag.device, dtype=flag.dtype)))

@@ -462,6 +462,10 @@ class SAM(torch.optim.Optimizer):
     def _descend(self, grad_scale: torch.Tensor | None, scaler_found_inf: torch.Tensor | None, *,
                  zero_grad: bool = False, from_step: bool = False) -> None:
         """The descent; ``grad_scale`` and ``scaler_found_inf`` come from GradScaler.step."""
+        if scaler_found_inf is not None and not isinstance(scaler_found_inf, torch.Tensor):
+            # NOTE: GradScaler sums its per-device flags; with no gradient to check (a plain step whose
+            # gradients were put aside) the sum is the int 0, and the ascent's flag covers them.
+            scaler_found_inf = torch.tensor(float(scaler_found_inf))
         if self._run.ascent is None:
             raise RuntimeError("second_step(): no first_step() before it")
         ascent = self._run.ascent

@@ -1,0 +1,404 @@
+"""The cheap SAM variants (step schedules, LookSAM, MomentumSAM) against the eager implementations of
+cheap_reference.py over several steps of a small model: both loop styles, SGD and AdamW, checkpoint
+resume in the middle of a schedule, GradScaler, and bad values."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from reference import make_batches, make_mlp
+from tolerance import assert_bitwise_equal, assert_close
+
+from sam_kernels.optim import (
+    AESAM,
+    ESAM,
+    SAM,
+    Interval,
+    LatePhase,
+    LookSAM,
+    MomentumSAM,
+    Randomized,
+)
+from sam_kernels.optim.schedules import uniform
+
+from .cheap_reference import (
+    AESAMRule,
+    EagerLookSAM,
+    EagerMSAM,
+    ScheduledSAM,
+    documented_uniform,
+    loss_of,
+    run,
+)
+
+STEPS = 7
+SEED = 1234
+BASES = {
+    "sgd": (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-3}),
+    "adamw": (torch.optim.AdamW, {"lr": 0.01, "weight_decay": 0.05}),
+}
+
+#: name: (package schedule factory, reference decision factory)
+SCHEDULES = {
+    "interval": (lambda: Interval(3), lambda: (lambda t, s: t % 3 == 0)),
+    "randomized": (lambda: Randomized(0.5), lambda: (lambda t, s: documented_uniform(SEED, t) < 0.5)),
+    "randomized_fn": (lambda: Randomized(lambda t: 0.2 + 0.1 * t),
+                      lambda: (lambda t, s: documented_uniform(SEED, t) < 0.2 + 0.1 * t)),
+    "late_phase": (lambda: LatePhase(0.5, total_steps=STEPS), lambda: (lambda t, s: t >= 4)),
+    "aesam": (lambda: AESAM(STEPS), lambda: AESAMRule(STEPS)),
+}
+
+
+def closure_loop(optimizer, model, batches, passes: list | None = None) -> None:
+    for x, y in batches:
+        def closure(x=x, y=y):
+            if passes is not None:
+                passes.append(1)
+            optimizer.zero_grad()
+            loss = loss_of(model, x, y)
+            loss.backward()
+            return loss
+        optimizer.step(closure)
+
+
+def two_call_loop(optimizer, model, batches, passes: list | None = None) -> None:
+    for x, y in batches:
+        loss_of(model, x, y).backward()
+        if passes is not None:
+            passes.append(1)
+        optimizer.first_step(zero_grad=True)
+        if optimizer.needs_second_pass():
+            loss_of(model, x, y).backward()
+            if passes is not None:
+                passes.append(1)
+        optimizer.second_step(zero_grad=True)
+
+
+LOOPS = {"closure": closure_loop, "two_call": two_call_loop}
+
+
+def reference_run(base_name: str, decide) -> tuple[torch.nn.Module, ScheduledSAM]:
+    model = make_mlp()
+    cls, options = BASES[base_name]
+    ref = ScheduledSAM(model, cls(model.parameters(), **options), 0.05, decide)
+    run(ref, model, make_batches(STEPS))
+    return model, ref
+
+
+def test_the_draw_is_the_documented_one():
+    for seed, step in [(0, 0), (SEED, 3), (2**64 - 1, 2**40 + 5), (7, 2**62)]:
+        assert uniform(seed, step) == documented_uniform(seed, step)
+    draws = [uniform(SEED, t) < 0.3 for t in range(4000)]
+    assert abs(sum(draws) / len(draws) - 0.3) < 0.03
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("base_name", BASES)
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_schedules_match_reference(backend, schedule, base_name, loop):
+    make_schedule, make_rule = SCHEDULES[schedule]
+    expected, ref = reference_run(base_name, make_rule())
+    assert (any(ref.sam_steps) and not all(ref.sam_steps)) or schedule == "aesam", ref.sam_steps
+    model = make_mlp()
+    cls, options = BASES[base_name]
+    sam = SAM(model.parameters(), cls, rho=0.05, seed=SEED, schedule=make_schedule(), backend=backend,
+              **options)
+    passes: list = []
+    LOOPS[loop](sam, model, make_batches(STEPS), passes)
+    assert len(passes) == STEPS + sum(ref.sam_steps)
+    assert_close(list(model.parameters()), list(expected.parameters()), scale=20)
+
+
+def test_aesam_mixes_sam_and_plain_steps():
+    """Over a longer run the rule picks both kinds (so the comparison above is not all-SAM by chance)."""
+    steps = 40
+    batches = make_batches(steps)
+    model = make_mlp()
+    rule = AESAMRule(steps)
+    ref = ScheduledSAM(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), 0.05, rule)
+    run(ref, model, batches)
+    assert 0 < sum(ref.sam_steps) < steps, ref.sam_steps
+    sam_model = make_mlp()
+    sam = SAM(sam_model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, schedule=AESAM(steps),
+              backend="torch")
+    passes: list = []
+    closure_loop(sam, sam_model, batches, passes)
+    assert len(passes) == steps + sum(ref.sam_steps)
+    assert_close(list(sam_model.parameters()), list(model.parameters()), scale=50)
+
+
+@pytest.mark.parametrize("schedule", ["interval", "randomized", "aesam"])
+def test_schedule_resumes_exactly(backend, schedule):
+    make_schedule, _ = SCHEDULES[schedule]
+    batches = make_batches(STEPS)
+
+    def build(model):
+        return SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9, seed=SEED,
+                   schedule=make_schedule(), backend=backend)
+
+    straight = make_mlp()
+    closure_loop(build(straight), straight, batches)
+    first = make_mlp()
+    sam = build(first)
+    closure_loop(sam, first, batches[:4])
+    checkpoint = copy.deepcopy({"model": first.state_dict(), "optimizer": sam.state_dict()})
+    resumed = make_mlp(seed=5)
+    resumed.load_state_dict(checkpoint["model"])
+    sam2 = build(resumed)
+    sam2.load_state_dict(checkpoint["optimizer"])
+    closure_loop(sam2, resumed, batches[4:])
+    assert_bitwise_equal(list(resumed.parameters()), list(straight.parameters()))
+
+
+def test_plain_step_keeps_gradients_when_the_second_backward_is_skipped():
+    """first_step(zero_grad=True) on a plain step puts the gradients aside; second_step brings them back
+    when no second backward ran, and takes the new ones when it did (same batch: the same step)."""
+    batches = make_batches(2)
+    results = []
+    for run_second in (False, True):
+        model = make_mlp()
+        sam = SAM(model.parameters(), torch.optim.SGD, lr=0.1, schedule=Interval(2), backend="torch")
+        for x, y in batches:
+            loss_of(model, x, y).backward()
+            sam.first_step(zero_grad=True)
+            if sam.needs_second_pass() or run_second:
+                assert all(p.grad is None for p in model.parameters())
+                loss_of(model, x, y).backward()
+            sam.second_step(zero_grad=True)
+        results.append([p.detach().clone() for p in model.parameters()])
+    assert_bitwise_equal(results[0], results[1])
+
+
+def test_plain_step_under_grad_scaler():
+    """A plain step under GradScaler: one scaled backward, scaler.step unscales, the weights match the
+    unscaled run (the scale is a power of two)."""
+    batches = make_batches(4)
+    results = []
+    for enabled in (False, True):
+        model = make_mlp()
+        sam = SAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, schedule=Interval(2),
+                  backend="torch")
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, enabled=enabled)
+        for x, y in batches:
+            scaler.scale(loss_of(model, x, y)).backward()
+            sam.first_step(zero_grad=True, grad_scaler=scaler)
+            if sam.needs_second_pass():
+                scaler.scale(loss_of(model, x, y)).backward()
+            scaler.step(sam)
+            scaler.update()
+        results.append([p.detach().clone() for p in model.parameters()])
+    assert_close(results[1], results[0])
+
+
+def test_esam_with_a_host_schedule_drops_nothing_on_plain_steps():
+    model = make_mlp()
+    esam = ESAM(model.parameters(), torch.optim.SGD, lr=0.1, beta=0.5, gamma=1.0, schedule=Interval(2),
+                backend="torch", seed=3)
+    drops = []
+    for x, y in make_batches(8):
+        drops.append(len(esam.dropped_tensors))
+        closure_loop(esam, model, [(x, y)])
+    assert drops[1::2] == [0, 0, 0, 0] and sum(drops[0::2]) > 0, drops
+
+
+def test_esam_refuses_aesam():
+    with pytest.raises(ValueError, match="schedule: AESAM decides after the first backward"):
+        ESAM(make_mlp().parameters(), torch.optim.SGD, lr=0.1, schedule=AESAM(10))
+
+
+# ---------------------------------------------------------------------------------------- LookSAM
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("base_name", BASES)
+def test_looksam_matches_reference(backend, base_name, loop):
+    cls, options = BASES[base_name]
+    expected = make_mlp()
+    ref = EagerLookSAM(expected, cls(expected.parameters(), **options), rho=0.05, k=3, alpha=0.7)
+    run(ref, expected, make_batches(STEPS))
+    model = make_mlp()
+    looksam = LookSAM(model.parameters(), cls, rho=0.05, k=3, alpha=0.7, backend=backend, **options)
+    passes: list = []
+    LOOPS[loop](looksam, model, make_batches(STEPS), passes)
+    assert len(passes) == STEPS + len(range(0, STEPS, 3))
+    assert_close(list(model.parameters()), list(expected.parameters()), scale=50)
+    reference_gv = [v.float() for v in ref.gv]
+    assert_close([looksam.state[p]["looksam_gv"] for p in model.parameters()], reference_gv, scale=100)
+
+
+def test_looksam_reuse_is_not_sgd():
+    """The plain steps really add the g_v term (alpha 0.7 against alpha 0: different weights)."""
+    finals = []
+    for alpha in (0.0, 0.7):
+        model = make_mlp()
+        closure_loop(LookSAM(model.parameters(), torch.optim.SGD, lr=0.1, k=3, alpha=alpha,
+                             backend="torch"), model, make_batches(3))
+        finals.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    assert (finals[0] - finals[1]).abs().max() > 1e-4
+
+
+def test_looksam_resumes_exactly(backend):
+    batches = make_batches(STEPS)
+
+    def build(model):
+        return LookSAM(model.parameters(), torch.optim.SGD, rho=0.05, k=3, lr=0.1, momentum=0.9,
+                       backend=backend)
+
+    straight = make_mlp()
+    closure_loop(build(straight), straight, batches)
+    first = make_mlp()
+    looksam = build(first)
+    closure_loop(looksam, first, batches[:4])
+    checkpoint = copy.deepcopy({"model": first.state_dict(), "optimizer": looksam.state_dict()})
+    resumed = make_mlp(seed=9)
+    resumed.load_state_dict(checkpoint["model"])
+    again = build(resumed)
+    again.load_state_dict(checkpoint["optimizer"])
+    closure_loop(again, resumed, batches[4:])
+    assert_bitwise_equal(list(resumed.parameters()), list(straight.parameters()))
+
+
+def test_looksam_skipped_refresh_keeps_gv():
+    """A non-finite gradient on a refresh step skips the step and keeps the previous g_v and its norm."""
+    model = make_mlp()
+    looksam = LookSAM(model.parameters(), torch.optim.SGD, lr=0.1, k=2, backend="torch")
+    closure_loop(looksam, model, make_batches(2))
+    gv = [looksam.state[p]["looksam_gv"].clone() for p in model.parameters()]
+    weights = [p.detach().clone() for p in model.parameters()]
+    x, y = make_batches(1)[0]
+    loss_of(model, x, y).backward()
+    looksam.first_step(zero_grad=True)
+    assert looksam.needs_second_pass()
+    loss_of(model, x, y).backward()
+    next(model.parameters()).grad[0, 0] = math.nan
+    looksam.second_step(zero_grad=True)
+    assert_bitwise_equal(list(model.parameters()), weights)
+    assert_bitwise_equal([looksam.state[p]["looksam_gv"] for p in model.parameters()], gv)
+
+
+# ------------------------------------------------------------------------------------ MomentumSAM
+
+
+@pytest.mark.parametrize("style", ["closure", "plain"])
+def test_msam_matches_reference(backend, style):
+    expected = make_mlp()
+    ref = EagerMSAM(expected, lr=0.1, momentum=0.9, rho=0.3, weight_decay=1e-2)
+    run(ref, expected, make_batches(STEPS))
+    model = make_mlp()
+    msam = MomentumSAM(model.parameters(), lr=0.1, momentum=0.9, rho=0.3, weight_decay=1e-2,
+                       backend=backend)
+    passes: list = []
+    if style == "closure":
+        closure_loop(msam, model, make_batches(STEPS), passes)
+    else:
+        for x, y in make_batches(STEPS):
+            msam.zero_grad()
+            loss_of(model, x, y).backward()
+            passes.append(1)
+            msam.step()
+    assert len(passes) == STEPS
+    assert_close(list(model.parameters()), list(expected.parameters()), scale=20)
+    with msam.unperturbed():
+        assert_close(list(model.parameters()), ref.unperturbed(), scale=20)
+    assert_close(list(model.parameters()), list(expected.parameters()), scale=20)
+
+
+def test_msam_unperturbed_round_trip_is_exact():
+    model = make_mlp()
+    msam = MomentumSAM(model.parameters(), lr=0.1, rho=0.3, backend="torch")
+    closure_loop(msam, model, make_batches(3))
+    perturbed = [p.detach().clone() for p in model.parameters()]
+    with msam.unperturbed():
+        plain = [p.detach().clone() for p in model.parameters()]
+    assert_bitwise_equal(list(model.parameters()), perturbed)
+    assert any(not torch.equal(a, b) for a, b in zip(plain, perturbed, strict=True))
+
+
+def test_msam_resumes_exactly(backend):
+    batches = make_batches(STEPS)
+
+    def build(model):
+        return MomentumSAM(model.parameters(), lr=0.1, rho=0.3, weight_decay=1e-2, backend=backend)
+
+    straight = make_mlp()
+    closure_loop(build(straight), straight, batches)
+    first = make_mlp()
+    msam = build(first)
+    closure_loop(msam, first, batches[:4])
+    with msam.unperturbed():
+        checkpoint = copy.deepcopy({"model": first.state_dict(), "optimizer": msam.state_dict()})
+    resumed = make_mlp(seed=9)
+    resumed.load_state_dict(checkpoint["model"])
+    again = build(resumed)
+    again.load_state_dict(checkpoint["optimizer"])
+    again.perturb()
+    closure_loop(again, resumed, batches[4:])
+    assert_bitwise_equal(list(resumed.parameters()), list(straight.parameters()))
+
+
+def test_msam_skips_a_non_finite_step_bit_for_bit():
+    model = make_mlp()
+    msam = MomentumSAM(model.parameters(), lr=0.1, rho=0.3, backend="torch")
+    closure_loop(msam, model, make_batches(2))
+    weights = [p.detach().clone() for p in model.parameters()]
+    momentum = [msam.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    x, y = make_batches(1)[0]
+    msam.zero_grad()
+    loss_of(model, x, y).backward()
+    next(model.parameters()).grad[0, 0] = math.inf
+    msam.step()
+    assert_bitwise_equal(list(model.parameters()), weights)
+    assert_bitwise_equal([msam.state[p]["momentum_buffer"] for p in model.parameters()], momentum)
+
+
+# ------------------------------------------------------------------------------------- bad values
+
+BAD = [
+    (lambda: Interval(0), "k: must be an int >= 1"),
+    (lambda: Interval(2.5), "k: must be an int >= 1"),
+    (lambda: Randomized(1.5), r"p: must be a probability in \[0, 1\]"),
+    (lambda: Randomized(-0.1), r"p: must be a probability"),
+    (lambda: LatePhase(-1), "start: must be an int >= 0"),
+    (lambda: LatePhase(0.5), "total_steps: required"),
+    (lambda: LatePhase(1.5, total_steps=10), "start: a fraction must be in"),
+    (lambda: AESAM(0), "total_steps: must be an int >= 1"),
+    (lambda: AESAM(10, decay=1.0), "decay: must be in"),
+    (lambda: AESAM(10, lambda_1=math.inf), "lambda_1: must be a finite number"),
+    (lambda: AESAM(10, lambda_2=math.nan), "lambda_2: must be a finite number"),
+    (lambda: LookSAM(make_mlp().parameters(), torch.optim.SGD, lr=0.1, k=0), "k: must be an int >= 1"),
+    (lambda: LookSAM(make_mlp().parameters(), torch.optim.SGD, lr=0.1, alpha=-0.5), "alpha"),
+    (lambda: MomentumSAM(make_mlp().parameters(), lr=0.1, momentum=0.0), "momentum: MomentumSAM"),
+    (lambda: SAM(make_mlp().parameters(), torch.optim.SGD, lr=0.1, schedule="every 5"), "schedule:"),
+    (lambda: SAM(make_mlp().parameters(), torch.optim.SGD, lr=0.1, schedule=Interval(2),
+                 capturable=True), "capturable=True: a schedule"),
+]
+
+
+@pytest.mark.parametrize("make, message", BAD)
+def test_bad_values_are_refused(make, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        make()
+
+
+def test_randomized_bad_probability_function_is_named():
+    model = make_mlp()
+    sam = SAM(model.parameters(), torch.optim.SGD, lr=0.1, schedule=Randomized(lambda t: 2.0),
+              backend="torch")
+    with pytest.raises(ValueError, match="p: must be a probability"):
+        closure_loop(sam, model, make_batches(1))
+    assert sam._run.ascent is None
+
+
+def test_needs_second_pass_outside_a_step():
+    sam = SAM(make_mlp().parameters(), torch.optim.SGD, lr=0.1)
+    with pytest.raises(RuntimeError, match="needs_second_pass\\(\\): call it after first_step"):
+        sam.needs_second_pass()
+
+
+def test_msam_refuses_the_two_call_style():
+    msam = MomentumSAM(make_mlp().parameters(), lr=0.1)
+    with pytest.raises(RuntimeError, match="one pass per step"):
+        msam.first_step()
