@@ -17,15 +17,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from benchmarks import eager
+from benchmarks.launches import count_launches
 from benchmarks.shapes import PARAM_SETS, numel
 from sam_kernels import backends
 from sam_kernels.optim import ESAM, SAM
@@ -66,49 +66,35 @@ class FusedBaseSGD(Variant):
 
 
 class EagerSAM(Variant):
-    """SAM as the popular per-tensor implementation writes it: a Python loop, ~5 ATen ops per tensor."""
+    """SAM as the popular per-tensor implementation writes it (``benchmarks.eager.EagerSAM``): a Python
+    loop, ~5 ATen ops per tensor (``foreach=True``: the base step is torch's foreach SGD)."""
 
-    def __init__(self, params, adaptive=False):
+    def __init__(self, params, foreach: bool | None = None):
         super().__init__(params)
-        self.adaptive = adaptive
-        self.base = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-        self.old = {}
+        self.optimizer = eager.EagerSAM(params, torch.optim.SGD, rho=RHO, lr=LR, momentum=MOMENTUM,
+                                        weight_decay=WEIGHT_DECAY, foreach=foreach)
 
-    @torch.no_grad()
     def step(self):
-        grad_norm = torch.norm(torch.stack([p.grad.norm(p=2) for p in self.params]), p=2)
-        scale = RHO / (grad_norm + 1e-12)
-        for p in self.params:
-            self.old[p] = p.data.clone()
-            p.add_((torch.pow(p, 2) if self.adaptive else 1.0) * p.grad * scale.to(p))
-        for p in self.params:
-            p.data = self.old[p]
-        self.base.step()
+        self.optimizer.first_step()
+        self.optimizer.second_step()
 
 
 class EagerESAM(Variant):
-    """ESAM's optimizer side as the official code writes it: per-tensor SWP, subtract-to-restore."""
+    """ESAM's optimizer side as the official code writes it (``benchmarks.eager.EagerESAM``): per-tensor
+    SWP, subtract-to-restore."""
 
     bytes_per_element = 5 + 5 * ESAM_BETA
 
     def __init__(self, params, beta=ESAM_BETA, seed=0):
         super().__init__(params)
-        self.beta = beta
-        self.rng = random.Random(seed)
-        self.base = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-        self.e_w = {}
+        self.optimizer = eager.EagerESAM(params, torch.optim.SGD, rho=RHO, beta=beta, seed=seed, lr=LR,
+                                         momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
 
-    @torch.no_grad()
     def step(self):
-        kept = [p for p in self.params if self.rng.random() < self.beta]
-        grad_norm = torch.norm(torch.stack([p.grad.norm(p=2) for p in kept]), p=2) if kept else 0.0
-        scale = RHO / (grad_norm + 1e-12) / self.beta
-        for p in kept:
-            self.e_w[p] = p.grad * scale
-            p.add_(self.e_w[p])
-        for p in kept:
-            p.sub_(self.e_w[p])
-        self.base.step()
+        self.optimizer.drop_tensors()
+        self.optimizer.first_step()
+        self.optimizer.keep_all_tensors()
+        self.optimizer.second_step()
 
 
 class ForeachSAM(Variant):
@@ -224,63 +210,6 @@ def median_time(fn, device, repeats, warmup=2) -> float:
     return statistics.median(times)
 
 
-class _CountOps(TorchDispatchMode):
-    """Counts the ATen ops that run under it."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops += 1
-        return func(*args, **(kwargs or {}))
-
-
-def count_launches(fn) -> int:
-    """ATen ops plus Triton kernel launches of one call of ``fn``."""
-    launched = [0]
-    restore = _patch_triton_launches(launched)
-    try:
-        with _CountOps() as counter:
-            fn()
-    finally:
-        restore()
-    return counter.ops + launched[0]
-
-
-def _patch_triton_launches(launched):
-    try:
-        from sam_kernels.backends import triton_kernels
-    except ImportError:
-        return lambda: None
-    originals = {}
-    for name in dir(triton_kernels):
-        kernel = getattr(triton_kernels, name)
-        if name.endswith("_kernel") and hasattr(kernel, "__getitem__"):
-            originals[name] = kernel
-            setattr(triton_kernels, name, _CountedKernel(kernel, launched))
-
-    def restore():
-        for name, kernel in originals.items():
-            setattr(triton_kernels, name, kernel)
-
-    return restore
-
-
-class _CountedKernel:
-    def __init__(self, kernel, launched):
-        self.kernel, self.launched = kernel, launched
-
-    def __getitem__(self, grid):
-        launch = self.kernel[grid]
-
-        def counted(*args, **kwargs):
-            self.launched[0] += 1
-            return launch(*args, **kwargs)
-
-        return counted
-
-
 def copy_bandwidth(device, dtype=torch.float32, elements=32 * 2**20, repeats=7) -> float:
     """Measured memory bandwidth: bytes per second of a large in-place add (two reads and a write).
 
@@ -349,10 +278,10 @@ def run(param_sets, dtype_names, device, repeats) -> tuple[list[Row], float]:
                     ops_per_iteration=count_launches(variant.step),
                     peak_extra_mb=None if peak is None else peak / 2**20))
                 del variant
-            eager = next(r.median_ms for r in set_rows if r.variant == "eager SAM")
+            eager_ms = next(r.median_ms for r in set_rows if r.variant == "eager SAM")
             base = next(r.median_ms for r in set_rows if r.variant.startswith("sgd fused"))
             for row in set_rows:
-                row.vs_eager_sam = row.median_ms / eager
+                row.vs_eager_sam = row.median_ms / eager_ms
                 row.vs_fused_sgd = row.median_ms / base
             rows += set_rows
             print(format_table(set_rows), flush=True)

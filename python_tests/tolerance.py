@@ -5,6 +5,7 @@ import torch
 #: (rtol, atol) for results computed in fp32 and stored in each dtype. Low-precision entries allow one unit
 #: in the last place, since backends may round the same fp32 value differently when storing it.
 TOLERANCES = {
+    torch.float64: (1e-12, 1e-14),
     torch.float32: (1e-5, 1e-6),
     torch.float16: (2e-3, 1e-5),
     torch.bfloat16: (1.6e-2, 1e-4),

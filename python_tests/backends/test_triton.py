@@ -3,35 +3,19 @@
 import pytest
 import torch
 
+from benchmarks.launches import triton_launches
 from sam_kernels import ops
-from sam_kernels.backends import triton_backend, triton_kernels
+from sam_kernels.backends import triton_backend
 
 KERNEL_NAMES = ["sumsq_partials_kernel", "finish_norm_kernel", "perturb_kernel", "restore_kernel",
                 "restore_sgd_kernel", "restore_adam_kernel"]
 
 
-class CountingKernel:
-    """Stands in for a @triton.jit function and counts ``kernel[grid](...)`` launches."""
-
-    def __init__(self, kernel, counts, name):
-        self.kernel, self.counts, self.name = kernel, counts, name
-
-    def __getitem__(self, grid):
-        launch = self.kernel[grid]
-
-        def counted(*args, **kwargs):
-            self.counts[self.name] = self.counts.get(self.name, 0) + 1
-            return launch(*args, **kwargs)
-
-        return counted
-
-
 @pytest.fixture
-def launches(monkeypatch):
-    counts = {}
-    for name in KERNEL_NAMES:
-        monkeypatch.setattr(triton_kernels, name, CountingKernel(getattr(triton_kernels, name), counts, name))
-    return counts
+def launches():
+    """Launches of each kernel of KERNEL_NAMES (name -> count) while the test runs."""
+    with triton_launches(KERNEL_NAMES) as counts:
+        yield counts
 
 
 def launches_per_op(n_tensors, launches, dtypes=(torch.float32,)):

@@ -9,7 +9,7 @@ import sys
 
 import torch
 import torch.distributed as dist
-from reference import loss_of, make_data, make_mlp
+from reference import batch_loss, make_batches, make_mlp
 from torch.nn.parallel import DistributedDataParallel
 
 from sam_kernels.clip import clip_grad_norm_
@@ -65,25 +65,25 @@ def ddp_run(rank: int, port: int, out: str, backends: list[str]) -> None:
             sam = SAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR, momentum=0.9,
                       backend=backend, seed=rank + 11)
             broadcast_seed_(sam)
-            for x, y in make_data(STEPS, size=16):
+            for x, y in make_batches(STEPS, size=16):
                 xs, ys = shard(x, y, rank)
                 if mode == "per_worker_closure":
                     sam.ascent_context = model.no_sync
 
                     def closure(xs=xs, ys=ys, sam=sam, model=model):
                         sam.zero_grad()
-                        loss = loss_of(model, xs, ys)
+                        loss = batch_loss(model, xs, ys)
                         loss.backward()
                         return loss
                     sam.step(closure)
                     continue
                 context = per_worker_ascent(model) if mode in ("per_worker", "averaged") else None
                 with context or torch.enable_grad():
-                    loss_of(model, xs, ys).backward()
+                    batch_loss(model, xs, ys).backward()
                 if mode == "averaged":
                     average_gradients_(model.parameters())
                 sam.first_step(zero_grad=True)
-                loss_of(model, xs, ys).backward()
+                batch_loss(model, xs, ys).backward()
                 sam.second_step(zero_grad=True)
             results[(backend, mode)] = gathered(model)
         # ESAM: per-tensor SWP toggles requires_grad inside its ascent pass and SDS selects local
@@ -102,7 +102,7 @@ def ddp_run(rank: int, port: int, out: str, backends: list[str]) -> None:
             broadcast_seed_(esam)
             esam.ascent_context = model.no_sync
             dropped = []
-            for x, y in make_data(STEPS, size=16):
+            for x, y in make_batches(STEPS, size=16):
                 dropped.append([i for i, p in enumerate(model.parameters())
                                 if any(p is d for d in esam.dropped_tensors)])
                 xs, ys = shard(x, y, rank)
@@ -134,11 +134,11 @@ def fsdp_run(rank: int, port: int, out: str, backends: list[str]) -> None:
         sam = SAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR, momentum=0.9, backend=backend,
                   seed=3)
         storages = [p._local_tensor.untyped_storage().data_ptr() for p in model.parameters()]
-        for x, y in make_data(STEPS, size=16):
+        for x, y in make_batches(STEPS, size=16):
             xs, ys = shard(x, y, rank)
-            loss_of(model, xs, ys).backward()
+            batch_loss(model, xs, ys).backward()
             sam.first_step(zero_grad=True)
-            loss_of(model, xs, ys).backward()
+            batch_loss(model, xs, ys).backward()
             if clip is not None:
                 clip_grad_norm_(model.parameters(), clip, process_group=mesh.get_group(), backend=backend)
             sam.second_step(zero_grad=True)

@@ -9,11 +9,10 @@ import math
 
 import pytest
 import torch
+from reference import EagerSAM, HostSyncCounter, batch_loss, make_batches, make_mlp, per_worker_step
 from tolerance import assert_bitwise_equal, assert_close
 
 from sam_kernels.optim import SAM
-
-from .reference import EagerSAM, HostSyncCounter, loss_of, make_data, make_mlp
 
 BASES = {
     "sgd": (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-3}),
@@ -35,13 +34,13 @@ def amp_step(sam: SAM, scaler, model, x, y, *, autocast=None, corrupt_ascent=Non
     """The documented recipe: scaled backward, first_step(grad_scaler=...), scaled backward,
     scaler.step(optimizer), scaler.update()."""
     with autocast() if autocast else torch.autocast("cpu", enabled=False):
-        loss = loss_of(model, x, y)
+        loss = batch_loss(model, x, y)
     scaler.scale(loss).backward()
     if corrupt_ascent is not None:
         corrupt_ascent(list(model.parameters()))
     sam.first_step(zero_grad=True, grad_scaler=scaler)
     with autocast() if autocast else torch.autocast("cpu", enabled=False):
-        loss2 = loss_of(model, x, y)
+        loss2 = batch_loss(model, x, y)
     scaler.scale(loss2).backward()
     if corrupt_descent is not None:
         corrupt_descent(list(model.parameters()))
@@ -57,35 +56,10 @@ def pair(base: str, variant: str, backend: str, *, fused=None):
     base_cls, base_options = BASES[base]
     options = VARIANTS[variant]
     sam = SAM(model.parameters(), base_cls, backend=backend, fused=fused, **options, **base_options)
-    ref = EagerSAM(ref_model, base_cls(ref_model.parameters(), **base_options), rho=options["rho"],
-                   normalize=options.get("normalize_ascent", True))
+    ref = EagerSAM.of_model(ref_model, base_cls(ref_model.parameters(), **base_options), rho=options["rho"],
+                            normalize=options.get("normalize_ascent", True),
+                            renormalize=options.get("renormalize", False))
     return model, sam, ref_model, ref
-
-
-def renormalized_reference_step(ref: EagerSAM, x, y, scale: float) -> None:
-    """SSAM's descent for the eager reference: the second gradient rescaled to the first's norm."""
-    from .reference import global_norm
-    model = ref.model
-    grads1 = []
-    for p in ref.params:
-        p.grad = None
-    (loss_of(model, x, y) * scale).backward()
-    grads1 = [p.grad / scale for p in ref.params]
-    norm1 = global_norm(grads1)
-    with torch.no_grad():
-        backups = [p.clone() for p in ref.params]
-        for p, g in zip(ref.params, grads1, strict=True):
-            p.add_(ref.rho / (norm1 + ref.eps) * g)
-    for p in ref.params:
-        p.grad = None
-    (loss_of(model, x, y) * scale).backward()
-    grads2 = [p.grad / scale for p in ref.params]
-    norm2 = global_norm(grads2)
-    with torch.no_grad():
-        for p, backup, g in zip(ref.params, backups, grads2, strict=True):
-            p.copy_(backup)
-            p.grad = g * (norm1 / (norm2 + ref.eps))
-    ref.base.step()
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -95,12 +69,9 @@ def test_scaled_fp32_matches_eager(backend, base, variant):
     eager SAM; the scaler's scale grows on schedule (no step was skipped)."""
     model, sam, ref_model, ref = pair(base, variant, backend)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=2)
-    for x, y in make_data(4):
+    for x, y in make_batches(4, size=8):
         amp_step(sam, scaler, model, x, y)
-        if variant == "ssam":
-            renormalized_reference_step(ref, x, y, 1.0)
-        else:
-            assert not ref.step([(x, y)])
+        assert not ref.step([(x, y)])
     for a, b in zip(model.parameters(), ref_model.parameters(), strict=True):
         assert_close(a.detach(), b.detach(), scale=10, msg=f"{base}/{variant}")
     assert scaler.get_scale() == 2.0**14
@@ -111,7 +82,7 @@ def test_fp16_autocast_matches_eager(backend, base):
     """fp16 autocast with GradScaler against eager SAM that scales, unscales and skips the same way."""
     model, sam, ref_model, ref = pair(base, "sam", backend)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
-    for x, y in make_data(3):
+    for x, y in make_batches(3, size=8):
         amp_step(sam, scaler, model, x, y, autocast=fp16_autocast)
         assert not ref.step([(x, y)], scale=2.0**10, autocast=fp16_autocast)
     for a, b in zip(model.parameters(), ref_model.parameters(), strict=True):
@@ -124,7 +95,7 @@ def test_fp16_overflow_backs_off(backend):
     and the scale halves each time until the gradients fit, then training proceeds."""
     model, sam, _, _ = pair("sgd", "sam", backend)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40, growth_interval=1000)
-    x, y = make_data(1)[0]
+    x, y = make_batches(1, size=8)[0]
     skipped = 0
     for _ in range(30):
         before = [p.detach().clone() for p in model.parameters()]
@@ -156,7 +127,7 @@ def test_nonfinite_in_either_pass_skips(backend, base, where, value, fused):
     and matches eager SAM that skipped the same step."""
     model, sam, ref_model, ref = pair(base, "sam", backend, fused=fused)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=1000)
-    data = make_data(3)
+    data = make_batches(3, size=8)
     corrupt = {f"corrupt_{where}": _corrupt(value)}
     amp_step(sam, scaler, model, *data[0])
     ref.step([data[0]], scale=2.0**8)
@@ -183,10 +154,10 @@ def test_unscale_before_step(backend):
     and the optimizer must not unscale them again."""
     model, sam, ref_model, ref = pair("sgd", "sam", backend)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**6)
-    for x, y in make_data(2):
-        scaler.scale(loss_of(model, x, y)).backward()
+    for x, y in make_batches(2, size=8):
+        scaler.scale(batch_loss(model, x, y)).backward()
         sam.first_step(zero_grad=True, grad_scaler=scaler)
-        scaler.scale(loss_of(model, x, y)).backward()
+        scaler.scale(batch_loss(model, x, y)).backward()
         scaler.unscale_(sam)
         scaler.step(sam)
         scaler.update()
@@ -201,7 +172,7 @@ def test_disabled_scaler_is_plain_sam(backend):
     closure, which is the descent)."""
     model, sam, ref_model, ref = pair("adamw", "sam", backend)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    for x, y in make_data(2):
+    for x, y in make_batches(2, size=8):
         amp_step(sam, scaler, model, x, y)
         ref.step([(x, y)])
     for a, b in zip(model.parameters(), ref_model.parameters(), strict=True):
@@ -211,11 +182,11 @@ def test_disabled_scaler_is_plain_sam(backend):
 def test_misuse_restores_and_raises(backend):
     model, sam, _, _ = pair("sgd", "sam", backend)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**6)
-    x, y = make_data(1)[0]
+    x, y = make_batches(1, size=8)[0]
     weights = [p.detach().clone() for p in model.parameters()]
-    scaler.scale(loss_of(model, x, y)).backward()
+    scaler.scale(batch_loss(model, x, y)).backward()
     sam.first_step(zero_grad=True, grad_scaler=scaler)
-    scaler.scale(loss_of(model, x, y)).backward()
+    scaler.scale(batch_loss(model, x, y)).backward()
     with pytest.raises(RuntimeError, match=r"scaler\.step"):
         sam.second_step()
     assert_bitwise_equal([p.detach() for p in model.parameters()], weights)
@@ -227,13 +198,13 @@ def test_bf16_autocast_matches_eager(backend):
     """bf16 autocast needs no scaler: the plain two-call loop under autocast, against eager SAM under the
     same autocast."""
     model, sam, ref_model, ref = pair("sgd", "sam", backend)
-    for x, y in make_data(3):
+    for x, y in make_batches(3, size=8):
         with bf16_autocast():
-            loss = loss_of(model, x, y)
+            loss = batch_loss(model, x, y)
         loss.backward()
         sam.first_step(zero_grad=True)
         with bf16_autocast():
-            loss_of(model, x, y).backward()
+            batch_loss(model, x, y).backward()
         sam.second_step(zero_grad=True)
         ref.step([(x, y)], autocast=bf16_autocast)
     for a, b in zip(model.parameters(), ref_model.parameters(), strict=True):
@@ -247,16 +218,16 @@ def test_fused_amp_path_makes_no_host_sync(base):
     pytest.importorskip("triton")
     model, sam, _, _ = pair(base, "sam", "triton")
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
-    data = make_data(3)
+    data = make_batches(3, size=8)
     amp_step(sam, scaler, model, *data[0])  # state and metadata tables created
     for index, (x, y) in enumerate(data[1:]):
-        scaler.scale(loss_of(model, x, y)).backward()
+        scaler.scale(batch_loss(model, x, y)).backward()
         if index:
             _corrupt(math.inf)(list(model.parameters()))
         counter = HostSyncCounter()
         with counter:
             sam.first_step(zero_grad=True, grad_scaler=scaler)
-        scaler.scale(loss_of(model, x, y)).backward()
+        scaler.scale(batch_loss(model, x, y)).backward()
         with counter:
             scaler.step(sam)
             scaler.update()
@@ -272,8 +243,6 @@ def test_esam_sds_step_with_grad_scaler(backend, corrupt):
     step and backs the scale off."""
     from sam_kernels.optim import ESAM, sample_losses_closure
 
-    from .reference import per_worker_esam_step
-
     model = make_mlp()
     ref_model = copy.deepcopy(model)
     esam = ESAM(model.parameters(), torch.optim.SGD, rho=0.05, beta=0.5, gamma=0.5, lr=0.1,
@@ -281,7 +250,7 @@ def test_esam_sds_step_with_grad_scaler(backend, corrupt):
     base = torch.optim.SGD(ref_model.parameters(), lr=0.1)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
     params = list(model.parameters())
-    for step, (x, y) in enumerate(make_data(3, size=16)):
+    for step, (x, y) in enumerate(make_batches(3, size=16)):
         dropped = [i for i, p in enumerate(params) if any(p is d for d in esam.dropped_tensors)]
         poison = corrupt and step == 1
         weights = [p.detach().clone() for p in params]
@@ -298,6 +267,6 @@ def test_esam_sds_step_with_grad_scaler(backend, corrupt):
             assert_bitwise_equal([p.detach() for p in params], weights)
             assert scaler.get_scale() == 2.0**9
             continue
-        per_worker_esam_step(ref_model, base, [(x, y)], rho=0.05, beta=0.5, gamma=0.5, dropped=dropped)
+        per_worker_step(ref_model, base, [(x, y)], rho=0.05, beta=0.5, gamma=0.5, dropped=dropped)
     for a, b in zip(params, ref_model.parameters(), strict=True):
         assert_close(a.detach(), b.detach(), scale=10)

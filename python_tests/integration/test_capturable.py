@@ -8,12 +8,11 @@ import copy
 
 import pytest
 import torch
+from reference import EagerSAM, HostSyncCounter, batch_loss, make_batches, make_mlp
 from tolerance import assert_close
 
 from sam_kernels.backends import native_status
 from sam_kernels.optim import ESAM, SAM
-
-from .reference import EagerSAM, HostSyncCounter, loss_of, make_data, make_mlp
 
 BASES = {"sgd": (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}), "adam": (torch.optim.Adam, {"lr": 0.01})}
 
@@ -31,14 +30,14 @@ def test_fused_step_makes_no_host_sync(base, backend, capturable):
     base_cls, options = BASES[base]
     model, ref_model = make_mlp(), make_mlp()
     sam = SAM(model.parameters(), base_cls, rho=0.05, backend=backend, capturable=capturable, **options)
-    ref = EagerSAM(ref_model, base_cls(ref_model.parameters(), **options), rho=0.05)
-    for x, y in make_data(3):
+    ref = EagerSAM.of_model(ref_model, base_cls(ref_model.parameters(), **options), rho=0.05)
+    for x, y in make_batches(3, size=8):
         with HostSyncCounter() as counter:
             sam.zero_grad(set_to_none=False)
-            loss_of(model, x, y).backward()
+            batch_loss(model, x, y).backward()
             sam.first_step()
             sam.zero_grad(set_to_none=False)
-            loss_of(model, x, y).backward()
+            batch_loss(model, x, y).backward()
             sam.second_step()
         assert counter.syncs == [], f"host reads in a fused step: {counter.syncs}"
         ref.step([(x, y)])
@@ -53,10 +52,10 @@ def test_capturable_step_survives_replays_and_reload():
     sam = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9, backend="torch",
               capturable=True)
     device_step = sam._rng_step(torch.device("cpu"))
-    for x, y in make_data(2):
-        loss_of(model, x, y).backward()
+    for x, y in make_batches(2, size=8):
+        batch_loss(model, x, y).backward()
         sam.first_step(zero_grad=True)
-        loss_of(model, x, y).backward()
+        batch_loss(model, x, y).backward()
         sam.second_step(zero_grad=True)
     device_step.add_(5)  # what five replays of a captured step would leave behind
     state = sam.state_dict()
@@ -92,16 +91,17 @@ def test_cuda_graph_capture_and_replay(backend):
     ref_model = copy.deepcopy(model)
     sam = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9, backend=backend,
               capturable=True)
-    ref = EagerSAM(ref_model, torch.optim.SGD(ref_model.parameters(), lr=0.1, momentum=0.9), rho=0.05)
-    data = [(x.to(device), y.to(device)) for x, y in make_data(6)]
+    base = torch.optim.SGD(ref_model.parameters(), lr=0.1, momentum=0.9)
+    ref = EagerSAM.of_model(ref_model, base, rho=0.05)
+    data = [(x.to(device), y.to(device)) for x, y in make_batches(6, size=8)]
     static_x, static_y = data[0][0].clone(), data[0][1].clone()
 
     def step():
         sam.zero_grad(set_to_none=False)
-        loss_of(model, static_x, static_y).backward()
+        batch_loss(model, static_x, static_y).backward()
         sam.first_step()
         sam.zero_grad(set_to_none=False)
-        loss_of(model, static_x, static_y).backward()
+        batch_loss(model, static_x, static_y).backward()
         sam.second_step()
 
     def ref_step(x, y):

@@ -8,13 +8,12 @@ import copy
 
 import pytest
 import torch
+from reference import EagerSAM, batch_loss, make_batches, make_mlp
 from tolerance import assert_close
 
 from sam_kernels import ops
 from sam_kernels.backends import native_status
 from sam_kernels.optim import SAM
-
-from .reference import EagerSAM, loss_of, make_data, make_mlp
 
 NATIVE = pytest.param("native", marks=pytest.mark.skipif(not native_status("cpu")[0],
                                                          reason="sam_kernels._C is not built"))
@@ -63,18 +62,19 @@ def test_compiled_training_step_matches_eager(backend):
     model = make_mlp()
     ref_model = copy.deepcopy(model)
     sam = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9, backend=backend)
-    ref = EagerSAM(ref_model, torch.optim.SGD(ref_model.parameters(), lr=0.1, momentum=0.9), rho=0.05)
+    base = torch.optim.SGD(ref_model.parameters(), lr=0.1, momentum=0.9)
+    ref = EagerSAM.of_model(ref_model, base, rho=0.05)
 
     @torch.compile(backend="aot_eager")
     def train_step(x, y):
-        loss = loss_of(model, x, y)
+        loss = batch_loss(model, x, y)
         loss.backward()
         sam.first_step(zero_grad=True)
-        loss_of(model, x, y).backward()
+        batch_loss(model, x, y).backward()
         sam.second_step(zero_grad=True)
         return loss.detach()
 
-    for x, y in make_data(3):
+    for x, y in make_batches(3, size=8):
         train_step(x, y)
         ref.step([(x, y)])
     for a, b in zip(model.parameters(), ref_model.parameters(), strict=True):

@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from reference import EagerSAM, make_batches, make_mlp, per_worker_step
 from tolerance import assert_bitwise_equal, assert_close
-
-from .reference import EagerSAM, make_data, make_mlp, per_worker_esam_step, per_worker_sam_step
 
 HERE = Path(__file__).parent
 TIMEOUT_S = 240
@@ -29,8 +28,11 @@ def spawn(function_name: str, *args) -> None:
     """Run ``dist_worker.<function_name>(rank, port, *args)`` on 2 processes; fail after TIMEOUT_S."""
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("torch.distributed with gloo is unavailable")
-    if str(HERE) not in sys.path:
-        sys.path.insert(0, str(HERE))  # the spawned processes import dist_worker by name
+    # NOTE (spawn): the workers import dist_worker (here) and reference (python_tests) by name; spawned
+    # processes start with this process's sys.path.
+    for folder in (HERE.parent, HERE):
+        if str(folder) not in sys.path:
+            sys.path.insert(0, str(folder))
     import dist_worker
     context = mp.start_processes(getattr(dist_worker, function_name), args=(free_port(), *args),
                                  nprocs=2, join=False, start_method="spawn")
@@ -57,12 +59,12 @@ def ddp_results(tmp_path_factory):
 def expected_params(mode: str, clip: float | None = None) -> list[torch.Tensor]:
     model = make_mlp()
     base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    eager = EagerSAM(model, base, rho=0.05)
-    for x, y in make_data(3, size=16):
+    eager = EagerSAM.of_model(model, base, rho=0.05)
+    for x, y in make_batches(3, size=16):
         if mode == "synced":
             eager.step([(x, y)], clip=clip)
         else:
-            per_worker_sam_step(model, base, list(zip(x.chunk(2), y.chunk(2), strict=True)), rho=0.05)
+            per_worker_step(model, base, list(zip(x.chunk(2), y.chunk(2), strict=True)), rho=0.05)
     return [p.detach() for p in model.parameters()]
 
 
@@ -94,9 +96,9 @@ def test_ddp_esam(ddp_results):
         assert dropped0 == dropped1 and any(dropped0)
         model = make_mlp()
         base = torch.optim.SGD(model.parameters(), lr=0.1)
-        for (x, y), dropped in zip(make_data(3, size=16), dropped0, strict=True):
-            per_worker_esam_step(model, base, list(zip(x.chunk(2), y.chunk(2), strict=True)), rho=0.05,
-                                 beta=0.5, gamma=0.5, dropped=dropped)
+        for (x, y), dropped in zip(make_batches(3, size=16), dropped0, strict=True):
+            per_worker_step(model, base, list(zip(x.chunk(2), y.chunk(2), strict=True)), rho=0.05,
+                            beta=0.5, gamma=0.5, dropped=dropped)
         assert_close(rank0, [p.detach() for p in model.parameters()], scale=10, msg=backend)
         # ESAM built before DDP wraps the model: DDP still sees every parameter as trainable.
         first0, first1 = results[(backend, "esam_built_first")]

@@ -6,11 +6,11 @@ import copy
 
 import pytest
 import torch
+from reference import batch_loss, make_batches, make_model
 from torch import nn
 
 from sam_kernels.optim import ESAM, SAM
 
-from .eager import batch_loss, make_batches, make_model
 from .test_sam import two_call_step
 
 

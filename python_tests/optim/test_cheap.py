@@ -1,5 +1,5 @@
 """The cheap SAM variants (step schedules, LookSAM, MomentumSAM) against the eager implementations of
-cheap_reference.py over several steps of a small model: both loop styles, SGD and AdamW, checkpoint
+reference.py over several steps of a small model: both loop styles, SGD and AdamW, checkpoint
 resume in the middle of a schedule, GradScaler, and bad values."""
 
 from __future__ import annotations
@@ -9,7 +9,17 @@ import math
 
 import pytest
 import torch
-from reference import make_batches, make_mlp
+from reference import (
+    AESAMRule,
+    EagerLookSAM,
+    EagerMSAM,
+    ScheduledSAM,
+    batch_loss,
+    documented_uniform,
+    make_batches,
+    make_mlp,
+    run,
+)
 from tolerance import assert_bitwise_equal, assert_close
 
 from sam_kernels.optim import (
@@ -23,16 +33,6 @@ from sam_kernels.optim import (
     Randomized,
 )
 from sam_kernels.optim.schedules import uniform
-
-from .cheap_reference import (
-    AESAMRule,
-    EagerLookSAM,
-    EagerMSAM,
-    ScheduledSAM,
-    documented_uniform,
-    loss_of,
-    run,
-)
 
 STEPS = 7
 SEED = 1234
@@ -58,7 +58,7 @@ def closure_loop(optimizer, model, batches, passes: list | None = None) -> None:
             if passes is not None:
                 passes.append(1)
             optimizer.zero_grad()
-            loss = loss_of(model, x, y)
+            loss = batch_loss(model, x, y)
             loss.backward()
             return loss
         optimizer.step(closure)
@@ -66,12 +66,12 @@ def closure_loop(optimizer, model, batches, passes: list | None = None) -> None:
 
 def two_call_loop(optimizer, model, batches, passes: list | None = None) -> None:
     for x, y in batches:
-        loss_of(model, x, y).backward()
+        batch_loss(model, x, y).backward()
         if passes is not None:
             passes.append(1)
         optimizer.first_step(zero_grad=True)
         if optimizer.needs_second_pass():
-            loss_of(model, x, y).backward()
+            batch_loss(model, x, y).backward()
             if passes is not None:
                 passes.append(1)
         optimizer.second_step(zero_grad=True)
@@ -162,11 +162,11 @@ def test_plain_step_keeps_gradients_when_the_second_backward_is_skipped():
         model = make_mlp()
         sam = SAM(model.parameters(), torch.optim.SGD, lr=0.1, schedule=Interval(2), backend="torch")
         for x, y in batches:
-            loss_of(model, x, y).backward()
+            batch_loss(model, x, y).backward()
             sam.first_step(zero_grad=True)
             if sam.needs_second_pass() or run_second:
                 assert all(p.grad is None for p in model.parameters())
-                loss_of(model, x, y).backward()
+                batch_loss(model, x, y).backward()
             sam.second_step(zero_grad=True)
         results.append([p.detach().clone() for p in model.parameters()])
     assert_bitwise_equal(results[0], results[1])
@@ -183,10 +183,10 @@ def test_plain_step_under_grad_scaler():
                   backend="torch")
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, enabled=enabled)
         for x, y in batches:
-            scaler.scale(loss_of(model, x, y)).backward()
+            scaler.scale(batch_loss(model, x, y)).backward()
             sam.first_step(zero_grad=True, grad_scaler=scaler)
             if sam.needs_second_pass():
-                scaler.scale(loss_of(model, x, y)).backward()
+                scaler.scale(batch_loss(model, x, y)).backward()
             scaler.step(sam)
             scaler.update()
         results.append([p.detach().clone() for p in model.parameters()])
@@ -269,10 +269,10 @@ def test_looksam_skipped_refresh_keeps_gv():
     gv = [looksam.state[p]["looksam_gv"].clone() for p in model.parameters()]
     weights = [p.detach().clone() for p in model.parameters()]
     x, y = make_batches(1)[0]
-    loss_of(model, x, y).backward()
+    batch_loss(model, x, y).backward()
     looksam.first_step(zero_grad=True)
     assert looksam.needs_second_pass()
-    loss_of(model, x, y).backward()
+    batch_loss(model, x, y).backward()
     next(model.parameters()).grad[0, 0] = math.nan
     looksam.second_step(zero_grad=True)
     assert_bitwise_equal(list(model.parameters()), weights)
@@ -296,7 +296,7 @@ def test_msam_matches_reference(backend, style):
     else:
         for x, y in make_batches(STEPS):
             msam.zero_grad()
-            loss_of(model, x, y).backward()
+            batch_loss(model, x, y).backward()
             passes.append(1)
             msam.step()
     assert len(passes) == STEPS
@@ -347,7 +347,7 @@ def test_msam_skips_a_non_finite_step_bit_for_bit():
     momentum = [msam.state[p]["momentum_buffer"].clone() for p in model.parameters()]
     x, y = make_batches(1)[0]
     msam.zero_grad()
-    loss_of(model, x, y).backward()
+    batch_loss(model, x, y).backward()
     next(model.parameters()).grad[0, 0] = math.inf
     msam.step()
     assert_bitwise_equal(list(model.parameters()), weights)

@@ -6,10 +6,10 @@ import io
 
 import pytest
 import torch
+from reference import assert_models_equal, make_batches, make_model
 
 from sam_kernels.optim import ESAM, SAM, sample_losses_closure
 
-from .eager import assert_models_equal, make_batches, make_model
 from .test_esam import per_sample_cross_entropy
 from .test_sam import fit
 

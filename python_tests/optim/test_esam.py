@@ -1,4 +1,4 @@
-"""ESAM against the plain eager implementation of eager.py: per-tensor SWP (the kept set drawn here from
+"""ESAM against the plain eager implementation of reference.py: per-tensor SWP (the kept set drawn here from
 the documented rule), the elementwise mask, and SDS with its documented selection."""
 
 from __future__ import annotations
@@ -6,13 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-
-from sam_kernels.backends.common import mask_threshold
-from sam_kernels.backends.reference import keep_mask
-from sam_kernels.optim import ESAM, SAM, sample_losses_closure, selected_count
-
-from .eager import (
+from reference import (
     EagerSAM,
     assert_models_close,
     assert_models_equal,
@@ -23,6 +17,12 @@ from .eager import (
     make_model,
     sds_count,
 )
+from torch import nn
+
+from sam_kernels.backends.common import mask_threshold
+from sam_kernels.backends.reference import keep_mask
+from sam_kernels.optim import ESAM, SAM, sample_losses_closure, selected_count
+
 from .test_sam import BASES, assert_states_close, fit
 
 STEPS = 3

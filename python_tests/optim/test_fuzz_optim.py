@@ -1,5 +1,5 @@
 """Property-based fuzzing of the optimizers of ``sam_kernels.optim`` against the independent eager
-implementation of eager.py, over short random runs of the tiny model.
+implementation of reference.py, over short random runs of the tiny model.
 
 Variants: SAM with any mix of ``adaptive`` (ASAM), ``renormalize`` (SSAM) and ``normalize_ascent=False``
 (USAM), and ESAM with ``swp="element"`` and ``gamma=1`` through ``step(closure)``; bases: SGD, Adam and
@@ -22,14 +22,7 @@ import torch
 from fuzz_profile import fuzz_settings
 from hypothesis import event, given
 from hypothesis import strategies as st
-from tolerance import assert_bitwise_equal
-
-from sam_kernels.backends import native_status, triton_status
-from sam_kernels.backends.common import mask_threshold
-from sam_kernels.backends.reference import keep_mask
-from sam_kernels.optim import ESAM, SAM, freeze_bn_stats
-
-from .eager import (
+from reference import (
     EagerSAM,
     FrozenBatchNorm,
     assert_models_close,
@@ -38,6 +31,12 @@ from .eager import (
     make_batches,
     make_model,
 )
+from tolerance import assert_bitwise_equal
+
+from sam_kernels.backends import native_status, triton_status
+from sam_kernels.backends.common import mask_threshold
+from sam_kernels.backends.reference import keep_mask
+from sam_kernels.optim import ESAM, SAM, freeze_bn_stats
 
 # NOTE: the injected NaN/inf make the Triton interpreter's numpy divide by zero; expected, not news.
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")

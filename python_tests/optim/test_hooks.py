@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from reference import batch_loss, make_batches, make_model
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from sam_kernels.optim import ESAM, SAM, sample_losses_closure
 
-from .eager import batch_loss, make_batches, make_model
 from .test_esam import per_sample_cross_entropy
 from .test_sam import two_call_step
 

@@ -8,10 +8,10 @@ import copy
 
 import pytest
 import torch
+from reference import assert_models_equal, batch_loss, make_batches, make_model
 
 from sam_kernels.optim import ESAM, SAM
 
-from .eager import assert_models_equal, batch_loss, make_batches, make_model
 from .test_sam import two_call_step
 
 OPTIMIZERS = {

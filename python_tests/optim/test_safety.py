@@ -9,12 +9,7 @@ import inspect
 
 import pytest
 import torch
-from torch import nn
-
-from sam_kernels import backends, ops
-from sam_kernels.optim import ESAM, SAM, sample_losses_closure
-
-from .eager import (
+from reference import (
     EagerSAM,
     assert_models_close,
     batch_loss,
@@ -23,6 +18,11 @@ from .eager import (
     make_batches,
     make_model,
 )
+from torch import nn
+
+from sam_kernels import backends, ops
+from sam_kernels.optim import ESAM, SAM, sample_losses_closure
+
 from .test_esam import per_sample_cross_entropy
 from .test_sam import two_call_step
 

@@ -1,4 +1,4 @@
-"""SAM, ASAM, SSAM and USAM against the plain eager implementation of eager.py, over several steps of a
+"""SAM, ASAM, SSAM and USAM against the plain eager implementation of reference.py, over several steps of a
 small model with BatchNorm, on both loop styles, the fused and the generic descent."""
 
 from __future__ import annotations
@@ -7,10 +7,7 @@ import warnings
 
 import pytest
 import torch
-
-from sam_kernels.optim import SAM, freeze_bn_stats
-
-from .eager import (
+from reference import (
     EagerSAM,
     assert_models_close,
     assert_models_equal,
@@ -20,6 +17,8 @@ from .eager import (
     make_batches,
     make_model,
 )
+
+from sam_kernels.optim import SAM, freeze_bn_stats
 
 STEPS = 3
 
