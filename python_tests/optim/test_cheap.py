@@ -4,6 +4,7 @@ resume in the middle of a schedule, GradScaler, and bad values."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 
@@ -130,27 +131,34 @@ def test_aesam_mixes_sam_and_plain_steps():
     assert_close(list(sam_model.parameters()), list(model.parameters()), scale=50)
 
 
-@pytest.mark.parametrize("schedule", ["interval", "randomized", "aesam"])
-def test_schedule_resumes_exactly(backend, schedule):
-    make_schedule, _ = SCHEDULES[schedule]
+def assert_resumes_exactly(build, unperturbed=lambda optimizer: contextlib.nullcontext(),
+                           after_load=None) -> None:
+    """Save after 4 of STEPS steps, load into a fresh model and optimizer, finish: the weights equal the
+    uninterrupted run's bit for bit."""
     batches = make_batches(STEPS)
-
-    def build(model):
-        return SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9, seed=SEED,
-                   schedule=make_schedule(), backend=backend)
-
     straight = make_mlp()
     closure_loop(build(straight), straight, batches)
     first = make_mlp()
-    sam = build(first)
-    closure_loop(sam, first, batches[:4])
-    checkpoint = copy.deepcopy({"model": first.state_dict(), "optimizer": sam.state_dict()})
-    resumed = make_mlp(seed=5)
+    optimizer = build(first)
+    closure_loop(optimizer, first, batches[:4])
+    with unperturbed(optimizer):
+        checkpoint = copy.deepcopy({"model": first.state_dict(), "optimizer": optimizer.state_dict()})
+    resumed = make_mlp(seed=9)
     resumed.load_state_dict(checkpoint["model"])
-    sam2 = build(resumed)
-    sam2.load_state_dict(checkpoint["optimizer"])
-    closure_loop(sam2, resumed, batches[4:])
+    again = build(resumed)
+    again.load_state_dict(checkpoint["optimizer"])
+    if after_load is not None:
+        after_load(again)
+    closure_loop(again, resumed, batches[4:])
     assert_bitwise_equal(list(resumed.parameters()), list(straight.parameters()))
+
+
+@pytest.mark.parametrize("schedule", ["interval", "randomized", "aesam"])
+def test_schedule_resumes_exactly(backend, schedule):
+    make_schedule, _ = SCHEDULES[schedule]
+    assert_resumes_exactly(lambda model: SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1,
+                                             momentum=0.9, seed=SEED, schedule=make_schedule(),
+                                             backend=backend))
 
 
 def test_plain_step_keeps_gradients_when_the_second_backward_is_skipped():
@@ -241,24 +249,8 @@ def test_looksam_reuse_is_not_sgd():
 
 
 def test_looksam_resumes_exactly(backend):
-    batches = make_batches(STEPS)
-
-    def build(model):
-        return LookSAM(model.parameters(), torch.optim.SGD, rho=0.05, k=3, lr=0.1, momentum=0.9,
-                       backend=backend)
-
-    straight = make_mlp()
-    closure_loop(build(straight), straight, batches)
-    first = make_mlp()
-    looksam = build(first)
-    closure_loop(looksam, first, batches[:4])
-    checkpoint = copy.deepcopy({"model": first.state_dict(), "optimizer": looksam.state_dict()})
-    resumed = make_mlp(seed=9)
-    resumed.load_state_dict(checkpoint["model"])
-    again = build(resumed)
-    again.load_state_dict(checkpoint["optimizer"])
-    closure_loop(again, resumed, batches[4:])
-    assert_bitwise_equal(list(resumed.parameters()), list(straight.parameters()))
+    assert_resumes_exactly(lambda model: LookSAM(model.parameters(), torch.optim.SGD, rho=0.05, k=3, lr=0.1,
+                                                 momentum=0.9, backend=backend))
 
 
 def test_looksam_skipped_refresh_keeps_gv():
@@ -318,25 +310,10 @@ def test_msam_unperturbed_round_trip_is_exact():
 
 
 def test_msam_resumes_exactly(backend):
-    batches = make_batches(STEPS)
-
-    def build(model):
-        return MomentumSAM(model.parameters(), lr=0.1, rho=0.3, weight_decay=1e-2, backend=backend)
-
-    straight = make_mlp()
-    closure_loop(build(straight), straight, batches)
-    first = make_mlp()
-    msam = build(first)
-    closure_loop(msam, first, batches[:4])
-    with msam.unperturbed():
-        checkpoint = copy.deepcopy({"model": first.state_dict(), "optimizer": msam.state_dict()})
-    resumed = make_mlp(seed=9)
-    resumed.load_state_dict(checkpoint["model"])
-    again = build(resumed)
-    again.load_state_dict(checkpoint["optimizer"])
-    again.perturb()
-    closure_loop(again, resumed, batches[4:])
-    assert_bitwise_equal(list(resumed.parameters()), list(straight.parameters()))
+    assert_resumes_exactly(lambda model: MomentumSAM(model.parameters(), lr=0.1, rho=0.3, weight_decay=1e-2,
+                                                     backend=backend),
+                           unperturbed=lambda optimizer: optimizer.unperturbed(),
+                           after_load=lambda optimizer: optimizer.perturb())
 
 
 def test_msam_skips_a_non_finite_step_bit_for_bit():
