@@ -11,14 +11,21 @@ the weight gradients):
                  (full forward, SWP-pruned backward, no-grad forward at w + e, forward and backward on
                  the selected gamma fraction)
     SSAM         as SAM (the renormalization is optimizer-side work)
+    cheap        3F + f x 3F, f the fraction of steps that run the second pass: counted while timing
+                 (interval k = 5 and LookSAM k = 5: f = 0.2; randomized p = 0.5: about 0.5; AE-SAM:
+                 data dependent); Momentum SAM 3F (no second pass)
 
-    python -m benchmarks.training [--models resnet18 vit_tiny] [--batch 128] [--steps N]
+The variants are interleaved across ``--repeats`` rounds (machine noise hits all alike); the table gives
+the median with the spread (min-max) of the images per second.
+
+    python -m benchmarks.training [--models resnet18 vit_tiny] [--batch 128] [--steps N] [--repeats R]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -28,17 +35,31 @@ from torch import nn
 
 from benchmarks.eager import EagerESAM, EagerSAM
 from benchmarks.models import MODELS
-from sam_kernels.optim import ESAM, SAM, sample_losses_closure
+from sam_kernels.optim import (
+    AESAM,
+    ESAM,
+    SAM,
+    Interval,
+    LookSAM,
+    MomentumSAM,
+    Randomized,
+    sample_losses_closure,
+)
 
 LR, MOMENTUM, WEIGHT_DECAY, RHO = 0.05, 0.9, 5e-4, 0.05
 BETA, GAMMA = 0.6, 0.5  # the ESAM paper's ResNet-18 setting
+K = 5  # interval SAM's and LookSAM's period
+MSAM_RHO = 0.3  # the Momentum SAM code's default
 
 
-def compute_model(variant: str) -> float:
-    """Cost of one step in forward units (see the module docstring)."""
+def compute_model(variant: str, second_pass_fraction: float | None = None) -> float:
+    """Cost of one step in forward units (see the module docstring); ``second_pass_fraction``: the
+    measured fraction of steps with a second pass, for the variants that skip it on some steps."""
+    if second_pass_fraction is not None:
+        return 3.0 + 3.0 * second_pass_fraction
     if variant.endswith("ESAM"):
         return 3 + BETA + 3 * GAMMA
-    if variant.endswith("SAM"):
+    if variant.endswith("SAM") and "Momentum" not in variant:
         return 6.0
     return 3.0
 
@@ -70,6 +91,56 @@ def two_pass_step(model, optimizer):
     return step
 
 
+class SecondPasses:
+    """Counts the steps that ran the second forward and backward (and all steps)."""
+
+    def __init__(self) -> None:
+        self.steps = self.second = 0
+
+    def fraction(self) -> float:
+        return self.second / max(self.steps, 1)
+
+
+def scheduled_step(model, optimizer):
+    """The two-call loop that asks the optimizer whether the second pass runs; the step function carries
+    its ``SecondPasses`` counter."""
+    passes = SecondPasses()
+
+    def step(inputs, targets):
+        per_sample_loss(model(inputs), targets).mean().backward()
+        optimizer.first_step(zero_grad=True)
+        passes.steps += 1
+        if optimizer.needs_second_pass():
+            passes.second += 1
+            per_sample_loss(model(inputs), targets).mean().backward()
+        optimizer.second_step(zero_grad=True)
+
+    step.passes = passes
+    return step
+
+
+def momentum_sam_step(model):
+    optimizer = MomentumSAM(model.parameters(), lr=LR, momentum=MOMENTUM, rho=MSAM_RHO,
+                            weight_decay=WEIGHT_DECAY)
+
+    def step(inputs, targets):
+        per_sample_loss(model(inputs), targets).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    return step
+
+
+def sam_kernels_schedule_step(model, schedule, rho=RHO):
+    return scheduled_step(model, SAM(model.parameters(), torch.optim.SGD, rho=rho, schedule=schedule, lr=LR,
+                                     momentum=MOMENTUM, weight_decay=WEIGHT_DECAY))
+
+
+def looksam_step(model):
+    return scheduled_step(model, LookSAM(model.parameters(), torch.optim.SGD, rho=RHO, k=K, alpha=0.7,
+                                         lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY))
+
+
 def eager_sam_step(model):
     return two_pass_step(model, EagerSAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR,
                                          momentum=MOMENTUM, weight_decay=WEIGHT_DECAY))
@@ -97,6 +168,10 @@ def sam_kernels_esam_step(model):
     return step
 
 
+#: NOTE (AE-SAM's horizon): its threshold moves over ``total_steps``; the benchmark's run is short, so
+#: the horizon is set to a typical training length and the measured fraction of SAM steps is reported.
+AESAM_HORIZON = 1000
+
 VARIANTS = {
     "SGD": sgd_step,
     "eager SAM": eager_sam_step,
@@ -104,6 +179,11 @@ VARIANTS = {
     "sam_kernels SAM": sam_kernels_sam_step,
     "sam_kernels ESAM": sam_kernels_esam_step,
     "sam_kernels SSAM": lambda model: sam_kernels_sam_step(model, renormalize=True),
+    f"interval SAM (k={K})": lambda model: sam_kernels_schedule_step(model, Interval(K), rho=2 * RHO),
+    "randomized SAM (p=0.5)": lambda model: sam_kernels_schedule_step(model, Randomized(0.5)),
+    "AE-SAM": lambda model: sam_kernels_schedule_step(model, AESAM(AESAM_HORIZON)),
+    f"LookSAM (k={K})": looksam_step,
+    "Momentum SAM": momentum_sam_step,
 }
 
 
@@ -113,7 +193,8 @@ def synchronize(device):
 
 
 def measure(variant, model_name, device, batch, steps, warmup, seed=0):
-    """(images per second, peak memory in MiB or None) of ``steps`` training steps after ``warmup``."""
+    """(images per second, peak memory in MiB or None, fraction of timed steps with a second pass or
+    None) of ``steps`` training steps after ``warmup``."""
     torch.manual_seed(seed)
     model = MODELS[model_name]().to(device)
     model.train()
@@ -129,6 +210,9 @@ def measure(variant, model_name, device, batch, steps, warmup, seed=0):
         torch.cuda.reset_peak_memory_stats(device)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
+    passes = getattr(step, "passes", None)
+    if passes is not None:
+        passes.steps = passes.second = 0
     began = time.perf_counter()
     for i in range(steps):
         progress(variant, model_name, "timed", i + 1, steps)
@@ -141,7 +225,7 @@ def measure(variant, model_name, device, batch, steps, warmup, seed=0):
     else:
         seconds, peak = time.perf_counter() - began, None
     sys.stderr.write("\n")
-    return batch * steps / seconds, peak
+    return batch * steps / seconds, peak, passes.fraction() if passes is not None else None
 
 
 def progress(variant, model_name, phase, done, total, width=20):
@@ -151,29 +235,44 @@ def progress(variant, model_name, phase, done, total, width=20):
     sys.stderr.flush()
 
 
-def run(models, device, batch, steps, warmup):
+def run(models, device, batch, steps, warmup, repeats=1):
+    """Every variant ``repeats`` times, interleaved; rows with the median and the spread."""
     rows = []
     for model_name in models:
-        results = {v: measure(v, model_name, device, batch, steps, warmup) for v in VARIANTS}
-        sgd, sam = results["SGD"][0], results["eager SAM"][0]
-        for variant, (images_per_s, peak) in results.items():
+        samples = {variant: [] for variant in VARIANTS}
+        for _ in range(repeats):
+            for variant in VARIANTS:
+                samples[variant].append(measure(variant, model_name, device, batch, steps, warmup))
+        median = {v: statistics.median(s[0] for s in runs) for v, runs in samples.items()}
+        sgd, sam = median["SGD"], median["eager SAM"]
+        for variant, runs in samples.items():
+            fractions = [s[2] for s in runs if s[2] is not None]
+            fraction = statistics.mean(fractions) if fractions else None
+            peaks = [s[1] for s in runs if s[1] is not None]
+            cost = compute_model(variant, fraction)
             rows.append({
-                "model": model_name, "variant": variant, "images_per_s": images_per_s,
-                "vs_eager_sam": images_per_s / sam, "vs_sgd": images_per_s / sgd,
-                "model_vs_eager_sam": compute_model("eager SAM") / compute_model(variant),
-                "model_vs_sgd": compute_model("SGD") / compute_model(variant), "peak_mb": peak})
+                "model": model_name, "variant": variant, "images_per_s": median[variant],
+                "images_per_s_min": min(s[0] for s in runs), "images_per_s_max": max(s[0] for s in runs),
+                "repeats": repeats, "second_pass_fraction": fraction,
+                "vs_eager_sam": median[variant] / sam, "vs_sgd": median[variant] / sgd,
+                "model_vs_eager_sam": compute_model("eager SAM") / cost,
+                "model_vs_sgd": compute_model("SGD") / cost, "peak_mb": max(peaks) if peaks else None})
         print(format_table([r for r in rows if r["model"] == model_name]), flush=True)
     return rows
 
 
 def format_table(rows):
-    lines = [f"\n{rows[0]['model']}: images/s, measured ratio (compute-model ratio)",
-             f"{'variant':<24} {'img/s':>9} {'vs eager SAM':>18} {'vs SGD':>18} {'peak MB':>8}"]
+    lines = [f"\n{rows[0]['model']}: images/s median (min-max over {rows[0]['repeats']}), measured ratio "
+             "(compute-model ratio)",
+             f"{'variant':<24} {'img/s':>9} {'spread':>15} {'vs eager SAM':>18} {'vs SGD':>18} "
+             f"{'2nd pass':>8} {'peak MB':>8}"]
     for r in rows:
         peak = "n/a" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"
-        lines.append(f"{r['variant']:<24} {r['images_per_s']:>9.1f} "
+        fraction = "" if r["second_pass_fraction"] is None else f"{r['second_pass_fraction']:.2f}"
+        spread = f"{r['images_per_s_min']:.1f}-{r['images_per_s_max']:.1f}"
+        lines.append(f"{r['variant']:<24} {r['images_per_s']:>9.1f} {spread:>15} "
                      f"{r['vs_eager_sam']:>9.2f}x ({r['model_vs_eager_sam']:.2f}x) "
-                     f"{r['vs_sgd']:>9.2f}x ({r['model_vs_sgd']:.2f}x) {peak:>8}")
+                     f"{r['vs_sgd']:>9.2f}x ({r['model_vs_sgd']:.2f}x) {fraction:>8} {peak:>8}")
     return "\n".join(lines)
 
 
@@ -184,20 +283,25 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=None,
-                        help="timed steps (default 50 on GPU, 3 on CPU)")
+                        help="timed steps (default 50 on GPU, 5 on CPU; a multiple of 5 so that the "
+                             "periodic variants time their average step)")
     parser.add_argument("--warmup", type=int, default=None,
                         help="warm-up steps (default 10 on GPU, 1 on CPU)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="interleaved rounds over every variant (default 3 on GPU, 2 on CPU)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
-    steps = args.steps or (50 if on_gpu else 3)
+    steps = args.steps or (50 if on_gpu else 5)
     warmup = args.warmup if args.warmup is not None else (10 if on_gpu else 1)
-    rows = run(args.models, device, args.batch, steps, warmup)
+    repeats = args.repeats or (3 if on_gpu else 2)
+    rows = run(args.models, device, args.batch, steps, warmup, repeats)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"training_{device.type}.json"
     name = torch.cuda.get_device_name(device) if on_gpu else f"cpu ({torch.get_num_threads()} threads)"
-    path.write_text(json.dumps({"device": name, "batch": args.batch, "steps": steps, "rows": rows}, indent=2))
+    path.write_text(json.dumps({"device": name, "batch": args.batch, "steps": steps, "repeats": repeats,
+                                "rows": rows}, indent=2))
     print(f"\nresults in {path}")
 
 

@@ -127,10 +127,17 @@ def test_training_cli_runs_every_variant(tmp_path, monkeypatch):
     from benchmarks.models import MODELS, VisionTransformer
 
     monkeypatch.setitem(MODELS, "vit_micro", lambda: VisionTransformer(dim=16, depth=1, heads=2, mlp=32))
-    training.main(["--models", "vit_micro", "--batch", "8", "--steps", "1", "--warmup", "0",
-                   "--out", str(tmp_path)])
+    training.main(["--models", "vit_micro", "--batch", "8", "--steps", "5", "--warmup", "1",
+                   "--repeats", "2", "--out", str(tmp_path)])
     record = json.loads((tmp_path / "training_cpu.json").read_text())
     assert {row["variant"] for row in record["rows"]} == set(training.VARIANTS)
     assert all(row["images_per_s"] > 0 for row in record["rows"])
     esam = next(row for row in record["rows"] if row["variant"] == "sam_kernels ESAM")
     assert esam["model_vs_eager_sam"] == pytest.approx(6 / (3 + 0.6 + 1.5))
+    rows = {row["variant"]: row for row in record["rows"]}
+    assert rows["interval SAM (k=5)"]["second_pass_fraction"] == pytest.approx(0.2)
+    assert rows["LookSAM (k=5)"]["second_pass_fraction"] == pytest.approx(0.2)
+    assert rows["interval SAM (k=5)"]["model_vs_eager_sam"] == pytest.approx(6 / 3.6)
+    assert rows["Momentum SAM"]["model_vs_eager_sam"] == pytest.approx(2.0)
+    assert all(row["images_per_s_min"] <= row["images_per_s"] <= row["images_per_s_max"]
+               for row in record["rows"])
