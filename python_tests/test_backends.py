@@ -37,3 +37,15 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
 def test_report_names_the_running_backend():
     text = backends.report()
     assert "cpu: runs" in text and backends.BACKEND_ENV in text
+
+
+def test_info_reports_the_machine_and_fails_on_an_unusable_request(monkeypatch, capsys):
+    from sam_kernels import info
+
+    monkeypatch.delenv(backends.BACKEND_ENV, raising=False)
+    assert info.main() == 0
+    out = capsys.readouterr().out
+    assert "triton " in out and "threads" in out and torch.backends.cpu.get_cpu_capability() in out
+    monkeypatch.setenv(backends.BACKEND_ENV, "no-such-backend")
+    assert info.main() == 1
+    assert "unknown backend 'no-such-backend'" in capsys.readouterr().err
