@@ -101,10 +101,13 @@ class EagerSAM:
         self.backups: dict[torch.Tensor, torch.Tensor] = {}
 
     @classmethod
-    def of_model(cls, model: nn.Module, base: torch.optim.Optimizer, *, rho: float, **options) -> EagerSAM:
-        """Every parameter of ``model`` in one group; ``step`` computes the losses with ``model``."""
+    def of_model(cls, model: nn.Module, base: torch.optim.Optimizer, *, rho: float, loss=None,
+                 **options) -> EagerSAM:
+        """Every parameter of ``model`` in one group; ``step`` computes the losses with ``model`` and
+        ``loss(model, x, y)`` (default ``batch_loss``)."""
         reference = cls([{"params": list(model.parameters()), "rho": rho}], base, **options)
         reference.model = model
+        reference.loss = loss or batch_loss
         return reference
 
     @property
@@ -163,7 +166,7 @@ class EagerSAM:
         with torch.enable_grad():
             for x, y in batches:
                 with autocast() if autocast is not None else contextlib.nullcontext():
-                    loss = batch_loss(self.model, x, y) / len(batches)
+                    loss = self.loss(self.model, x, y) / len(batches)
                 (loss * scale).backward()
         if corrupt is not None:
             corrupt(self.params)
