@@ -54,6 +54,21 @@ def test_ops_trace_in_one_graph(backend):
     assert_close(buffers, exp_buffers)
 
 
+def compiled_step(model, sam, compiler):
+    """The README's two-call SAM step under torch.compile."""
+
+    @torch.compile(backend=compiler)
+    def train_step(x, y):
+        loss = batch_loss(model, x, y)
+        loss.backward()
+        sam.first_step(zero_grad=True)
+        batch_loss(model, x, y).backward()
+        sam.second_step(zero_grad=True)
+        return loss.detach()
+
+    return train_step
+
+
 @pytest.mark.parametrize("backend", [NATIVE, "torch"])
 def test_compiled_training_step_matches_eager(backend):
     """A whole two-pass step under torch.compile (graph breaks allowed outside the ops: backward,
@@ -65,17 +80,31 @@ def test_compiled_training_step_matches_eager(backend):
     base = torch.optim.SGD(ref_model.parameters(), lr=0.1, momentum=0.9)
     ref = EagerSAM.of_model(ref_model, base, rho=0.05)
 
-    @torch.compile(backend="aot_eager")
-    def train_step(x, y):
-        loss = batch_loss(model, x, y)
-        loss.backward()
-        sam.first_step(zero_grad=True)
-        batch_loss(model, x, y).backward()
-        sam.second_step(zero_grad=True)
-        return loss.detach()
-
+    train_step = compiled_step(model, sam, "aot_eager")
     for x, y in make_batches(3, size=8):
         train_step(x, y)
         ref.step([(x, y)])
     for a, b in zip(model.parameters(), ref_model.parameters(), strict=True):
         assert_close(a.detach(), b.detach(), scale=10)
+
+
+@pytest.mark.parametrize("backend", [NATIVE, "torch", "triton"])
+def test_compiled_training_step_compiles_once(backend):
+    """The README's compiled step over 20 steps: no graph is compiled after the first three (they create
+    the optimizer state and the step plan), so dynamo's recompile limit is never reached."""
+    torch._dynamo.reset()
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    model = make_mlp()
+    sam = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9, backend=backend)
+
+    train_step = compiled_step(model, sam, counting_backend)
+    counts = []
+    for x, y in make_batches(20, size=8):
+        train_step(x, y)
+        counts.append(len(graphs))
+    assert counts[3:] == [counts[2]] * 17, counts

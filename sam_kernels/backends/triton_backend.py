@@ -25,6 +25,8 @@ BLOCK = 1024
 CHUNK = 16 * BLOCK
 #: Width of the single program that sums the norm's partials.
 FINISH_BLOCK = 1024
+#: Byte alignment of the kernels' vector path (16 bytes: one 128-bit access per thread per step).
+ALIGNMENT = 16
 #: Metadata tables kept per device (they only change when the tensors are reallocated).
 METADATA_CACHE_SIZE = 64
 
@@ -36,9 +38,12 @@ class _Metadata:
     extra rows: n_extra x n_tensors | chunk_tensor: n_chunks | chunk_start: n_chunks]``.
     """
 
-    def __init__(self, packed: torch.Tensor, n_lists: int, n_tensors: int, n_extra: int, n_chunks: int):
+    def __init__(self, packed: torch.Tensor, n_lists: int, n_tensors: int, n_extra: int, n_chunks: int,
+                 aligned: bool):
         self.packed = packed
         self.n_chunks = n_chunks
+        #: Every operand's base address is 16-byte aligned: the kernels' unmasked vector path.
+        self.aligned = aligned
         rows = packed[: (n_lists + 1 + n_extra) * n_tensors].view(n_lists + 1 + n_extra, n_tensors)
         self.pointers = [rows[i] for i in range(n_lists)]
         self.numels = rows[n_lists]
@@ -78,7 +83,8 @@ def _metadata(tensor_lists: Sequence[Sequence[torch.Tensor]],
         # NOTE: a pinned source makes the copy asynchronous; the caching host allocator keeps the pinned
         # buffer alive until the copy has run, so the host never waits here.
         packed = packed.pin_memory().to(device, non_blocking=True)
-    meta = _Metadata(packed, len(tensor_lists), len(numels), len(extra_rows), len(chunk_tensor))
+    aligned = all(pointer % ALIGNMENT == 0 for pointer in pointers)
+    meta = _Metadata(packed, len(tensor_lists), len(numels), len(extra_rows), len(chunk_tensor), aligned)
     _metadata_cache[key] = meta
     if len(_metadata_cache) > METADATA_CACHE_SIZE:
         _metadata_cache.popitem(last=False)
@@ -114,7 +120,7 @@ def grad_norm(grads, weights, adaptive_eta):
                 meta.pointers[0], meta.pointers[1] if adaptive else meta.pointers[0], meta.numels,
                 meta.chunk_tensor, meta.chunk_start, partials, offset, float(adaptive_eta),
                 GRAD_DTYPE=TL_DTYPES[dtype], WEIGHT_DTYPE=TL_DTYPES[group_lists[-1][0].dtype],
-                ADAPTIVE=adaptive, CHUNK=CHUNK, BLOCK=BLOCK,
+                ADAPTIVE=adaptive, CHUNK=CHUNK, BLOCK=BLOCK, ALIGNED=meta.aligned, num_warps=num_warps(dtype),
             )
             offset += meta.n_chunks
         kernels.finish_norm_kernel[(1,)](partials, n_partials, norm, nonfinite, BLOCK=FINISH_BLOCK)
@@ -136,7 +142,7 @@ def perturb_(params, grads, backups, tensor_indices, norm, step, config: Perturb
                 float(config.adaptive_eta), seed_lo, seed_hi, config.keep_threshold,
                 PARAM_DTYPE=TL_DTYPES[group_params[0].dtype], GRAD_DTYPE=TL_DTYPES[grads[group[0]].dtype],
                 NORMALIZE=config.normalize, ADAPTIVE=config.adaptive, MASKED=config.masked, CHUNK=CHUNK,
-                BLOCK=BLOCK,
+                BLOCK=BLOCK, ALIGNED=meta.aligned, num_warps=num_warps(group_params[0].dtype),
             )
 
 
@@ -150,7 +156,18 @@ def restore_(params, backups) -> None:
             kernels.restore_kernel[(meta.n_chunks,)](
                 *meta.pointers, meta.numels, meta.chunk_tensor, meta.chunk_start,
                 PARAM_DTYPE=TL_DTYPES[group_params[0].dtype], CHUNK=CHUNK, BLOCK=BLOCK,
+                ALIGNED=meta.aligned, num_warps=num_warps(group_params[0].dtype),
             )
+
+
+def num_warps(dtype: torch.dtype) -> int:
+    """Warps of a launch over tensors of ``dtype``: BLOCK elements spread so that each thread moves
+    exactly 16 bytes of each operand per block (one 128-bit access on the aligned path).
+
+    NOTE (registers): with 4 warps, fp32 would take two 128-bit accesses per thread and operand, and
+    ptxas then spills 16-24 bytes in the copy and plain perturb loops on sm_80 and sm_90; one access per
+    thread keeps every variant free of spills (checked ahead of time in the tests)."""
+    return BLOCK * torch.tensor([], dtype=dtype).element_size() // (16 * 32)
 
 
 def _optional_scalars(meta, grad_multiplier, found_inf):
@@ -181,7 +198,8 @@ def restore_sgd_step_(params, backups, grads, momentum_buffers, first_step, conf
                 PARAM_DTYPE=TL_DTYPES[group_params[0].dtype], GRAD_DTYPE=TL_DTYPES[grads[group[0]].dtype],
                 HAS_MOMENTUM=has_momentum, NESTEROV=config.nesterov, MAXIMIZE=config.maximize,
                 HAS_MULTIPLIER=grad_multiplier is not None, HAS_FOUND_INF=found_inf is not None,
-                CHUNK=CHUNK, BLOCK=BLOCK,
+                CHUNK=CHUNK, BLOCK=BLOCK, ALIGNED=meta.aligned,
+                num_warps=num_warps(group_params[0].dtype),
             )
 
 
@@ -205,9 +223,21 @@ def restore_adam_step_(params, backups, grads, exp_avgs, exp_avg_sqs, max_exp_av
                 PARAM_DTYPE=TL_DTYPES[group_params[0].dtype], GRAD_DTYPE=TL_DTYPES[grads[group[0]].dtype],
                 DECOUPLED=config.decoupled, AMSGRAD=amsgrad, MAXIMIZE=config.maximize,
                 HAS_MULTIPLIER=grad_multiplier is not None, HAS_FOUND_INF=found_inf is not None,
-                CHUNK=CHUNK, BLOCK=BLOCK,
+                CHUNK=CHUNK, BLOCK=BLOCK, ALIGNED=meta.aligned,
+                num_warps=num_warps(group_params[0].dtype),
             )
 
 
 def _log2(beta: float) -> float:
     return math.log2(beta) if beta > 0 else -math.inf
+
+
+# NOTE (torch.compile): the launches build their metadata tables from data pointers, which fake tensors
+# do not have, and the interpreter cannot be traced; until the ops are registered with
+# torch.library.triton_op, dynamo runs each op as one untraced call (a graph break per op, stable from
+# step to step, so a compiled step does not recompile).
+grad_norm = torch.compiler.disable(grad_norm)
+perturb_ = torch.compiler.disable(perturb_)
+restore_ = torch.compiler.disable(restore_)
+restore_sgd_step_ = torch.compiler.disable(restore_sgd_step_)
+restore_adam_step_ = torch.compiler.disable(restore_adam_step_)

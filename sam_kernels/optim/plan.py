@@ -117,7 +117,7 @@ class StepPlan:
         parameter has none (unless its id is in ``may_lack``: ESAM's dropped tensors, whose ascent
         gradient autograd skipped), or a parameter left out of the plan has gained one."""
         grads = [p.grad for p in self.params]
-        if _NONE_ID in map(id, grads) and (not may_lack or any(
+        if _has_none(grads) and (not may_lack or any(
                 g is None and id(p) not in may_lack for p, g in zip(self.params, grads))):
             return None
         if self.without_grad and any(p.grad is not None for p in self.without_grad):
@@ -135,7 +135,7 @@ class StepPlan:
         """Dense, contiguous gradients (C-level pass); the named checks only when that fails."""
         if grads is None:
             return
-        present = [g for g in grads if g is not None] if _NONE_ID in map(id, grads) else grads
+        present = [g for g in grads if g is not None] if _has_none(grads) else grads
         try:
             if all(map(torch.Tensor.is_contiguous, present)):
                 return
@@ -147,6 +147,17 @@ class StepPlan:
                     continue
                 _check_grad(grads[slot], group_plan.index,
                             _position_in_group(group_plan.group, self.params[slot]))
+
+
+def _has_none(items: Sequence) -> bool:
+    """Whether any item is None: one C-level pass over ids, or, under torch.compile, identity tests.
+
+    NOTE (compile guards): dynamo turns ``id(tensor)`` into a guard on that tensor object, and a
+    gradient is a new object after every ``zero_grad(set_to_none=True)``, so ids of gradients would
+    recompile the step every time."""
+    if torch.compiler.is_compiling():
+        return any(item is None for item in items)
+    return _NONE_ID in map(id, items)
 
 
 def _param_ids(groups: list[dict]) -> list[int]:

@@ -57,6 +57,18 @@ def _select(items: list, mask: list[bool] | None) -> list:
 # ----------------------------------------------------------------------------------- optimizer
 
 
+@torch.compiler.disable
+def _advance_host_step(run: _RunState) -> None:
+    """One more SAM step on the host counter.
+
+    NOTE (compile guards): dynamo specializes on Python ints it reads, so incrementing the counter in
+    traced code would guard on its value and recompile the step every step; left untraced, the
+    counter costs one graph break at the end of the descent instead.
+    """
+    run.step += 1
+
+
+
 @dataclass
 class _RunState:
     """What changes from step to step, held outside the optimizer object.
@@ -486,7 +498,7 @@ class SAM(torch.optim.Optimizer):
         with self._restoring_on_error():
             plan = self._descend_from(ascent, grad_scale, scaler_found_inf)
         self._run.ascent = None
-        self._run.step += 1
+        _advance_host_step(self._run)
         if self._run.device_step is not None:
             self._run.device_step.add_(1)
         with self._restoring_on_error():
