@@ -20,13 +20,30 @@ def _triton_version() -> str:
     return triton.__version__
 
 
+#: CPU flags each x86-64 micro-architecture level of the native loops' clones needs (GCC's levels).
+_LEVELS = (("x86-64-v4 (AVX-512)", {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}),
+           ("x86-64-v3 (AVX2)", {"avx2", "fma", "bmi1", "bmi2", "movbe", "f16c"}))
+
+
+def native_cpu_level() -> str:
+    """The clone of the native CPU loops that the loader picks on this CPU, judged from its flags
+    (csrc/cpu/ops_cpu.cpp builds each loop for x86-64-v4, x86-64-v3 and the baseline)."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            flags = next((set(line.split(":", 1)[1].split()) for line in handle
+                          if line.startswith("flags")), set())
+    except OSError:
+        return "unknown (no /proc/cpuinfo)"
+    return next((name for name, needed in _LEVELS if needed <= flags), "baseline x86-64 (SSE2)")
+
+
 def environment() -> str:
-    """Versions, the CPU kernels' instruction set and the thread count."""
+    """Versions, the CPU kernels' instruction sets and the thread count."""
     capability = torch.backends.cpu.get_cpu_capability()
     return (f"sam_kernels {sam_kernels.__version__}, torch {torch.__version__}, triton {_triton_version()}, "
             f"CUDA available: {torch.cuda.is_available()}\n"
-            f"CPU: torch's kernels use {capability}; the native CPU kernels are built for the portable "
-            f"target of the compiler (no -march), vectorized by it; {torch.get_num_threads()} threads")
+            f"CPU: native kernels' clone {native_cpu_level()}; torch's kernels {capability}; "
+            f"{torch.get_num_threads()} threads")
 
 
 def unusable_requests() -> list[str]:
