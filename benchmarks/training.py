@@ -235,13 +235,15 @@ def progress(variant, model_name, phase, done, total, width=20):
     sys.stderr.flush()
 
 
-def run(models, device, batch, steps, warmup, repeats=1):
-    """Every variant ``repeats`` times, interleaved; rows with the median and the spread."""
+def run(models, device, batch, steps, warmup, repeats=1, variants=None):
+    """Every variant (SGD and eager SAM always, as the references) ``repeats`` times, interleaved; rows
+    with the median and the spread."""
+    chosen = [v for v in VARIANTS if variants is None or v in variants or v in ("SGD", "eager SAM")]
     rows = []
     for model_name in models:
-        samples = {variant: [] for variant in VARIANTS}
+        samples = {variant: [] for variant in chosen}
         for _ in range(repeats):
-            for variant in VARIANTS:
+            for variant in chosen:
                 samples[variant].append(measure(variant, model_name, device, batch, steps, warmup))
         median = {v: statistics.median(s[0] for s in runs) for v, runs in samples.items()}
         sgd, sam = median["SGD"], median["eager SAM"]
@@ -289,6 +291,8 @@ def main(argv=None):
                         help="warm-up steps (default 10 on GPU, 1 on CPU)")
     parser.add_argument("--repeats", type=int, default=None,
                         help="interleaved rounds over every variant (default 3 on GPU, 2 on CPU)")
+    parser.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS), metavar="VARIANT",
+                        help="a subset of the variants (SGD and eager SAM always run); default: all")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -296,7 +300,7 @@ def main(argv=None):
     steps = args.steps or (50 if on_gpu else 5)
     warmup = args.warmup if args.warmup is not None else (10 if on_gpu else 1)
     repeats = args.repeats or (3 if on_gpu else 2)
-    rows = run(args.models, device, args.batch, steps, warmup, repeats)
+    rows = run(args.models, device, args.batch, steps, warmup, repeats, args.variants)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"training_{device.type}.json"
     name = torch.cuda.get_device_name(device) if on_gpu else f"cpu ({torch.get_num_threads()} threads)"

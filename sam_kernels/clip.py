@@ -11,11 +11,10 @@ from collections import defaultdict
 from collections.abc import Iterable
 
 import torch
-import torch.distributed as dist
 
 from . import ops
 from .backends.common import SUPPORTED_DTYPES
-from .distributed import local_tensor
+from .distributed import all_reduce_norm, local_tensor
 
 __all__ = ["clip_grad_norm_", "grad_norm"]
 
@@ -60,14 +59,10 @@ def grad_norm(parameters: torch.Tensor | Iterable[torch.Tensor], *, norm_type: f
             parts.extend(torch._foreach_norm(rest, norm_type))
     if not parts:
         total = torch.zeros((), dtype=dtype, device=device)
-    elif math.isinf(norm_type):
-        total = torch.stack([part.to(device=device, dtype=dtype) for part in parts]).amax()
     else:
-        total = torch.stack([part.to(device=device, dtype=dtype) for part in parts]).pow(norm_type).sum()
-    if process_group is not None:
-        op = dist.ReduceOp.MAX if math.isinf(norm_type) else dist.ReduceOp.SUM
-        dist.all_reduce(total, op=op, group=process_group)
-    return total if math.isinf(norm_type) else total.pow(1.0 / norm_type)
+        stacked = torch.stack([part.to(device=device, dtype=dtype) for part in parts])
+        total = stacked.amax() if math.isinf(norm_type) else stacked.pow(norm_type).sum().pow(1.0 / norm_type)
+    return total if process_group is None else all_reduce_norm(total, process_group, norm_type)
 
 
 def _checked_norm_type(norm_type) -> float:

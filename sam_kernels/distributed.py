@@ -17,6 +17,7 @@ the local shards in place (no storage swap) and descends with the base optimizer
 from __future__ import annotations
 
 import contextlib
+import math
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 
@@ -31,7 +32,8 @@ except ImportError:  # a torch build without torch.distributed: no sharded param
         """Placeholder: nothing is an instance."""
 
 
-__all__ = ["average_gradients_", "broadcast_seed_", "local_tensor", "per_worker_ascent", "shard_group"]
+__all__ = ["all_reduce_norm", "average_gradients_", "broadcast_seed_", "local_tensor", "per_worker_ascent",
+           "shard_group"]
 
 
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
@@ -52,6 +54,19 @@ def shard_group(params: Iterable[torch.Tensor]):
         mesh = param.device_mesh
         return mesh.get_group() if mesh.ndim == 1 else dist.group.WORLD
     return None
+
+
+def all_reduce_norm(norm: torch.Tensor, group, norm_type: float = 2.0) -> torch.Tensor:
+    """The norm of a tensor set sharded over ``group``, from each rank's norm of its shards: one
+    all-reduce of the ``norm_type``-th powers (of the norms themselves, with MAX, for inf). A collective:
+    every rank of ``group`` must call it. Used by SAM's norms of FSDP2 shards and ``clip_grad_norm_``."""
+    if math.isinf(norm_type):
+        reduced = norm.clone()
+        dist.all_reduce(reduced, op=dist.ReduceOp.MAX, group=group)
+        return reduced
+    power = norm.pow(norm_type)
+    dist.all_reduce(power, group=group)
+    return power.pow(1.0 / norm_type)
 
 
 @contextlib.contextmanager

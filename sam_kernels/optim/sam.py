@@ -21,7 +21,7 @@ from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimize
 
 from .. import backends, ops
 from ..backends.common import PerturbConfig
-from ..distributed import local_tensor, shard_group
+from ..distributed import all_reduce_norm, local_tensor, shard_group
 from . import amp, descent, fused_steps
 from .base import make_base
 from .bn import freeze_bn_stats
@@ -671,10 +671,8 @@ class SAM(torch.optim.Optimizer):
         if group is None:
             return norm, nonfinite
         # NOTE: every rank holds a shard of every parameter, so every rank takes part in each call.
-        squared = norm.square()
-        dist.all_reduce(squared, group=group)
+        norm = all_reduce_norm(norm, group)
         dist.all_reduce(nonfinite, op=dist.ReduceOp.MAX, group=group)
-        norm = squared.sqrt()
         return norm, torch.maximum(nonfinite, (~torch.isfinite(norm)).float())
 
     def _shard_group(self):
