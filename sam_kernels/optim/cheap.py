@@ -80,6 +80,8 @@ class LookSAM(SAM):
         """g_v from g (kept by the ascent) and g_s (the current gradients), stored unless the step is
         skipped (then the previous g_v stays)."""
         first, self._first_grads = self._first_grads, None
+        if first is None or len(first) != len(grads):
+            return  # the gradient set changed between the passes: the descent ran from w, keep g_v
         g_squared = self._norm(plan, first)[0].square()
         gs_squared = self._norm(plan, grads)[0].square()
         difference = torch._foreach_sub(grads, first)
@@ -93,17 +95,19 @@ class LookSAM(SAM):
         gv_norm = self._norm(plan, difference)[0]
         skip = found_inf != 0
         for param, new in zip(plan.params, difference, strict=True):
-            # NOTE: a per-tensor select (torch has no multi-tensor where); on refresh steps only.
+            # NOTE: a per-tensor select on the device (torch has no multi-tensor where; no host read of
+            # the flag); on refresh steps only.
             state = self.state[param]
             old = state.get("looksam_gv")
-            state["looksam_gv"] = new if old is None and not skip.any() else torch.where(
-                skip, old if old is not None else torch.zeros_like(new), new)
+            state["looksam_gv"] = torch.where(skip, old if old is not None else torch.zeros_like(new), new)
         previous = self._gv_norm if self._gv_norm is not None else torch.zeros_like(gv_norm)
         self._gv_norm = torch.where(skip, previous.to(gv_norm.device), gv_norm)
 
     def _reuse(self, ascent: _Ascent, plan: StepPlan, grads: list[torch.Tensor],
                grad_scale: torch.Tensor | None) -> None:
         """g + alpha * ||g|| / ||g_v|| * g_v, in place (nothing to add before the first SAM step)."""
+        # NOTE: one dict lookup per parameter on the host (g_v is optimizer state, replaced on every
+        # refresh, so it is not one of the plan's cached lists).
         stored = [self.state[param].get("looksam_gv") if param in self.state else None
                   for param in plan.params]
         if self._gv_norm is None or any(gv is None for gv in stored):

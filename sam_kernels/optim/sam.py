@@ -68,7 +68,6 @@ def _advance_host_step(run: _RunState) -> None:
     run.step += 1
 
 
-
 @dataclass
 class _RunState:
     """What changes from step to step, held outside the optimizer object.
