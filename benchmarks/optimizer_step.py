@@ -196,30 +196,52 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def median_time(fn, device, repeats, warmup=2) -> float:
-    """Median wall time of ``fn`` in seconds (CUDA work is waited for before the clock stops)."""
-    for _ in range(warmup):
-        fn()
+def timed(fn, device) -> float:
+    """Wall time of one call in seconds (CUDA work is waited for before the clock stops)."""
+    start = time.perf_counter()
+    fn()
     synchronize(device)
-    times = []
+    return time.perf_counter() - start
+
+
+def interleaved_times(fns: dict, device, repeats: int, warmup: int = 2) -> dict[str, list[float]]:
+    """``repeats`` times of each function, one of each per round.
+
+    NOTE (interleaving): machine noise (other jobs on a shared CPU, clock changes) then hits every
+    variant alike instead of whichever happened to run during a slow spell."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    synchronize(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            times[name].append(timed(fn, device))
+    return times
 
 
-def copy_bandwidth(device, dtype=torch.float32, elements=32 * 2**20, repeats=7) -> float:
-    """Measured memory bandwidth: bytes per second of a large in-place add (two reads and a write).
+def median_time(fn, device, repeats, warmup=2) -> float:
+    """Median wall time of ``fn`` in seconds."""
+    return statistics.median(interleaved_times({"fn": fn}, device, repeats, warmup)["fn"])
 
-    NOTE: an in-place update, like every op SAM runs; a plain copy into another buffer also pays a
-    read-for-ownership of the destination on CPUs, which the bytes-moved models do not count.
+
+def copy_bandwidth(device, dtype=torch.float32, elements=32 * 2**20, rounds=5) -> dict[str, float]:
+    """Measured memory bandwidth in bytes per second: the best of ``rounds`` rounds of two STREAM-style
+    kernels, an in-place add (``a += b``) and a triad (``a = b + 0.5 c``), each two reads and a write,
+    and ``reference``, the higher of the two (the figure "of bw" divides by).
+
+    NOTE: best rather than median, since noise only ever slows a run down; an in-place update is how every
+    SAM op writes, and the triad adds a third buffer (a CPU pays a read-for-ownership of it, which the
+    bytes-moved models do not count).
     """
-    src = torch.randn(elements, device=device).to(dtype)
-    dst = torch.zeros_like(src)
-    seconds = median_time(lambda: dst.add_(src), device, repeats)
-    return 3 * src.numel() * src.element_size() / seconds
+    a = torch.randn(elements, device=device).to(dtype)
+    b, c = torch.randn_like(a), torch.randn_like(a)
+    bytes_moved = 3 * a.numel() * a.element_size()
+    times = interleaved_times({"add": lambda: a.add_(b), "triad": lambda: torch.add(b, c, alpha=0.5, out=a)},
+                              device, rounds)
+    result = {name: bytes_moved / min(seconds) for name, seconds in times.items()}
+    result["reference"] = max(result.values())
+    return result
 
 
 def peak_extra_memory(variant: Variant, device) -> int | None:
@@ -242,6 +264,8 @@ class Row:
     tensors: int
     parameters: int
     median_ms: float
+    min_ms: float = 0.0
+    max_ms: float = 0.0
     vs_eager_sam: float = 0.0
     vs_fused_sgd: float = 0.0
     gbytes_per_s: float = 0.0
@@ -250,8 +274,9 @@ class Row:
     peak_extra_mb: float | None = None
 
 
-def run(param_sets, dtype_names, device, repeats) -> tuple[list[Row], float]:
-    bandwidth = copy_bandwidth(device)
+def run(param_sets, dtype_names, device, repeats) -> tuple[list[Row], dict[str, float]]:
+    bandwidths = copy_bandwidth(device)
+    bandwidth = bandwidths["reference"]
     rows = []
     for set_name in param_sets:
         shapes = PARAM_SETS[set_name]()
@@ -266,18 +291,20 @@ def run(param_sets, dtype_names, device, repeats) -> tuple[list[Row], float]:
                 return params
 
             set_rows = []
-            for name, build in make_variants(fresh, device).items():
-                variant = build()
-                seconds = median_time(variant.step, device, repeats)
+            built = {name: build() for name, build in make_variants(fresh, device).items()}
+            times = interleaved_times({name: v.step for name, v in built.items()}, device, repeats)
+            for name, variant in built.items():
+                seconds = statistics.median(times[name])
                 bytes_moved = variant.bytes_per_element * numel(shapes) * torch.finfo(dtype).bits / 8
                 peak = peak_extra_memory(variant, device)
                 set_rows.append(Row(
                     set_name, dtype_name, name, len(shapes), numel(shapes), seconds * 1e3,
+                    min_ms=min(times[name]) * 1e3, max_ms=max(times[name]) * 1e3,
                     gbytes_per_s=bytes_moved / seconds / 1e9,
                     of_copy_bandwidth=bytes_moved / seconds / bandwidth,
                     ops_per_iteration=count_launches(variant.step),
                     peak_extra_mb=None if peak is None else peak / 2**20))
-                del variant
+            del built
             eager_ms = next(r.median_ms for r in set_rows if r.variant == "eager SAM")
             base = next(r.median_ms for r in set_rows if r.variant.startswith("sgd fused"))
             for row in set_rows:
@@ -285,19 +312,21 @@ def run(param_sets, dtype_names, device, repeats) -> tuple[list[Row], float]:
                 row.vs_fused_sgd = row.median_ms / base
             rows += set_rows
             print(format_table(set_rows), flush=True)
-    return rows, bandwidth
+    return rows, bandwidths
 
 
 def format_table(rows: list[Row]) -> str:
     head = rows[0]
     lines = [f"\n{head.param_set} ({head.tensors} tensors, {head.parameters / 1e6:.1f}M parameters, "
              f"{head.dtype})",
-             f"{'variant':<28} {'median ms':>10} {'/eager SAM':>11} {'/fused SGD':>11} {'GB/s':>8} "
-             f"{'of bw':>8} {'ops/iter':>9} {'peak MB':>8}"]
+             f"{'variant':<28} {'median ms':>10} {'min-max ms':>15} {'/eager SAM':>11} {'/fused SGD':>11} "
+             f"{'GB/s':>8} {'of bw':>8} {'ops/iter':>9} {'peak MB':>8}"]
     for r in rows:
         peak = "n/a" if r.peak_extra_mb is None else f"{r.peak_extra_mb:.0f}"
-        lines.append(f"{r.variant:<28} {r.median_ms:>10.2f} {r.vs_eager_sam:>10.2f}x "
-                     f"{r.vs_fused_sgd:>10.2f}x {r.gbytes_per_s:>8.1f} {r.of_copy_bandwidth:>7.0%} "
+        spread = f"{r.min_ms:.2f}-{r.max_ms:.2f}"
+        flag = "!" if r.of_copy_bandwidth > 1 else " "
+        lines.append(f"{r.variant:<28} {r.median_ms:>10.2f} {spread:>15} {r.vs_eager_sam:>10.2f}x "
+                     f"{r.vs_fused_sgd:>10.2f}x {r.gbytes_per_s:>8.1f} {r.of_copy_bandwidth:>6.0%}{flag} "
                      f"{r.ops_per_iteration:>9} {peak:>8}")
     return "\n".join(lines)
 
@@ -318,15 +347,21 @@ def main(argv=None) -> None:
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows, bandwidth = run(args.sets, args.dtypes, device, args.repeats)
+    rows, bandwidths = run(args.sets, args.dtypes, device, args.repeats)
     args.out.mkdir(parents=True, exist_ok=True)
     record = {"device": device_name(device), "threads": torch.get_num_threads(),
-              "torch": torch.__version__, "copy_bandwidth_gb_s": bandwidth / 1e9,
+              "torch": torch.__version__, "copy_bandwidth_gb_s": bandwidths["reference"] / 1e9,
+              "bandwidths_gb_s": {name: value / 1e9 for name, value in bandwidths.items()},
               "rows": [asdict(r) for r in rows]}
     path = args.out / f"optimizer_step_{device.type}.json"
     path.write_text(json.dumps(record, indent=2))
-    print(f"\nmemory bandwidth (in-place add) {bandwidth / 1e9:.1f} GB/s on {record['device']}; "
+    over = [f"{r.param_set}/{r.dtype}/{r.variant}" for r in rows if r.of_copy_bandwidth > 1]
+    print(f"\nmemory bandwidth, best of 5: in-place add {bandwidths['add'] / 1e9:.1f} GB/s, triad "
+          f"{bandwidths['triad'] / 1e9:.1f} GB/s (\"of bw\" divides by the higher) on {record['device']}; "
           f"results in {path}")
+    if over:
+        print(f"NOTE: above the measured bandwidth (marked !, the reference ran in a slow spell or the "
+              f"data sat in cache): {', '.join(over)}")
 
 
 def device_name(device) -> str:

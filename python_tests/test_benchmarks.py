@@ -95,14 +95,23 @@ def test_model_shapes_have_the_published_sizes():
 
 def test_cli_runs_and_writes_its_record(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(PARAM_SETS, "tiny", lambda: TINY_SHAPES)
-    monkeypatch.setattr(optimizer_step, "copy_bandwidth", lambda device: 1e10)
+    monkeypatch.setattr(optimizer_step, "copy_bandwidth",
+                        lambda device: {"add": 1e10, "triad": 9e9, "reference": 1e10})
     optimizer_step.main(["--sets", "tiny", "--dtypes", "float32", "--repeats", "1", "--out", str(tmp_path)])
     record = json.loads((tmp_path / "optimizer_step_cpu.json").read_text())
     variants = {row["variant"] for row in record["rows"]}
     assert {"eager SAM", "eager ESAM", "foreach SAM", "sgd fused (base only)"} <= variants
     assert any(v.startswith("sam_kernels SAM") for v in variants)
     assert all(row["median_ms"] > 0 and row["ops_per_iteration"] > 0 for row in record["rows"])
+    assert all(row["min_ms"] <= row["median_ms"] <= row["max_ms"] for row in record["rows"])
+    assert record["bandwidths_gb_s"] == {"add": 10.0, "triad": 9.0, "reference": 10.0}
     assert "eager SAM" in capsys.readouterr().out
+
+
+def test_bandwidth_reference_is_the_best_of_both_kernels():
+    measured = optimizer_step.copy_bandwidth(torch.device("cpu"), elements=2**16, rounds=3)
+    assert set(measured) == {"add", "triad", "reference"}
+    assert measured["reference"] == max(measured["add"], measured["triad"]) > 0
 
 
 # ------------------------------------------------------------------------------------- end to end
