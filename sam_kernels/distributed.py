@@ -70,12 +70,23 @@ def all_reduce_norm(norm: torch.Tensor, group, norm_type: float = 2.0) -> torch.
 
 
 @contextlib.contextmanager
-def per_worker_ascent(model: torch.nn.Module) -> Iterator[None]:
+def per_worker_ascent(model: torch.nn.Module, optimizer=None) -> Iterator[None]:
     """Wrap the first (ascent) forward *and* backward: no gradient all-reduce inside.
 
     DDP's ``no_sync()`` for a DistributedDataParallel model; a no-op for any other module (a
-    single-process run, so the same loop runs everywhere).
+    single-process run, so the same loop runs everywhere). With ``optimizer`` (a SAM-family optimizer
+    with a ``schedule``), plain steps keep the all-reduce: they descend with this first gradient, so it
+    must be the synced one on every rank.
     """
+    if optimizer is not None:
+        planned = optimizer.planned_sam_step()
+        if planned is None:
+            raise ValueError("per_worker_ascent: the optimizer's schedule decides after the first backward "
+                             "(AE-SAM), so its plain steps would descend with unsynced gradients; use a "
+                             "globally synced ascent or a host schedule")
+        if not planned:
+            yield
+            return
     no_sync = getattr(model, "no_sync", None)
     with no_sync() if callable(no_sync) else contextlib.nullcontext():
         yield

@@ -14,7 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from sam_kernels.clip import clip_grad_norm_
 from sam_kernels.distributed import average_gradients_, broadcast_seed_, per_worker_ascent
-from sam_kernels.optim import ESAM, SAM, sample_losses_closure
+from sam_kernels.optim import ESAM, SAM, Interval, sample_losses_closure
 
 WORLD = 2
 RHO = 0.05
@@ -60,14 +60,18 @@ def ddp_run(rank: int, port: int, out: str, backends: list[str]) -> None:
     init(rank, port)
     results = {}
     for backend in backends:
-        for mode in ("per_worker", "per_worker_closure", "synced", "averaged"):
+        for mode in ("per_worker", "per_worker_closure", "synced", "averaged", "interval_per_worker",
+                     "interval_closure"):
             model = DistributedDataParallel(make_mlp())
+            # NOTE: the interval modes alternate SAM steps with plain ones, which must descend with the
+            # synced first gradient although the SAM steps' ascent is per worker.
+            schedule = Interval(2) if mode.startswith("interval") else None
             sam = SAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR, momentum=0.9,
-                      backend=backend, seed=rank + 11)
+                      backend=backend, seed=rank + 11, schedule=schedule)
             broadcast_seed_(sam)
             for x, y in make_batches(STEPS, size=16):
                 xs, ys = shard(x, y, rank)
-                if mode == "per_worker_closure":
+                if mode in ("per_worker_closure", "interval_closure"):
                     sam.ascent_context = model.no_sync
 
                     def closure(xs=xs, ys=ys, sam=sam, model=model):
@@ -78,12 +82,15 @@ def ddp_run(rank: int, port: int, out: str, backends: list[str]) -> None:
                     sam.step(closure)
                     continue
                 context = per_worker_ascent(model) if mode in ("per_worker", "averaged") else None
+                if mode == "interval_per_worker":
+                    context = per_worker_ascent(model, sam)
                 with context or torch.enable_grad():
                     batch_loss(model, xs, ys).backward()
                 if mode == "averaged":
                     average_gradients_(model.parameters())
                 sam.first_step(zero_grad=True)
-                batch_loss(model, xs, ys).backward()
+                if sam.needs_second_pass():
+                    batch_loss(model, xs, ys).backward()
                 sam.second_step(zero_grad=True)
             results[(backend, mode)] = gathered(model)
         # ESAM: per-tensor SWP toggles requires_grad inside its ascent pass and SDS selects local

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from reference import EagerSAM, make_batches, make_mlp, per_worker_step
+from reference import EagerSAM, batch_loss, make_batches, make_mlp, per_worker_step
 from tolerance import assert_bitwise_equal, assert_close
 
 HERE = Path(__file__).parent
@@ -60,18 +60,27 @@ def expected_params(mode: str, clip: float | None = None) -> list[torch.Tensor]:
     model = make_mlp()
     base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     eager = EagerSAM.of_model(model, base, rho=0.05)
-    for x, y in make_batches(3, size=16):
-        if mode == "synced":
+    for step, (x, y) in enumerate(make_batches(3, size=16)):
+        if mode == "interval" and step % 2 == 1:  # a plain step with the full batch's (synced) gradient
+            base.zero_grad()
+            batch_loss(model, x, y).backward()
+            base.step()
+            base.zero_grad()
+        elif mode == "synced":
             eager.step([(x, y)], clip=clip)
         else:
             per_worker_step(model, base, list(zip(x.chunk(2), y.chunk(2), strict=True)), rho=0.05)
     return [p.detach() for p in model.parameters()]
 
 
-@pytest.mark.parametrize("mode", ["per_worker", "per_worker_closure", "synced", "averaged"])
+MODES = {"per_worker": "per_worker", "per_worker_closure": "per_worker", "synced": "synced",
+         "averaged": "synced", "interval_per_worker": "interval", "interval_closure": "interval"}
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_ddp_matches_single_process(ddp_results, mode):
     results, backends = ddp_results
-    expected = expected_params("synced" if mode == "averaged" else mode)
+    expected = expected_params(MODES[mode])
     for backend in backends:
         rank0, rank1 = results[(backend, mode)]
         assert_bitwise_equal(rank0, rank1, f"{backend}/{mode}: ranks differ")

@@ -379,3 +379,44 @@ def test_msam_refuses_the_two_call_style():
     msam = MomentumSAM(make_mlp().parameters(), lr=0.1)
     with pytest.raises(RuntimeError, match="one pass per step"):
         msam.first_step()
+
+
+def test_per_worker_ascent_context_only_on_sam_steps():
+    """A plain step descends with its first gradient, so under DDP that backward must be the synced one:
+    ``ascent_context`` (``model.no_sync``) wraps the first pass of SAM steps only, and
+    ``per_worker_ascent(model, optimizer)`` does the same for the two-call loop."""
+    from sam_kernels.distributed import per_worker_ascent
+
+    model = make_mlp()
+    sam = SAM(model.parameters(), torch.optim.SGD, lr=0.1, schedule=Interval(3), backend="torch")
+    entered = []
+
+    class Model(torch.nn.Module):  # stands in for a DDP model: records its no_sync calls
+        def no_sync(self):
+            entered.append(sam.state_dict()["sam"]["step"])
+            return contextlib.nullcontext()
+
+    sam.ascent_context = Model().no_sync
+    closure_loop(sam, model, make_batches(6))
+    assert entered == [0, 3]
+    entered.clear()
+    sam.ascent_context = None
+    for step in range(6, 9):
+        with per_worker_ascent(Model(), sam):
+            pass
+        assert sam.planned_sam_step() == (step % 3 == 0)
+        closure_loop(sam, model, make_batches(1))
+    assert entered == [6]
+
+
+def test_aesam_refuses_a_per_worker_ascent():
+    from sam_kernels.distributed import per_worker_ascent
+
+    model = make_mlp()
+    sam = SAM(model.parameters(), torch.optim.SGD, lr=0.1, schedule=AESAM(10), backend="torch")
+    sam.ascent_context = contextlib.nullcontext
+    with pytest.raises(ValueError, match="ascent_context: AESAM decides after the first backward"):
+        closure_loop(sam, model, make_batches(1))
+    assert sam._run.ascent is None
+    with pytest.raises(ValueError, match="per_worker_ascent"), per_worker_ascent(model, sam):
+        pass

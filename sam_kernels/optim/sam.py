@@ -578,8 +578,28 @@ class SAM(torch.optim.Optimizer):
         return {"rho": group["sam_rho"], "keep_prob": 1.0}
 
     def _ascent_pass(self) -> contextlib.AbstractContextManager:
-        """The context of the first (ascent) forward and backward in ``step(closure)``."""
-        return self.ascent_context() if self.ascent_context is not None else contextlib.nullcontext()
+        """The context of the first (ascent) forward and backward in ``step(closure)``: ``ascent_context``
+        on SAM steps only.
+
+        NOTE (plain steps under DDP): a plain step of a schedule descends with the first gradient, which
+        must then be the synced one, so a per-worker ascent context (``model.no_sync``) is left out; a
+        schedule that decides only after the first backward (AE-SAM) cannot know, so it is refused."""
+        if self.ascent_context is None:
+            return contextlib.nullcontext()
+        planned = self._planned_sam_step()
+        if planned is None:
+            raise ValueError(f"ascent_context: {type(self.schedule).__name__} decides after the first "
+                             "backward whether the step is plain, and a plain step needs that backward "
+                             "synced; use a globally synced ascent (no ascent_context) or a host "
+                             "schedule")
+        return self.ascent_context() if planned else contextlib.nullcontext()
+
+    def planned_sam_step(self) -> bool | None:
+        """Whether the coming step is a SAM step, when that is known before its first backward (True
+        without a schedule; None for AE-SAM, which decides after it). A two-call loop under DDP with a
+        per-worker ascent wraps the first backward in ``no_sync`` only when this is True
+        (``sam_kernels.distributed.per_worker_ascent(model, optimizer)`` does that)."""
+        return self._planned_sam_step()
 
     # ------------------------------------------------------------------------------ internals
 
