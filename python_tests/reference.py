@@ -52,6 +52,21 @@ def batch_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tens
     return sample_losses(model, x, y).mean()
 
 
+def closure_step(optimizer, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                 calls: list | None = None):
+    """One ``optimizer.step(closure)`` with torch.optim's closure convention (zero the gradients, the
+    batch loss, backward, return the loss); returns what the step returns. ``calls`` counts the
+    closure's calls (a SAM step makes two, a plain step of a schedule one)."""
+    def closure():
+        if calls is not None:
+            calls.append(1)
+        optimizer.zero_grad()
+        loss = batch_loss(model, x, y)
+        loss.backward()
+        return loss
+    return optimizer.step(closure)
+
+
 def global_norm(grads) -> float:
     return math.sqrt(sum(float((g.double() ** 2).sum()) for g in grads))
 

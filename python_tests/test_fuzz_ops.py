@@ -358,11 +358,35 @@ def _restored_weights(params, backups, alias):
 
 
 @dataclass(frozen=True)
-class SgdCase:
-    """Options and state of one restore_sgd_step_ call; ``buffers``: which parameters already have a
-    momentum buffer; ``alias``: which parameters are their own backup (not perturbed)."""
+class DescentCase:
+    """What a fused descent call of either base optimizer takes besides its options: the tensors,
+    ``alias`` (which parameters are their own backup, not perturbed), the gradient multiplier and
+    found-inf flag (None: not given) and the shape of those device scalars."""
 
     tensors: Tensors
+    alias: tuple
+    multiplier: float | None
+    found_inf: float | None
+    scalar_shape: tuple
+
+    def scalars(self, device) -> dict:
+        """The ``grad_multiplier`` and ``found_inf`` arguments on ``device``."""
+        return {"grad_multiplier": scalar(self.multiplier, self.scalar_shape, device),
+                "found_inf": scalar(self.found_inf, self.scalar_shape, device)}
+
+    def inputs(self, device):
+        """(params, backups, grads, the weights a restore gives: the backup, or the parameter itself)."""
+        tensors = self.tensors
+        params, backups, grads = tensors.params(device), tensors.values(2, device), tensors.grads(device)
+        restored = [params[i] if self.alias[i] else backups[i] for i in range(len(params))]
+        return params, backups, grads, restored
+
+
+@dataclass(frozen=True)
+class SgdCase(DescentCase):
+    """Options and state of one restore_sgd_step_ call; ``buffers``: which parameters already have a
+    momentum buffer."""
+
     lr: float
     momentum: float
     dampening: float
@@ -370,10 +394,6 @@ class SgdCase:
     nesterov: bool
     maximize: bool
     buffers: tuple
-    alias: tuple
-    multiplier: float | None
-    found_inf: float | None
-    scalar_shape: tuple
 
 
 @st.composite
@@ -397,9 +417,8 @@ def sgd_cases(draw) -> SgdCase:
 def test_restore_sgd_step_matches_reference(target, case):
     backend, device = target
     tensors = case.tensors
-    params, backups, grads = tensors.params(device), tensors.values(2, device), tensors.grads(device)
+    params, backups, grads, restored = case.inputs(device)
     buffers = [b if has else None for b, has in zip(tensors.values(3, device), case.buffers, strict=True)]
-    restored = [params[i] if case.alias[i] else backups[i] for i in range(len(params))]
     grads_before = clones(grads)
     skip = bool(case.found_inf)
     results = {}
@@ -409,8 +428,7 @@ def test_restore_sgd_step_matches_reference(target, case):
         returned = ops.restore_sgd_step_(
             out, out_backups, out_buffers, grads=grads, lr=case.lr, momentum=case.momentum,
             dampening=case.dampening, weight_decay=case.weight_decay, nesterov=case.nesterov,
-            maximize=case.maximize, grad_multiplier=scalar(case.multiplier, case.scalar_shape, device),
-            found_inf=scalar(case.found_inf, case.scalar_shape, device), backend=name)
+            maximize=case.maximize, backend=name, **case.scalars(device))
         results[name] = out, out_backups, out_buffers, returned
     out, out_backups, out_buffers, returned = results[backend]
     ref_out, _, _, ref_returned = results["torch"]
@@ -438,12 +456,10 @@ def test_restore_sgd_step_matches_reference(target, case):
 
 
 @dataclass(frozen=True)
-class AdamCase:
+class AdamCase(DescentCase):
     """Options and state of one restore_adam_step_ call; ``steps``: each parameter's step counter before
-    the call; ``alias``: which parameters are their own backup; ``pass_max``: give max_exp_avg_sqs even
-    without amsgrad (it must then be ignored)."""
+    the call; ``pass_max``: give max_exp_avg_sqs even without amsgrad (it must then be ignored)."""
 
-    tensors: Tensors
     lr: float
     beta1: float
     beta2: float
@@ -453,11 +469,7 @@ class AdamCase:
     amsgrad: bool
     maximize: bool
     steps: tuple
-    alias: tuple
     pass_max: bool
-    multiplier: float | None
-    found_inf: float | None
-    scalar_shape: tuple
 
 
 @st.composite
@@ -483,12 +495,11 @@ def adam_cases(draw) -> AdamCase:
 def test_restore_adam_step_matches_reference(target, case):
     backend, device = target
     tensors = case.tensors
-    params, backups, grads = tensors.params(device), tensors.values(2, device), tensors.grads(device)
+    params, backups, grads, restored = case.inputs(device)
     exp_avgs = tensors.values(3, device, scale=0.1)
     exp_avg_sqs = tensors.values(4, device, scale=0.01, positive=True)
     max_sqs = tensors.values(5, device, scale=0.02, positive=True)
     steps = [torch.tensor(float(s), device=device) for s in case.steps]
-    restored = [params[i] if case.alias[i] else backups[i] for i in range(len(params))]
     grads_before = clones(grads)
     skip = bool(case.found_inf)
     results = {}
@@ -499,8 +510,7 @@ def test_restore_adam_step_matches_reference(target, case):
             out, out_backups, state[0], state[1], state[2] if case.amsgrad or case.pass_max else None,
             state[3], grads=grads, lr=case.lr, betas=(case.beta1, case.beta2), eps=case.eps,
             weight_decay=case.weight_decay, decoupled_weight_decay=case.decoupled, amsgrad=case.amsgrad,
-            maximize=case.maximize, grad_multiplier=scalar(case.multiplier, case.scalar_shape, device),
-            found_inf=scalar(case.found_inf, case.scalar_shape, device), backend=name)
+            maximize=case.maximize, backend=name, **case.scalars(device))
         results[name] = out, out_backups, state
     out, out_backups, state = results[backend]
     ref_out, _, ref_state = results["torch"]

@@ -16,6 +16,7 @@ from reference import (
     EagerMSAM,
     ScheduledSAM,
     batch_loss,
+    closure_step,
     documented_uniform,
     make_batches,
     make_mlp,
@@ -55,14 +56,7 @@ SCHEDULES = {
 
 def closure_loop(optimizer, model, batches, passes: list | None = None) -> None:
     for x, y in batches:
-        def closure(x=x, y=y):
-            if passes is not None:
-                passes.append(1)
-            optimizer.zero_grad()
-            loss = batch_loss(model, x, y)
-            loss.backward()
-            return loss
-        optimizer.step(closure)
+        closure_step(optimizer, model, x, y, passes)
 
 
 def two_call_loop(optimizer, model, batches, passes: list | None = None) -> None:

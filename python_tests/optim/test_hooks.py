@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference import batch_loss, make_batches, make_model
+from reference import batch_loss, closure_step, make_batches, make_model
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from sam_kernels.optim import ESAM, SAM, sample_losses_closure
@@ -36,15 +36,6 @@ class HookLog:
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
-
-
-def closure_step(optimizer, model, x, y):
-    def closure():
-        optimizer.zero_grad()
-        loss = batch_loss(model, x, y)
-        loss.backward()
-        return loss
-    optimizer.step(closure)
 
 
 def sds(optimizer, model, x, y):

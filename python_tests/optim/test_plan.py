@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from reference import assert_models_equal, batch_loss, make_batches, make_model
+from reference import assert_models_equal, batch_loss, closure_step, make_batches, make_model
 
 from sam_kernels.optim import ESAM, SAM
 
@@ -207,11 +207,6 @@ def test_esam_keeps_its_plan_across_steps(backend):
                      backend=backend, seed=3)
     plans = []
     for x, y in make_batches(6):
-        def closure(x=x, y=y):
-            optimizer.zero_grad()
-            loss = batch_loss(model, x, y)
-            loss.backward()
-            return loss
-        optimizer.step(closure)
+        closure_step(optimizer, model, x, y)
         plans.append(optimizer._run.plan)
     assert len({id(plan) for plan in plans[2:]}) == 1

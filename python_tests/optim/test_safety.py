@@ -14,6 +14,7 @@ from reference import (
     assert_models_close,
     batch_loss,
     clone_model,
+    closure_step,
     eager_sam_step,
     make_batches,
     make_model,
@@ -197,12 +198,7 @@ def test_esam_leaves_requires_grad_alone(backend):
         if i % 3 == 0:
             two_call_step(esam, model, x, y)
         elif i % 3 == 1:
-            def closure(x=x, y=y):
-                esam.zero_grad()
-                loss = batch_loss(model, x, y)
-                loss.backward()
-                return loss
-            esam.step(closure)
+            closure_step(esam, model, x, y)
         else:
             esam.gamma = 0.5
             esam.sds_step(sample_losses_closure(model, x, y, per_sample_cross_entropy))

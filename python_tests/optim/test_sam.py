@@ -13,6 +13,7 @@ from reference import (
     assert_models_equal,
     batch_loss,
     clone_model,
+    closure_step,
     eager_sam_step,
     make_batches,
     make_model,
@@ -62,12 +63,7 @@ def fit(model, optimizer, batches, scheduler=None) -> list[float]:
     torch.optim's closure convention."""
     losses = []
     for x, y in batches:
-        def closure(x=x, y=y):
-            optimizer.zero_grad()
-            loss = batch_loss(model, x, y)
-            loss.backward()
-            return loss
-        losses.append(optimizer.step(closure).item())
+        losses.append(closure_step(optimizer, model, x, y).item())
         if scheduler is not None:
             scheduler.step()
     return losses

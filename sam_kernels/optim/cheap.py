@@ -269,18 +269,12 @@ class MomentumSAM(SAM):
             if was_perturbed:
                 self.perturb()
 
-    def state_dict(self) -> dict[str, Any]:
-        """The optimizer's state (the momentum is the same whether or not the weights are perturbed)."""
-        ascent, self._run.ascent = self._run.ascent, None
-        try:
-            return super().state_dict()
-        finally:
-            self._run.ascent = ascent
-
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load (the weights are first put back to ``w``); call ``perturb()`` before the next forward."""
         self.unperturb()
         super().load_state_dict(state_dict)
 
     def _check_not_perturbed(self, what: str) -> None:
-        return None  # the momentum state does not depend on the perturbation
+        # NOTE: state_dict() may run while the weights are perturbed: the optimizer state (the momentum)
+        # is the same either way, and the weights are saved unperturbed inside unperturbed().
+        return None
