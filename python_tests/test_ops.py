@@ -22,7 +22,7 @@ from sam_kernels import ops
 from sam_kernels.backends import native_backend, native_status, reference, triton_backend, triton_status
 from sam_kernels.backends.common import mask_threshold
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
 
 @dataclass(frozen=True)
@@ -138,7 +138,7 @@ def test_grad_norm_matches_reference(kernel, dtype, shapes, adaptive):
 
 def test_grad_norm_many_tensors_and_mixed_dtypes(kernel):
     shapes = MANY_SHAPES[:150]
-    dtypes = [DTYPES[i % 3] for i in range(len(shapes))]
+    dtypes = [DTYPES[i % len(DTYPES)] for i in range(len(shapes))]
     grads = [g.to(d) for g, d in zip(make_tensors(shapes, torch.float32, 3, device=kernel.device), dtypes)]
     params = clones(grads)
     norm, _ = ops.grad_norm(params, grads, backend=kernel.backend)
@@ -469,11 +469,14 @@ def test_bad_inputs_raise_errors_naming_the_argument():
         (lambda: ops.grad_norm(p, [torch.ones(3)]), "grads"),
         (lambda: ops.grad_norm(p, [torch.ones(3), torch.ones(5)]), r"grads\[1\]: shape"),
         (lambda: ops.grad_norm(p, [torch.ones(3), torch.ones(4, dtype=torch.float16)]), r"grads\[1\]: dtype"),
-        (lambda: ops.grad_norm([torch.zeros(3, dtype=torch.float64)]), r"params\[0\]: dtype"),
+        (lambda: ops.grad_norm([torch.zeros(3, dtype=torch.int32)]), r"params\[0\]: dtype"),
         (lambda: ops.grad_norm([torch.zeros(3, dtype=torch.complex64)]), r"params\[0\]: complex"),
         (lambda: ops.grad_norm(p, [torch.ones(3).to_sparse(), torch.ones(4)]), r"grads\[0\]: sparse"),
         (lambda: ops.grad_norm([p[0], torch.zeros(4, device="meta")]), r"params\[1\]: on meta"),
-        (lambda: ops.grad_norm([torch.zeros(4, 3).t()]), r"params\[0\]: must be contiguous"),
+        (lambda: ops.grad_norm([torch.zeros(4, 6)[:, ::2]]), r"params\[0\]: a strided view with gaps"),
+        (lambda: ops.grad_norm([torch.zeros(4, 3).t()], [torch.ones(3, 4)]), r"grads\[0\]: strides"),
+        (lambda: ops.perturb_([torch.zeros(3, 4)], [torch.zeros(4, 3).t()], norm, grads=[torch.ones(3, 4)],
+                              rho=0.1), r"backups\[0\]: strides"),
         (lambda: ops.perturb_(p, b, norm, grads=g, rho=0.1, keep_prob=0.0), "keep_prob"),
         (lambda: ops.perturb_(p, b, norm, grads=g, rho=0.1, keep_prob=1.5), "keep_prob"),
         (lambda: ops.perturb_(p, b, norm, grads=g, rho=0.1, scale_factor=float("inf")), "scale_factor"),
@@ -495,3 +498,65 @@ def test_bad_inputs_raise_errors_naming_the_argument():
     for call, message in cases:
         with pytest.raises((ValueError, TypeError), match=message):
             call()
+
+
+# ---------------------------------------------------------------------------------------------- layouts
+
+
+def _channels_last(tensors):
+    return [t.clone(memory_format=torch.channels_last) for t in tensors]
+
+
+def _nhwc(tensors):
+    """Contiguous NHWC copies: the elements of the channels_last tensors in the same memory order."""
+    return [t.permute(0, 2, 3, 1).clone(memory_format=torch.contiguous_format) for t in tensors]
+
+
+def _nchw_view(tensors):
+    return [t.permute(0, 3, 1, 2) for t in tensors]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_channels_last_runs_like_contiguous_tensors_in_memory_order(any_backend, dtype):
+    """A dense layout is walked in memory order (the mask's element index included): every op on
+    channels_last tensors gives, bit for bit, what it gives on contiguous tensors that hold the same
+    elements in the same memory order, and the results keep their layout."""
+    shapes = [(2, 3, 4, 5), (4, 1, 3, 3), (3, 16, 3, 3)]
+    device = any_backend.device
+    params, grads, second, buffers = (make_tensors(shapes, dtype, seed, device=device) for seed in range(4))
+    exp_avgs, exp_avg_sqs, _, steps = _adam_state(shapes, dtype, 2, device)
+    results = {}
+    for name, relayout, view in [("channels_last", _channels_last, list), ("nhwc", _nhwc, _nchw_view)]:
+        p, g, g2, buf, m, v = (relayout(t) for t in (params, grads, second, buffers, exp_avgs, exp_avg_sqs))
+        backups = [torch.empty_like(t) for t in p]
+        norm, _ = ops.grad_norm(p, g, backend=any_backend.backend)
+        ops.perturb_(p, backups, norm, grads=g, rho=0.1, keep_prob=0.5, seed=7, step=3,
+                     backend=any_backend.backend)
+        perturbed = clones(p)
+        adam_params = clones(p)
+        buf = ops.restore_sgd_step_(p, backups, buf, grads=g2, lr=0.1, momentum=0.9, weight_decay=0.01,
+                                    backend=any_backend.backend)
+        ops.restore_adam_step_(adam_params, backups, m, v, None, clones(steps), grads=g2, lr=0.01,
+                               weight_decay=0.1, decoupled_weight_decay=True, backend=any_backend.backend)
+        if name == "channels_last":
+            for t in p + buf + adam_params + m + v:
+                assert t.is_contiguous(memory_format=torch.channels_last)
+        results[name] = [norm] + [view(ts) for ts in (perturbed, p, buf, adam_params, m, v)]
+    assert_bitwise_equal(results["channels_last"][0], results["nhwc"][0], "norm")
+    for what, a, b in zip(["perturbed", "sgd", "momentum", "adam", "exp_avg", "exp_avg_sq"],
+                          results["channels_last"][1:], results["nhwc"][1:]):
+        assert_bitwise_equal([t.contiguous() for t in a], [t.contiguous() for t in b], what)
+
+
+def test_masks_follow_memory_order(any_backend):
+    """The keep-mask of a channels_last tensor is the contract's mask over its memory order."""
+    shape = (2, 3, 4, 4)
+    param = torch.zeros(shape, device=any_backend.device).contiguous(memory_format=torch.channels_last)
+    grad = torch.ones_like(param)
+    norm = torch.tensor(1.0, device=any_backend.device)
+    ops.perturb_([param], [torch.empty_like(param)], norm, grads=[grad], rho=1.0, eps=0.0, keep_prob=0.5,
+                 scale_factor=1.0, seed=11, step=5,
+                 backend=any_backend.backend)
+    expected = ops.keep_mask(param.numel(), 0, 11, 5, mask_threshold(0.5)).to(param.device)
+    in_memory_order = param.permute(0, 2, 3, 1).reshape(-1) != 0
+    assert torch.equal(in_memory_order, expected)

@@ -20,7 +20,7 @@ def assert_close(actual, expected, dtype=None, scale: float = 1.0, msg: str = ""
             assert_close(a, e, dtype, scale, f"{msg} [tensor {i}]")
         return
     rtol, atol = TOLERANCES[dtype or expected.dtype]
-    torch.testing.assert_close(actual.float(), expected.float(), rtol=rtol * scale, atol=atol * scale,
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol * scale, atol=atol * scale,
                                msg=lambda m: f"{msg}\n{m}")
 
 

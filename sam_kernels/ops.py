@@ -16,12 +16,15 @@ import torch
 
 from . import backends
 from .backends.common import (
+    SUPPORTED_DTYPE_NAMES,
     SUPPORTED_DTYPES,
     AdamConfig,
     PerturbConfig,
     SgdConfig,
     first_overlap,
+    is_dense,
     mask_threshold,
+    same_layout,
 )
 from .backends.reference import keep_mask
 
@@ -41,7 +44,7 @@ def _check_list(name: str, tensors, length: int) -> None:
 
 
 def _check_tensor(where: str, tensor, device: torch.device) -> None:
-    """A dense, contiguous, real floating tensor of a supported dtype on ``device``."""
+    """A dense (any non-overlapping layout), real floating tensor of a supported dtype on ``device``."""
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{where}: expected a tensor, got {type(tensor).__name__}")
     if tensor.is_sparse or tensor.layout != torch.strided:
@@ -51,28 +54,29 @@ def _check_tensor(where: str, tensor, device: torch.device) -> None:
         raise ValueError(f"{where}: complex tensors are not supported; view them as real with "
                          "torch.view_as_real")
     if tensor.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"{where}: dtype {tensor.dtype} is not supported; use float32, float16 "
-                         "or bfloat16")
+        raise ValueError(f"{where}: dtype {tensor.dtype} is not supported; use {SUPPORTED_DTYPE_NAMES}")
     if tensor.device != device:
         raise ValueError(f"{where}: on {tensor.device} but the first parameter is on {device}; "
                          "all tensors of one call must share one device")
-    if not tensor.is_contiguous():
-        raise ValueError(f"{where}: must be contiguous (channels_last and strided views are not "
-                         f"supported); {_contiguity_fix(where)}")
+    if not tensor.is_contiguous() and not is_dense(tensor):
+        raise ValueError(f"{where}: a strided view with gaps or overlaps is not supported (any dense "
+                         f"layout is, channels_last included); {_layout_fix(where)}")
 
 
-def _contiguity_fix(where: str) -> str:
-    """How to make the tensor named ``where`` contiguous: a gradient is not the parameters' doing."""
+def _layout_fix(where: str) -> str:
+    """How to give the tensor named ``where`` a usable layout: a gradient is not the parameters' doing."""
     if where.startswith("grads"):
-        return ("the gradient is a strided view (a gradient hook, a custom autograd Function or code "
-                "that assigns .grad returned one); return or assign grad.contiguous()")
+        return ("the gradient is a strided view or has another layout than its parameter (a gradient "
+                "hook, a custom autograd Function or code that assigns .grad returned one); return or "
+                "assign a gradient laid out like its parameter (torch.empty_like(param).copy_(grad))")
     if where.startswith("params"):
-        return "make the model's parameters contiguous (model.to(memory_format=torch.contiguous_format))"
-    return "pass contiguous tensors (tensor.contiguous())"
+        return "make the model's parameters dense (model.to(memory_format=torch.contiguous_format))"
+    return "pass tensors laid out like their parameter (torch.empty_like(param).copy_(tensor))"
 
 
 def _check_like(name: str, tensor: torch.Tensor, param: torch.Tensor, index: int) -> None:
-    """``tensor`` is parameter ``index``'s companion (gradient, backup, state): same device, shape, dtype."""
+    """``tensor`` is parameter ``index``'s companion (gradient, backup, state): same device, shape, dtype
+    and memory layout."""
     where = f"{name}[{index}]"
     _check_tensor(where, tensor, param.device)
     if tensor.shape != param.shape:
@@ -80,6 +84,10 @@ def _check_like(name: str, tensor: torch.Tensor, param: torch.Tensor, index: int
                          f"{tuple(param.shape)}")
     if tensor.dtype != param.dtype:
         raise ValueError(f"{where}: dtype {tensor.dtype} differs from parameter {index}'s {param.dtype}")
+    if not same_layout(tensor, param):
+        raise ValueError(f"{where}: strides {tensor.stride()} differ from parameter {index}'s "
+                         f"{param.stride()} (the kernels pair elements by memory position); "
+                         f"{_layout_fix(where)}")
 
 
 def _check_params(params: Tensors) -> None:
@@ -139,7 +147,8 @@ def grad_norm(params: Tensors, grads: OptionalTensors | None = None, *, adaptive
 
     ``grads`` defaults to each parameter's ``.grad``; parameters without one are skipped. With
     ``adaptive`` each gradient is weighted elementwise by ``|w| + adaptive_eta`` (ASAM). The sum runs in
-    fp32 in a fixed order (deterministic). The flag is 1.0 when the norm is not finite (a NaN or inf in
+    fp32 in a fixed order (deterministic), float64 gradients included (see ``backends/common.py``,
+    "fp64"). The flag is 1.0 when the norm is not finite (a NaN or inf in
     the gradients, or squares overflowing fp32), else 0.0: the ``found_inf`` convention of torch.amp.
     """
     kept = _with_grads(params, grads)
@@ -275,7 +284,7 @@ def restore_sgd_step_(params: Tensors, backups: Tensors, momentum_buffers: Optio
     if momentum != 0:
         for i in kept:
             if buffers[i] is None:
-                buffers[i] = torch.zeros_like(params[i], memory_format=torch.contiguous_format)
+                buffers[i] = torch.zeros_like(params[i])  # the parameter's layout
             _check_like("momentum_buffers", buffers[i], params[i], i)
     grad_multiplier, found_inf = _check_step_scalars(params, grad_multiplier, found_inf)
     if kept:

@@ -34,11 +34,11 @@ def eager_sam_perturbation(params, grads, rho, eps=1e-12, adaptive=False, eta=0.
     return [rho * w * w * g / (norm + eps) for w, g in zip(weights, grads)], norm
 
 
-def model_and_grads(seed):
+def model_and_grads(seed, dtype=torch.float32):
     generator = torch.Generator().manual_seed(seed)
-    params = [torch.randn(s, generator=generator) for s in SHAPES]
-    first = [torch.randn(s, generator=generator) for s in SHAPES]
-    second = [torch.randn(s, generator=generator) for s in SHAPES]
+    params = [torch.randn(s, generator=generator, dtype=dtype) for s in SHAPES]
+    first = [torch.randn(s, generator=generator, dtype=dtype) for s in SHAPES]
+    second = [torch.randn(s, generator=generator, dtype=dtype) for s in SHAPES]
     return params, first, second
 
 
@@ -78,9 +78,9 @@ def test_reference_scale_factor_is_apart_from_the_mask():
     assert_close(perturbed, [p + e / 0.6 for p, e in zip(params, expected, strict=True)])
 
 
-def eager_sam_run(optimizer_cls, options, steps, rho=0.05):
+def eager_sam_run(optimizer_cls, options, steps, rho=0.05, dtype=torch.float32):
     """Plain per-tensor SAM with torch.optim for the base step, on fixed synthetic gradients."""
-    params, first, second = model_and_grads(2)
+    params, first, second = model_and_grads(2, dtype)
     leaves = [torch.nn.Parameter(p.clone()) for p in params]
     base = optimizer_cls(leaves, **options)
     for step in range(steps):
@@ -98,8 +98,8 @@ def eager_sam_run(optimizer_cls, options, steps, rho=0.05):
     return [p.detach() for p in leaves]
 
 
-def reference_sam_run(kind, options, steps, rho=0.05):
-    params, first, second = model_and_grads(2)
+def reference_sam_run(kind, options, steps, rho=0.05, dtype=torch.float32):
+    params, first, second = model_and_grads(2, dtype)
     backups = [torch.empty_like(p) for p in params]
     buffers = [None] * len(params)
     adam_state = [[torch.zeros_like(p) for p in params] for _ in range(3)]
@@ -124,10 +124,15 @@ SGD_CASES = [
 ]
 
 
+# float64: torch.optim computes in fp64, and so must the reference (to fp64's tolerance).
+DTYPES = [torch.float32, torch.float64]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("options", SGD_CASES)
-def test_reference_sam_with_sgd_matches_torch_optim(options):
-    expected = eager_sam_run(torch.optim.SGD, options, steps=4)
-    assert_close(reference_sam_run("sgd", options, steps=4), expected)
+def test_reference_sam_with_sgd_matches_torch_optim(options, dtype):
+    expected = eager_sam_run(torch.optim.SGD, options, steps=4, dtype=dtype)
+    assert_close(reference_sam_run("sgd", options, steps=4, dtype=dtype), expected)
 
 
 ADAM_CASES = [
@@ -139,8 +144,9 @@ ADAM_CASES = [
 ]
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("optimizer_cls", "options"), ADAM_CASES)
-def test_reference_sam_with_adam_matches_torch_optim(optimizer_cls, options):
-    expected = eager_sam_run(optimizer_cls, options, steps=4)
+def test_reference_sam_with_adam_matches_torch_optim(optimizer_cls, options, dtype):
+    expected = eager_sam_run(optimizer_cls, options, steps=4, dtype=dtype)
     ours = dict(options, decoupled_weight_decay=optimizer_cls is torch.optim.AdamW)
-    assert_close(reference_sam_run("adam", ours, steps=4), expected, scale=5)
+    assert_close(reference_sam_run("adam", ours, steps=4, dtype=dtype), expected, scale=5)

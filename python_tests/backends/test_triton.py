@@ -77,7 +77,8 @@ MAX_REGISTERS = 128
 @pytest.mark.parametrize("sm", [80, 90])
 def test_gpu_properties_in_the_ptx(sm):
     """Every kernel variant the backend can launch (each dtype and option), compiled ahead of time for
-    sm_80 / sm_90 (no GPU needed): IEEE division (no ``div.full``/``div.approx``), AMSGrad's max
+    sm_80 / sm_90 (no GPU needed): IEEE division (no ``div.full``/``div.approx``), no approximate
+    ``ex2`` (Adam's bias corrections), AMSGrad's max
     propagating NaN like the reference and native; on the aligned path 128-bit global loads and stores;
     and, as ptxas reports them, no spills and at most MAX_REGISTERS registers."""
     import json
@@ -94,21 +95,26 @@ def test_gpu_properties_in_the_ptx(sm):
         pytest.skip("this Triton cannot compile ahead of time")
     assert result.returncode == 0, result.stderr[-2000:]
     counts = json.loads(result.stdout.strip().splitlines()[-1])
-    assert len(counts) == 100
+    assert len(counts) == 125
     for name, found in counts.items():
+        wide = name.endswith("fp64")  # fp64 math: IEEE `/`, 16-byte accesses of two doubles
         assert found["div.full.f32"] == found["div.approx"] == 0, (name, found)
-        if name.startswith("adam") or name.startswith("perturb_n1"):
-            assert found["div.rn.f32"] > 0, (name, found)
+        assert found["ex2.approx"] == 0, (name, found)  # Adam's bias corrections: an fp64 exp2
+        if name.startswith("adam"):
+            assert found["div.rn.f64" if wide else "div.rn.f32"] > 0, (name, found)
+        if name.startswith("perturb_n1"):
+            assert found["div.rn.f32"] > 0, (name, found)  # the fp32 scale, for every dtype
+        loads, stores = ("ld.v2.b64", "st.v2.b64") if wide else ("ld.v4.b32", "st.v4.b32")
         if "unaligned" in name:
-            assert found["ld.v4.b32"] == 0, (name, found)  # the general path: no alignment to rely on
+            assert found[loads] == 0, (name, found)  # the general path: no alignment to rely on
         else:
-            assert found["ld.v4.b32"] > 0, (name, found)
-            assert found["st.v4.b32"] > 0 or name.startswith("sumsq"), (name, found)
+            assert found[loads] > 0, (name, found)
+            assert found[stores] > 0 or name.startswith("sumsq"), (name, found)
         assert found["local"] == 0, (name, found)
         if found.get("registers") is not None:
             assert found["spill_bytes"] == 0, (name, found)
             assert found["registers"] <= MAX_REGISTERS, (name, found)
-        if "a1s" in name and name.startswith("adam"):
+        if "a1s" in name and name.startswith("adam") and not wide:
             assert found["max.NaN.f32"] > 0 and found["max.f32"] == 0, (name, found)
 
 
@@ -139,3 +145,73 @@ def test_aligned_path_is_chosen_by_address_and_both_paths_agree():
         assert torch.allclose(results["triton"][0], results["torch"][0], rtol=1e-6)
         for a, b in zip(results["triton"][1], results["torch"][1], strict=True):
             assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def _layerwise_sam(groups: int, momentum: float = 0.9):
+    """SAM over ``groups`` param groups (layer-wise learning rates) of small linear layers."""
+    from sam_kernels.optim import SAM
+
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(4, 4) for _ in range(groups)]
+    sam = SAM([{"params": layer.parameters(), "lr": 0.1 * 0.9 ** i} for i, layer in enumerate(layers)],
+              torch.optim.SGD, lr=0.1, momentum=momentum, rho=0.05, backend="triton")
+    x = torch.randn(3, 4)
+
+    def step():
+        """One SAM step whose gradients stay in place (``set_to_none=False``, as a captured step's must):
+        a table is keyed by its operands' addresses, gradients included."""
+        for closure_pass in range(2):
+            out = x
+            for layer in layers:
+                out = torch.tanh(layer(out))
+            out.sum().backward()
+            (sam.first_step if closure_pass == 0 else sam.second_step)()
+            sam.zero_grad(set_to_none=False)
+
+    return sam, step
+
+
+def _tables_built(monkeypatch) -> list:
+    built = []
+    original = triton_backend._Metadata.__init__
+
+    def counting(self, *args, **kwargs):
+        built.append(self)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(triton_backend._Metadata, "__init__", counting)
+    return built
+
+
+def test_the_step_plan_owns_its_launch_tables(monkeypatch):
+    """With 40 param groups (more tables than the functional API's shared set holds) the tables are built
+    in the first two steps (the second descent's differ: its momentum buffers are no longer new) and
+    never again, and the shared set is left alone."""
+    built = _tables_built(monkeypatch)
+    triton_backend._metadata_cache.clear()
+    sam, step = _layerwise_sam(40)
+    step()
+    step()
+    warm = len(built)
+    assert warm > triton_backend.METADATA_CACHE_SIZE
+    for _ in range(3):
+        step()
+    assert len(built) == warm
+    assert len(triton_backend._metadata_cache) == 0
+    assert len(sam._run.plan.backend.tables) == warm
+
+
+def test_a_table_missing_during_graph_capture_raises(monkeypatch):
+    """Under CUDA-graph capture a table is never built (its host-to-device copy would be recorded from a
+    staging buffer reused later): a step that needs a new one raises and says to warm up first; a
+    warmed-up step runs."""
+    sam, step = _layerwise_sam(2)
+    monkeypatch.setattr(triton_backend, "_capturing", lambda device: True)
+    with pytest.raises(RuntimeError, match=r"not ready during CUDA-graph capture.*eagerly before"):
+        step()
+    sam.zero_grad(set_to_none=False)
+    monkeypatch.setattr(triton_backend, "_capturing", lambda device: False)
+    step()
+    step()
+    monkeypatch.setattr(triton_backend, "_capturing", lambda device: True)
+    step()

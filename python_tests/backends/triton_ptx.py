@@ -22,14 +22,18 @@ from sam_kernels.backends import triton_backend, triton_kernels
 
 #: Instruction patterns counted in the PTX.
 PATTERNS = {
-    "div.rn.f32": r"div\.rn\.f32", "div.full.f32": r"div\.full\.f32", "div.approx": r"div\.approx",
+    "div.rn.f32": r"div\.rn\.f32", "div.rn.f64": r"div\.rn\.f64", "div.full.f32": r"div\.full\.f32",
+    "div.approx": r"div\.approx",
     "max.NaN.f32": r"max\.NaN\.f32", "max.f32": r"max\.f32",
     # 128-bit global accesses: the aligned path's loads and stores, for every dtype.
     "ld.v4.b32": r"ld\.global(?:\.\w+)*\.v4\.b32", "st.v4.b32": r"st\.global(?:\.\w+)*\.v4\.b32",
-    "ld.scalar": r"ld\.global(?:\.\w+)*\.b(?:16|32)\s", "local": r"\.local",
+    "ld.v2.b64": r"ld\.global(?:\.\w+)*\.v2\.b64", "st.v2.b64": r"st\.global(?:\.\w+)*\.v2\.b64",
+    "ld.scalar": r"ld\.global(?:\.\w+)*\.b(?:16|32|64)\s", "local": r"\.local",
+    # fp32 exp2 is an approximate instruction; Adam's bias corrections must not use it.
+    "ex2.approx": r"ex2\.approx",
 }
 POINTERS = "*i64"
-DTYPES = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16}
+DTYPES = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16, "fp64": tl.float64}
 
 
 def compile_ptx(fn, runtime: dict[str, str], constants: dict, sm: int) -> str:
@@ -38,16 +42,18 @@ def compile_ptx(fn, runtime: dict[str, str], constants: dict, sm: int) -> str:
     signature.update({name: "constexpr" for name in constants})
     constexprs = {(fn.arg_names.index(name),): value for name, value in constants.items()}
     source = ASTSource(fn, signature=signature, constexprs=constexprs)
-    torch_dtype = {tl.float32: torch.float32, tl.bfloat16: torch.bfloat16, tl.float16: torch.float16}
+    torch_dtype = {tl.float32: torch.float32, tl.bfloat16: torch.bfloat16, tl.float16: torch.float16,
+                   tl.float64: torch.float64}
     dtype = constants.get("PARAM_DTYPE", constants.get("GRAD_DTYPE"))
     warps = triton_backend.num_warps(torch_dtype[dtype])
     return triton.compile(source, target=GPUTarget("cuda", sm, 32), options={"num_warps": warps}).asm["ptx"]
 
 
-def _signature(pointers, device_scalars=(), floats=(), ints=()) -> dict:
+def _signature(pointers, device_scalars=(), floats=(), ints=(), doubles=()) -> dict:
     signature = {name: POINTERS for name in pointers}
     signature.update({name: "*fp32" for name in device_scalars})
     signature.update({name: "fp32" for name in floats})
+    signature.update({name: "fp64" for name in doubles})  # the kernels' tl.float64-annotated arguments
     signature.update({name: "i64" for name in ints})
     return signature
 
@@ -61,22 +67,24 @@ def kernels():
     sumsq["partials"] = "*fp32"
     perturb = _signature(["param_ptrs", "grad_ptrs", "backup_ptrs", "numels", "tensor_ids", "chunk_tensor",
                           "chunk_start", "step_ptr"], ["norm_ptr"],
-                         ["rho", "eps", "scale_factor", "adaptive_eta"],
-                         ["seed_lo", "seed_hi", "keep_threshold"])
+                         ints=["seed_lo", "seed_hi", "keep_threshold"],
+                         doubles=["rho", "eps", "scale_factor", "adaptive_eta"])
     restore = _signature(["param_ptrs", "backup_ptrs", "numels", "chunk_tensor", "chunk_start"])
     sgd = _signature(["param_ptrs", "backup_ptrs", "grad_ptrs", "buf_ptrs", "numels", "first_step",
                       "chunk_tensor", "chunk_start"], ["multiplier_ptr", "found_inf_ptr"],
-                     ["lr", "momentum", "dampening", "weight_decay"])
+                     doubles=["lr", "momentum", "one_minus_dampening", "weight_decay"])
     adam = _signature(["param_ptrs", "backup_ptrs", "grad_ptrs", "exp_avg_ptrs", "exp_avg_sq_ptrs",
                        "max_exp_avg_sq_ptrs", "step_ptrs", "numels", "chunk_tensor", "chunk_start"],
                       ["multiplier_ptr", "found_inf_ptr"],
-                      ["lr", "beta1", "beta2", "log2_beta1", "log2_beta2", "eps", "weight_decay"])
+                      doubles=["lr", "beta1", "beta2", "one_minus_beta1", "one_minus_beta2", "log2_beta1",
+                               "log2_beta2", "eps", "weight_decay", "decay_factor"])
     variants = []
     for (dname, dtype), aligned in itertools.product(DTYPES.items(), (True, False)):
         if not aligned and dname != "fp32":
             continue
         tag = f"{dname}{'' if aligned else '_unaligned'}"
         typed = {**blocks, "ALIGNED": aligned}
+        compute = {"COMPUTE": tl.float64 if dtype == tl.float64 else tl.float32}
         for adaptive in (False, True):
             variants.append((f"sumsq_{'adaptive_' if adaptive else ''}{tag}",
                              triton_kernels.sumsq_partials_kernel, sumsq,
@@ -84,7 +92,8 @@ def kernels():
         for normalize, adaptive, masked in itertools.product((True, False), repeat=3):
             variants.append((f"perturb_n{int(normalize)}a{int(adaptive)}m{int(masked)}_{tag}",
                              triton_kernels.perturb_kernel, perturb,
-                             {**typed, "PARAM_DTYPE": dtype, "GRAD_DTYPE": dtype, "NORMALIZE": normalize,
+                             {**typed, **compute, "PARAM_DTYPE": dtype, "GRAD_DTYPE": dtype,
+                              "NORMALIZE": normalize,
                               "ADAPTIVE": adaptive, "MASKED": masked}))
         variants.append((f"restore_{tag}", triton_kernels.restore_kernel, restore,
                          {**typed, "PARAM_DTYPE": dtype}))
@@ -93,13 +102,15 @@ def kernels():
                 continue
             variants.append((f"sgd_m{int(momentum)}n{int(nesterov)}s{int(scalars)}_{tag}",
                              triton_kernels.restore_sgd_kernel, sgd,
-                             {**typed, "PARAM_DTYPE": dtype, "GRAD_DTYPE": dtype, "HAS_MOMENTUM": momentum,
-                              "NESTEROV": nesterov, "MAXIMIZE": False, "HAS_MULTIPLIER": scalars,
+                             {**typed, **compute, "PARAM_DTYPE": dtype, "GRAD_DTYPE": dtype,
+                              "HAS_MOMENTUM": momentum, "HAS_WEIGHT_DECAY": True, "NESTEROV": nesterov,
+                              "MAXIMIZE": False, "HAS_MULTIPLIER": scalars,
                               "HAS_FOUND_INF": scalars}))
         for decoupled, amsgrad, scalars in itertools.product((True, False), repeat=3):
             variants.append((f"adam_d{int(decoupled)}a{int(amsgrad)}s{int(scalars)}_{tag}",
                              triton_kernels.restore_adam_kernel, adam,
-                             {**typed, "PARAM_DTYPE": dtype, "GRAD_DTYPE": dtype, "DECOUPLED": decoupled,
+                             {**typed, **compute, "PARAM_DTYPE": dtype, "GRAD_DTYPE": dtype,
+                              "HAS_WEIGHT_DECAY": True, "DECOUPLED": decoupled,
                               "AMSGRAD": amsgrad, "MAXIMIZE": False, "HAS_MULTIPLIER": scalars,
                               "HAS_FOUND_INF": scalars}))
     return variants

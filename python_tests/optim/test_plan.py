@@ -52,7 +52,16 @@ def reshape_last_layer(model):
     layer.bias.data = torch.randn(3)
 
 
-TRIGGERS = {"storage": replace_storage, "shape": reshape_last_layer}
+def transpose_layout(model):
+    """Every matrix moved to the transposed memory layout (dense, not contiguous), as
+    ``model.to(memory_format=torch.channels_last)`` does to convolutions; the optimizer state keeps the
+    old layout and must be laid out anew."""
+    for p in model.parameters():
+        if p.dim() == 2:
+            p.data = p.data.t().contiguous().t()
+
+
+TRIGGERS = {"storage": replace_storage, "shape": reshape_last_layer, "layout": transpose_layout}
 
 
 @pytest.mark.parametrize("trigger", TRIGGERS)
@@ -182,6 +191,21 @@ def test_cleared_state_and_replaced_group_dicts_rebuild_the_plan(backend):
     frozen = [p.detach().clone() for p in model.parameters()]
     two_call_step(optimizer, model, *make_batches(1, seed=3)[0])
     assert all(torch.equal(p, f) for p, f in zip(model.parameters(), frozen, strict=True))
+
+
+@pytest.mark.parametrize("switch", ["off", "on"])
+def test_momentum_switched_rebuilds_the_plan(backend, switch):
+    """SGD's momentum switched off (the fused step drops its buffer operand) or on (buffers created
+    then) between steps: the trajectory equals a fresh optimizer's loaded from the same moment."""
+    make = OPTIMIZERS["sgd"]
+    model = make_model()
+    optimizer = make(model.parameters(), backend)
+    if switch == "on":
+        optimizer.param_groups[0]["momentum"] = 0.0
+    for x, y in make_batches(2):
+        two_call_step(optimizer, model, x, y)
+    optimizer.param_groups[0]["momentum"] = 0.9 if switch == "on" else 0.0
+    continue_against_fresh(model, optimizer, make, backend)
 
 
 def test_options_changed_between_the_passes_are_seen(backend):

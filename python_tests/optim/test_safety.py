@@ -404,12 +404,15 @@ def test_unusable_bases_are_refused_at_construction():
         SAM(None, ESAM(list(make_model().parameters()), torch.optim.SGD, lr=0.1))
 
 
-def test_non_contiguous_gradient_error_names_the_gradient():
+@pytest.mark.parametrize("layout", ["transposed", "strided"])
+def test_gradient_in_another_layout_error_names_the_gradient(layout):
+    """A gradient laid out unlike its parameter (any layout is fine when they agree) is refused with a
+    fix about the gradient, not the parameters."""
     weight = nn.Parameter(torch.randn(3, 4))
     sam = SAM([weight], torch.optim.SGD, lr=0.1, backend="torch")
-    weight.grad = torch.randn(4, 3).t()
-    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[0\]: its gradient must be "
-                                         r"contiguous.*grad\.contiguous\(\)") as error:
+    weight.grad = torch.randn(4, 3).t() if layout == "transposed" else torch.randn(3, 8)[:, ::2]
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[0\]: its gradient has strides "
+                                         r".*torch\.empty_like\(param\)\.copy_\(grad\)") as error:
         sam.first_step()
     assert "parameters contiguous" not in str(error.value)
 

@@ -229,3 +229,48 @@ def test_zero_grad_set_to_none_flag():
     assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
     sam.zero_grad()
     assert all(p.grad is None for p in model.parameters())
+
+
+def make_conv_model(seed: int = 0) -> torch.nn.Module:
+    """A tiny CNN (4-d weights, so channels_last changes their layout)."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, bias=False), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                               torch.nn.Conv2d(4, 6, 3), torch.nn.Flatten(), torch.nn.Linear(6 * 2 * 2, 3))
+
+
+def conv_batches(count: int, dtype=torch.float32, memory_format=torch.contiguous_format):
+    generator = torch.Generator().manual_seed(3)
+    return [(torch.randn(6, 3, 6, 6, generator=generator).to(dtype).contiguous(memory_format=memory_format),
+             torch.randint(0, 3, (6,), generator=generator)) for _ in range(count)]
+
+
+@pytest.mark.parametrize(("dtype", "memory_format"), [(torch.float32, torch.channels_last),
+                                                      (torch.float64, torch.contiguous_format),
+                                                      (torch.float64, torch.channels_last)],
+                         ids=["channels_last", "float64", "float64-channels_last"])
+@pytest.mark.parametrize("base_name", BASES)
+def test_channels_last_and_float64_models_match_eager(backend, base_name, dtype, memory_format):
+    """A channels_last or float64 model trains in the kernels (no copies: the weights, gradients,
+    backups and state keep the model's layout) and follows the eager SAM over torch.optim, which computes
+    in the model's dtype.
+
+    NOTE (fp64 tolerance): the element math is fp64 (the op tests hold it to 1e-12), but the global norm,
+    and so the perturbation's scale, is fp32 by design (backends/common.py, "fp64"): the second gradient
+    is taken at a point 1e-8 (relative to e) away from the eager one's, which the steps carry into the
+    weights at about 1e-6 relative."""
+    base_cls, base_options = BASES[base_name]
+    model = make_conv_model().to(dtype=dtype, memory_format=memory_format)
+    reference_model = clone_model(model)
+    sam = SAM(model.parameters(), base_cls, backend=backend, rho=0.05, **base_options)
+    reference = eager_for(reference_model, base_cls, base_options, {"rho": 0.05})
+    assert sam.uses_fused_step
+    for x, y in conv_batches(STEPS, dtype, memory_format):
+        two_call_step(sam, model, x, y)
+        eager_sam_step(reference, reference_model, x, y)
+    tolerance = {"rtol": 1e-5, "atol": 1e-9} if dtype == torch.float64 else {}
+    assert_models_close(model, reference_model, **tolerance)
+    weight = model[0].weight
+    assert weight.is_contiguous(memory_format=memory_format)
+    for value in sam.state[weight].values():
+        if value.dim() == 4:
+            assert value.stride() == weight.stride()

@@ -24,7 +24,15 @@ from typing import Protocol
 
 import torch
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# NOTE (fp64): float64 tensors run with float64 element math in every backend (the perturbation, the
+# restore and the SGD and Adam updates, Adam's bias corrections from its float32 step counters); the
+# other dtypes compute in float32. Two scalars stay float32 for every dtype: the global norm (each
+# element converted to float32 before its square, summed in float32; it only scales the perturbation)
+# and therefore the perturbation scale rho / (norm + eps) * scale_factor, which the element math then
+# widens.
+#: How the dtypes above are named in error messages.
+SUPPORTED_DTYPE_NAMES = "float32, float16, bfloat16 or float64"
 
 #: Number of random bits compared against the keep threshold.
 MASK_BITS = 24
@@ -104,7 +112,8 @@ class AdamConfig:
 
 class Backend(Protocol):
     """What every backend module implements. Inputs arrive validated: one device, supported dtypes,
-    contiguous, companions matching their parameter, no missing gradients; per-step scalars are 0-d
+    dense (see "layout" below), companions matching their parameter in shape, dtype and layout, no missing
+    gradients; per-step scalars are 0-d
     tensors on the parameters' device."""
 
     def grad_norm(self, grads: Sequence[torch.Tensor], weights: Sequence[torch.Tensor] | None,
@@ -127,6 +136,42 @@ class Backend(Protocol):
                            max_exp_avg_sqs: Sequence[torch.Tensor] | None, steps: Sequence[torch.Tensor],
                            config: AdamConfig, grad_multiplier: torch.Tensor | None,
                            found_inf: torch.Tensor | None) -> None: ...
+
+
+# ---------------------------------------------------------------------------------------------- layout
+# NOTE (layout): the kernels walk a tensor's memory as one flat array of ``numel`` elements from its data
+# pointer. That is valid for any dense, non-overlapping layout (contiguous, channels_last, a permuted
+# tensor) as long as every companion of a parameter (gradient, backup, optimizer state) lays its elements
+# out in the same order, which is what "the same strides on every dimension of size > 1" means. The mask
+# contract's element index is the element's position in that memory order (for a contiguous tensor, its
+# logical flat index).
+
+
+def is_dense(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor``'s elements fill ``numel`` consecutive memory slots, each once (any order)."""
+    dims = sorted((stride, size) for size, stride in zip(tensor.shape, tensor.stride()) if size != 1)
+    expected = 1
+    for stride, size in dims:
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def same_layout(tensor: torch.Tensor, like: torch.Tensor) -> bool:
+    """Whether two tensors of one shape put every element at the same memory position (strides agree on
+    every dimension of size > 1; a size-1 dimension's stride is arbitrary)."""
+    return all(a == b or size == 1 for size, a, b in zip(like.shape, tensor.stride(), like.stride()))
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the element math of tensors of ``dtype`` runs in (see "fp64")."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def memory_order(tensor: torch.Tensor) -> torch.Tensor:
+    """A 1-D view of a dense tensor in memory order: element i is the i-th element the kernels visit."""
+    return tensor.as_strided((tensor.numel(),), (1,))
 
 
 def group_by_dtype(tensors: Sequence[torch.Tensor]) -> list[list[int]]:

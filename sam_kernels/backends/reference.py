@@ -1,8 +1,9 @@
 """Pure-torch reference of every op: the ground truth that all other backends are tested against.
 
-Written for reading, not for speed: one tensor at a time, fp32 math, no fusion. It runs on any device and
-makes no host sync. The op layer (``sam_kernels.ops``) has already validated
-the inputs, dropped tensors without a gradient and advanced Adam's step counters.
+Written for reading, not for speed: one tensor at a time, no fusion; fp32 math (fp64 for float64
+tensors, see "fp64" in ``common.py``), each tensor taken as a flat array in memory order (see "layout"
+there). It runs on any device and makes no host sync. The op layer (``sam_kernels.ops``) has already
+validated the inputs, dropped tensors without a gradient and advanced Adam's step counters.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .common import U32, AdamConfig, PerturbConfig, SgdConfig, split_u64
+from .common import U32, AdamConfig, PerturbConfig, SgdConfig, compute_dtype, memory_order, split_u64
 
 # Philox4x32-10 constants (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11).
 PHILOX_M0 = 0xD2511F53
@@ -70,23 +71,33 @@ def grad_norm(grads: Sequence[torch.Tensor], weights: Sequence[torch.Tensor] | N
     return total.sqrt(), (~torch.isfinite(total)).float()
 
 
+def _flat(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor as the kernels see it: a flat array in memory order, in its compute dtype."""
+    return memory_order(tensor).to(compute_dtype(tensor.dtype))
+
+
+def _write(tensor: torch.Tensor, values: torch.Tensor) -> None:
+    """Store flat ``values`` (memory order) into ``tensor``, rounded to its dtype."""
+    memory_order(tensor).copy_(values)
+
+
 def perturb_(params, grads, backups, tensor_indices, norm, step, config: PerturbConfig) -> None:
     """backup = w; w += scale * mask * (T_w^2 if adaptive) * g, unless the norm is not finite."""
     rho, adaptive, adaptive_eta = config.rho, config.adaptive, config.adaptive_eta
     scale = rho / (norm + config.eps) if config.normalize else torch.full_like(norm, rho)
-    scale = scale * config.scale_factor
+    scale = scale * config.scale_factor  # fp32 for every dtype
     finite = torch.isfinite(norm)
     for param, grad, backup, index in zip(params, grads, backups, tensor_indices, strict=False):
         backup.copy_(param)
-        w = param.float()
-        e = scale * grad.float()
+        w = _flat(param)
+        e = scale.to(w.dtype) * _flat(grad)
         if adaptive:
             t = w.abs() + adaptive_eta
             e = e * t * t
         if config.masked:
             mask = keep_mask(param.numel(), index, config.seed, step, config.keep_threshold, param.device)
-            e = torch.where(mask.view_as(e), e, torch.zeros_like(e))
-        param.copy_(torch.where(finite, w + e, w))
+            e = torch.where(mask, e, torch.zeros_like(e))
+        _write(param, torch.where(finite, w + e, w))
 
 
 def restore_(params, backups) -> None:
@@ -96,7 +107,7 @@ def restore_(params, backups) -> None:
 
 
 def _effective_grad(grad, multiplier, maximize):
-    g = grad.float()
+    g = _flat(grad)
     if multiplier is not None:
         g = g * multiplier
     return -g if maximize else g
@@ -115,16 +126,16 @@ def restore_sgd_step_(params, backups, grads, momentum_buffers, first_step, conf
     weight_decay, nesterov, maximize = config.weight_decay, config.nesterov, config.maximize
     for i, (param, backup, grad) in enumerate(zip(params, backups, grads, strict=False)):
         skip = _skip_flag(found_inf, param.device)
-        w = backup.float()
+        w = _flat(backup)
         g = _effective_grad(grad, grad_multiplier, maximize)
         if weight_decay != 0:
             g = g + weight_decay * w
         if momentum != 0:
-            buf = momentum_buffers[i]
-            new_buf = g if first_step[i] else momentum * buf.float() + (1 - dampening) * g
+            buf = _flat(momentum_buffers[i])
+            new_buf = g if first_step[i] else momentum * buf + (1 - dampening) * g
             g = g + momentum * new_buf if nesterov else new_buf
-            buf.copy_(torch.where(skip, buf.float(), new_buf))
-        param.copy_(torch.where(skip, w, w - lr * g))
+            _write(momentum_buffers[i], torch.where(skip, buf, new_buf))
+        _write(param, torch.where(skip, w, w - lr * g))
 
 
 def restore_adam_step_(params, backups, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
@@ -135,7 +146,7 @@ def restore_adam_step_(params, backups, grads, exp_avgs, exp_avg_sqs, max_exp_av
                                                   config.maximize)
     for i, (param, backup, grad) in enumerate(zip(params, backups, grads, strict=False)):
         skip = _skip_flag(found_inf, param.device)
-        w = backup.float()
+        w = _flat(backup)
         g = _effective_grad(grad, grad_multiplier, maximize)
         if weight_decay != 0:
             if decoupled:
@@ -145,18 +156,20 @@ def restore_adam_step_(params, backups, grads, exp_avgs, exp_avg_sqs, max_exp_av
                 w_decayed = w
         else:
             w_decayed = w
-        m = beta1 * exp_avgs[i].float() + (1 - beta1) * g
-        v = beta2 * exp_avg_sqs[i].float() + (1 - beta2) * g * g
-        step = steps[i].float()
+        m_old, v_old = _flat(exp_avgs[i]), _flat(exp_avg_sqs[i])
+        m = beta1 * m_old + (1 - beta1) * g
+        v = beta2 * v_old + (1 - beta2) * g * g
+        step = steps[i].to(w.dtype)
         bias_correction1 = 1 - torch.pow(beta1, step)
         bias_correction2_sqrt = (1 - torch.pow(beta2, step)).sqrt()
         if amsgrad:
-            v_max = torch.maximum(max_exp_avg_sqs[i].float(), v)
-            max_exp_avg_sqs[i].copy_(torch.where(skip, max_exp_avg_sqs[i].float(), v_max))
+            v_max_old = _flat(max_exp_avg_sqs[i])
+            v_max = torch.maximum(v_max_old, v)
+            _write(max_exp_avg_sqs[i], torch.where(skip, v_max_old, v_max))
             denom = v_max.sqrt() / bias_correction2_sqrt + eps
         else:
             denom = v.sqrt() / bias_correction2_sqrt + eps
         new_w = w_decayed - (lr / bias_correction1) * m / denom
-        exp_avgs[i].copy_(torch.where(skip, exp_avgs[i].float(), m))
-        exp_avg_sqs[i].copy_(torch.where(skip, exp_avg_sqs[i].float(), v))
-        param.copy_(torch.where(skip, w, new_w))
+        _write(exp_avgs[i], torch.where(skip, m_old, m))
+        _write(exp_avg_sqs[i], torch.where(skip, v_old, v))
+        _write(param, torch.where(skip, w, new_w))

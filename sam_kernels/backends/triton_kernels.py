@@ -4,8 +4,13 @@ NOTE (multi-tensor layout): one launch covers every tensor of one dtype group. P
 one chunk of one tensor, found through two tables built by the glue: ``chunk_tensor[pid]`` (the tensor's
 row in the group) and ``chunk_start[pid]`` (the chunk's first element). Tensor addresses live in int64
 pointer tables (one row per tensor list) that the kernel casts back to typed pointers. Every chunk is
-``CHUNK`` elements except a tensor's last one; empty tensors own no chunk. Math is fp32 for every dtype:
-values are cast to fp32 right after loading (the Triton interpreter also computes bf16 wrongly otherwise).
+``CHUNK`` elements except a tensor's last one; empty tensors own no chunk. Math runs in ``COMPUTE``:
+fp32 for every dtype but float64, which computes in fp64 (see "fp64" in ``common.py``); values are cast
+right after loading (the Triton interpreter also computes bf16 wrongly otherwise).
+
+NOTE (scalars): the float options arrive as fp64 kernel arguments (annotated ``tl.float64``), computed
+on the host in double where they are derived (1 - dampening, 1 - beta, 1 - lr * weight_decay), and are
+rounded to ``COMPUTE`` once in the kernel, as the native kernels and the reference round them.
 
 NOTE (aligned fast path): when every operand's base address is 16-byte aligned (``ALIGNED``, checked by
 the glue when it builds the tables), the pointers carry that as a ``tl.multiple_of`` hint and a chunk's
@@ -28,6 +33,26 @@ def _typed_ptr(table, row, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
     if ALIGNED:
         pointer = tl.multiple_of(pointer, 16)
     return pointer
+
+
+@triton.jit
+def _scalar(value, DTYPE: tl.constexpr):
+    """A float argument rounded to DTYPE. NOTE: tl.full, not tl.cast: the interpreter passes float
+    arguments as Python floats, which a cast would take as fp32 first; full converts the value itself."""
+    return tl.full([], value, DTYPE)
+
+
+@triton.jit
+def _div(a, b):
+    """a / b rounded to nearest. NOTE (IEEE division): fp32 `/` lowers to approximate division on NVIDIA
+    GPUs, hence tl.div_rn; fp64 `/` is IEEE already (and div_rn takes fp32 only)."""
+    return a / b if b.dtype.is_fp64() else tl.div_rn(a, b)
+
+
+@triton.jit
+def _sqrt(x):
+    """sqrt(x) rounded to nearest (fp32 tl.sqrt is approximate on NVIDIA GPUs; fp64's is IEEE)."""
+    return tl.sqrt(x) if x.dtype.is_fp64() else tl.sqrt_rn(x)
 
 
 @triton.jit
@@ -112,12 +137,12 @@ def _keep_mask(offs, tensor_id, step_lo, step_hi, seed_lo, seed_hi, keep_thresho
     return (r >> 8).to(tl.int32) < keep_threshold
 
 
-@triton.jit(do_not_specialize=["rho", "eps", "scale_factor", "adaptive_eta", "seed_lo", "seed_hi",
-                               "keep_threshold"])
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "keep_threshold"])
 def perturb_kernel(
     param_ptrs, grad_ptrs, backup_ptrs, numels, tensor_ids, chunk_tensor, chunk_start,
-    norm_ptr, step_ptr, rho, eps, scale_factor, adaptive_eta, seed_lo, seed_hi, keep_threshold,
-    PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, NORMALIZE: tl.constexpr,
+    norm_ptr, step_ptr, rho: tl.float64, eps: tl.float64, scale_factor: tl.float64,
+    adaptive_eta: tl.float64, seed_lo, seed_hi, keep_threshold,
+    PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, COMPUTE: tl.constexpr, NORMALIZE: tl.constexpr,
     ADAPTIVE: tl.constexpr, MASKED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
     ALIGNED: tl.constexpr,
 ):
@@ -131,8 +156,16 @@ def perturb_kernel(
     backup = _typed_ptr(backup_ptrs, row, PARAM_DTYPE, ALIGNED)
     norm = tl.load(norm_ptr)
     finite = norm - norm == 0.0
+    rho = _scalar(rho, tl.float32)
+    scale_factor = _scalar(scale_factor, tl.float32)
     # NOTE (IEEE division): tl.div_rn, not `/`, which lowers to approximate division on NVIDIA GPUs.
-    scale = tl.div_rn(rho, norm + eps) * scale_factor if NORMALIZE else rho * scale_factor
+    # The scale is fp32 for every dtype, 1 / (norm + eps) * rho as the reference computes rho / t.
+    if NORMALIZE:
+        scale = tl.div_rn(1.0, norm + _scalar(eps, tl.float32)) * rho * scale_factor
+    else:
+        scale = rho * scale_factor
+    scale = scale.to(COMPUTE)
+    adaptive_eta = _scalar(adaptive_eta, COMPUTE)
     step = tl.load(step_ptr)
     step_lo = (step & 0xFFFFFFFF).to(tl.uint32)
     step_hi = ((step >> 32) & 0xFFFFFFFF).to(tl.uint32)
@@ -141,21 +174,22 @@ def perturb_kernel(
     for block_start in range(start, full_end, BLOCK):
         offs = tl.multiple_of(block_start, BLOCK) + tl.arange(0, BLOCK)
         _perturb_block(param, grad, backup, offs, end, scale, finite, adaptive_eta, key, PARAM_DTYPE,
-                       ADAPTIVE, MASKED, BLOCK, False)
+                       COMPUTE, ADAPTIVE, MASKED, BLOCK, False)
     if full_end < end:
         _perturb_block(param, grad, backup, full_end + tl.arange(0, BLOCK), end, scale, finite,
-                       adaptive_eta, key, PARAM_DTYPE, ADAPTIVE, MASKED, BLOCK, True)
+                       adaptive_eta, key, PARAM_DTYPE, COMPUTE, ADAPTIVE, MASKED, BLOCK, True)
 
 
 @triton.jit
 def _perturb_block(param, grad, backup, offs, end, scale, finite, adaptive_eta, key,
-                   PARAM_DTYPE: tl.constexpr, ADAPTIVE: tl.constexpr, MASKED: tl.constexpr,
-                   BLOCK: tl.constexpr, TAIL: tl.constexpr):
+                   PARAM_DTYPE: tl.constexpr, COMPUTE: tl.constexpr, ADAPTIVE: tl.constexpr,
+                   MASKED: tl.constexpr, BLOCK: tl.constexpr, TAIL: tl.constexpr):
     inside = offs < end
     w_raw = _load(param, offs, inside, TAIL)
+    g_raw = _load(grad, offs, inside, TAIL)
     _store(backup, offs, w_raw, inside, TAIL)
-    w = w_raw.to(tl.float32)
-    e = scale * _load(grad, offs, inside, TAIL).to(tl.float32)
+    w = w_raw.to(COMPUTE)
+    e = scale * g_raw.to(COMPUTE)
     if ADAPTIVE:
         t = tl.abs(w) + adaptive_eta
         e = e * t * t
@@ -184,82 +218,93 @@ def restore_kernel(param_ptrs, backup_ptrs, numels, chunk_tensor, chunk_start,
 
 
 @triton.jit
-def _step_scalars(multiplier_ptr, found_inf_ptr, HAS_MULTIPLIER: tl.constexpr,
+def _step_scalars(multiplier_ptr, found_inf_ptr, COMPUTE: tl.constexpr, HAS_MULTIPLIER: tl.constexpr,
                   HAS_FOUND_INF: tl.constexpr):
     """(gradient multiplier, skip flag) read from device memory, or (1, False) when absent."""
-    multiplier = 1.0
+    multiplier = _scalar(1.0, COMPUTE)
     if HAS_MULTIPLIER:
-        multiplier = tl.load(multiplier_ptr).to(tl.float32)
+        multiplier = tl.load(multiplier_ptr).to(COMPUTE)
     skip = False
     if HAS_FOUND_INF:
         skip = tl.load(found_inf_ptr) != 0
     return multiplier, skip
 
 
-@triton.jit(do_not_specialize=["lr", "momentum", "dampening", "weight_decay"])
+@triton.jit
 def restore_sgd_kernel(
     param_ptrs, backup_ptrs, grad_ptrs, buf_ptrs, numels, first_step, chunk_tensor, chunk_start,
-    multiplier_ptr, found_inf_ptr, lr, momentum, dampening, weight_decay,
-    PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
-    NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_MULTIPLIER: tl.constexpr,
-    HAS_FOUND_INF: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+    multiplier_ptr, found_inf_ptr, lr: tl.float64, momentum: tl.float64,
+    one_minus_dampening: tl.float64, weight_decay: tl.float64,
+    PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, COMPUTE: tl.constexpr,
+    HAS_MOMENTUM: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr, NESTEROV: tl.constexpr,
+    MAXIMIZE: tl.constexpr, HAS_MULTIPLIER: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     """w = backup, then torch.optim.SGD's step with the second gradient, in one pass.
 
-    NOTE: weight decay uses the restored weights. On found-inf the weights are restored and the momentum
-    buffer is left as it was.
+    NOTE: weight decay uses the restored weights; without it (HAS_WEIGHT_DECAY false) the term is not
+    computed at all, so an infinite weight does not turn into 0 * inf = NaN. On found-inf the weights are
+    restored and the momentum buffer is left as it was.
     """
     row, start, full_end, end = _chunk_bounds(chunk_tensor, chunk_start, numels, CHUNK, BLOCK)
     param = _typed_ptr(param_ptrs, row, PARAM_DTYPE, ALIGNED)
     backup = _typed_ptr(backup_ptrs, row, PARAM_DTYPE, ALIGNED)
     grad = _typed_ptr(grad_ptrs, row, GRAD_DTYPE, ALIGNED)
     buf = _typed_ptr(buf_ptrs, row, PARAM_DTYPE, ALIGNED)
-    multiplier, skip = _step_scalars(multiplier_ptr, found_inf_ptr, HAS_MULTIPLIER, HAS_FOUND_INF)
+    multiplier, skip = _step_scalars(multiplier_ptr, found_inf_ptr, COMPUTE, HAS_MULTIPLIER, HAS_FOUND_INF)
     is_first = tl.load(first_step + row) != 0
-    options = (lr, momentum, dampening, weight_decay, multiplier, skip, is_first)
+    options = (_scalar(lr, COMPUTE), _scalar(momentum, COMPUTE), _scalar(one_minus_dampening, COMPUTE),
+               _scalar(weight_decay, COMPUTE), multiplier, skip, is_first)
     for block_start in range(start, full_end, BLOCK):
         offs = tl.multiple_of(block_start, BLOCK) + tl.arange(0, BLOCK)
-        _sgd_block(param, backup, grad, buf, offs, end, options, PARAM_DTYPE, HAS_MOMENTUM, NESTEROV,
-                   MAXIMIZE, False)
+        _sgd_block(param, backup, grad, buf, offs, end, options, PARAM_DTYPE, COMPUTE, HAS_MOMENTUM,
+                   HAS_WEIGHT_DECAY, NESTEROV, MAXIMIZE, False)
     if full_end < end:
         _sgd_block(param, backup, grad, buf, full_end + tl.arange(0, BLOCK), end, options, PARAM_DTYPE,
-                   HAS_MOMENTUM, NESTEROV, MAXIMIZE, True)
+                   COMPUTE, HAS_MOMENTUM, HAS_WEIGHT_DECAY, NESTEROV, MAXIMIZE, True)
 
 
 @triton.jit
 def _sgd_block(param, backup, grad, buf, offs, end, options, PARAM_DTYPE: tl.constexpr,
-               HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
-               TAIL: tl.constexpr):
-    lr, momentum, dampening, weight_decay, multiplier, skip, is_first = options
+               COMPUTE: tl.constexpr, HAS_MOMENTUM: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr,
+               NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, TAIL: tl.constexpr):
+    lr, momentum, one_minus_dampening, weight_decay, multiplier, skip, is_first = options
     inside = offs < end
-    w = _load(backup, offs, inside, TAIL).to(tl.float32)
-    g = _load(grad, offs, inside, TAIL).to(tl.float32) * multiplier
+    w = _load(backup, offs, inside, TAIL).to(COMPUTE)
+    g = _load(grad, offs, inside, TAIL).to(COMPUTE) * multiplier
+    if HAS_MOMENTUM:
+        old = _load(buf, offs, inside, TAIL).to(COMPUTE)
     if MAXIMIZE:
         g = -g
-    g += weight_decay * w
+    if HAS_WEIGHT_DECAY:
+        g += weight_decay * w
     if HAS_MOMENTUM:
-        old = _load(buf, offs, inside, TAIL).to(tl.float32)
-        new = tl.where(is_first, g, momentum * old + (1.0 - dampening) * g)
+        new = tl.where(is_first, g, momentum * old + one_minus_dampening * g)
         _store(buf, offs, tl.where(skip, old, new).to(PARAM_DTYPE), inside, TAIL)
         g = g + momentum * new if NESTEROV else new
     w_new = tl.where(skip, w, w - lr * g)
     _store(param, offs, w_new.to(PARAM_DTYPE), inside, TAIL)
 
 
-@triton.jit(do_not_specialize=["lr", "beta1", "beta2", "log2_beta1", "log2_beta2", "eps",
-                               "weight_decay"])
+@triton.jit
 def restore_adam_kernel(
     param_ptrs, backup_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, max_exp_avg_sq_ptrs, step_ptrs,
     numels, chunk_tensor, chunk_start, multiplier_ptr, found_inf_ptr,
-    lr, beta1, beta2, log2_beta1, log2_beta2, eps, weight_decay,
-    PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, DECOUPLED: tl.constexpr,
-    AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_MULTIPLIER: tl.constexpr,
-    HAS_FOUND_INF: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+    lr: tl.float64, beta1: tl.float64, beta2: tl.float64, one_minus_beta1: tl.float64,
+    one_minus_beta2: tl.float64, log2_beta1: tl.float64, log2_beta2: tl.float64, eps: tl.float64,
+    weight_decay: tl.float64, decay_factor: tl.float64,
+    PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, COMPUTE: tl.constexpr,
+    HAS_WEIGHT_DECAY: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr,
+    MAXIMIZE: tl.constexpr, HAS_MULTIPLIER: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     """w = backup, then torch.optim.Adam's (AdamW's when DECOUPLED) step, in one pass.
 
-    NOTE: the per-tensor step counters were advanced by the glue before the launch (by 0 on found-inf);
-    beta^step is exp2(step * log2(beta)) in fp32.
+    NOTE (bias corrections): the per-tensor step counters were advanced by the glue before the launch (by
+    0 on found-inf). beta^step is exp2(step * log2(beta)) evaluated in fp64 (log2 of beta as rounded to
+    COMPUTE, from the host) and rounded to COMPUTE: a correctly rounded power, as the reference's pow,
+    where an fp32 exp2 (an approximate instruction on NVIDIA GPUs) would lose about 1e-4 of the early
+    bias corrections to the cancellation in 1 - beta^step.
     """
     row, start, full_end, end = _chunk_bounds(chunk_tensor, chunk_start, numels, CHUNK, BLOCK)
     param = _typed_ptr(param_ptrs, row, PARAM_DTYPE, ALIGNED)
@@ -268,48 +313,57 @@ def restore_adam_kernel(
     exp_avg = _typed_ptr(exp_avg_ptrs, row, PARAM_DTYPE, ALIGNED)
     exp_avg_sq = _typed_ptr(exp_avg_sq_ptrs, row, PARAM_DTYPE, ALIGNED)
     max_exp_avg_sq = _typed_ptr(max_exp_avg_sq_ptrs, row, PARAM_DTYPE, ALIGNED)
-    multiplier, skip = _step_scalars(multiplier_ptr, found_inf_ptr, HAS_MULTIPLIER, HAS_FOUND_INF)
-    step = tl.load(_typed_ptr(step_ptrs, row, tl.float32, False))
-    step_size = tl.div_rn(lr, 1.0 - tl.exp2(step * log2_beta1))
-    bias_correction2_sqrt = tl.sqrt_rn(1.0 - tl.exp2(step * log2_beta2))
+    multiplier, skip = _step_scalars(multiplier_ptr, found_inf_ptr, COMPUTE, HAS_MULTIPLIER, HAS_FOUND_INF)
+    step = tl.load(_typed_ptr(step_ptrs, row, tl.float32, False)).to(tl.float64)
+    one = _scalar(1.0, COMPUTE)
+    beta1_power = tl.exp2(step * _scalar(log2_beta1, tl.float64)).to(COMPUTE)
+    beta2_power = tl.exp2(step * _scalar(log2_beta2, tl.float64)).to(COMPUTE)
+    step_size = _div(one, one - beta1_power) * _scalar(lr, COMPUTE)
+    bias_correction2_sqrt = _sqrt(one - beta2_power)
     pointers = (param, backup, grad, exp_avg, exp_avg_sq, max_exp_avg_sq)
-    options = (lr, beta1, beta2, eps, weight_decay, multiplier, skip, step_size, bias_correction2_sqrt)
+    options = (_scalar(beta1, COMPUTE), _scalar(beta2, COMPUTE), _scalar(one_minus_beta1, COMPUTE),
+               _scalar(one_minus_beta2, COMPUTE), _scalar(eps, COMPUTE), _scalar(weight_decay, COMPUTE),
+               _scalar(decay_factor, COMPUTE), multiplier, skip, step_size, bias_correction2_sqrt)
     for block_start in range(start, full_end, BLOCK):
         offs = tl.multiple_of(block_start, BLOCK) + tl.arange(0, BLOCK)
-        _adam_block(pointers, offs, end, options, PARAM_DTYPE, DECOUPLED, AMSGRAD, MAXIMIZE, False)
+        _adam_block(pointers, offs, end, options, PARAM_DTYPE, COMPUTE, HAS_WEIGHT_DECAY, DECOUPLED,
+                    AMSGRAD, MAXIMIZE, False)
     if full_end < end:
-        _adam_block(pointers, full_end + tl.arange(0, BLOCK), end, options, PARAM_DTYPE, DECOUPLED,
-                    AMSGRAD, MAXIMIZE, True)
+        _adam_block(pointers, full_end + tl.arange(0, BLOCK), end, options, PARAM_DTYPE, COMPUTE,
+                    HAS_WEIGHT_DECAY, DECOUPLED, AMSGRAD, MAXIMIZE, True)
 
 
 @triton.jit
-def _adam_block(pointers, offs, end, options, PARAM_DTYPE: tl.constexpr, DECOUPLED: tl.constexpr,
-                AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, TAIL: tl.constexpr):
+def _adam_block(pointers, offs, end, options, PARAM_DTYPE: tl.constexpr, COMPUTE: tl.constexpr,
+                HAS_WEIGHT_DECAY: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr,
+                MAXIMIZE: tl.constexpr, TAIL: tl.constexpr):
     param, backup, grad, exp_avg, exp_avg_sq, max_exp_avg_sq = pointers
-    lr, beta1, beta2, eps, weight_decay, multiplier, skip, step_size, bias_correction2_sqrt = options
+    (beta1, beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay, decay_factor, multiplier, skip,
+     step_size, bias_correction2_sqrt) = options
     inside = offs < end
-    w = _load(backup, offs, inside, TAIL).to(tl.float32)
-    g = _load(grad, offs, inside, TAIL).to(tl.float32) * multiplier
+    w = _load(backup, offs, inside, TAIL).to(COMPUTE)
+    g = _load(grad, offs, inside, TAIL).to(COMPUTE) * multiplier
+    m_old = _load(exp_avg, offs, inside, TAIL).to(COMPUTE)
+    v_old = _load(exp_avg_sq, offs, inside, TAIL).to(COMPUTE)
     if MAXIMIZE:
         g = -g
-    if DECOUPLED:
-        w_decayed = w * (1.0 - lr * weight_decay)
-    else:
-        g += weight_decay * w
-        w_decayed = w
-    m_old = _load(exp_avg, offs, inside, TAIL).to(tl.float32)
-    v_old = _load(exp_avg_sq, offs, inside, TAIL).to(tl.float32)
-    m = beta1 * m_old + (1.0 - beta1) * g
-    v = beta2 * v_old + (1.0 - beta2) * g * g
+    w_decayed = w
+    if HAS_WEIGHT_DECAY:
+        if DECOUPLED:
+            w_decayed = w * decay_factor
+        else:
+            g += weight_decay * w
+    m = beta1 * m_old + one_minus_beta1 * g
+    v = beta2 * v_old + one_minus_beta2 * g * g
     _store(exp_avg, offs, tl.where(skip, m_old, m).to(PARAM_DTYPE), inside, TAIL)
     _store(exp_avg_sq, offs, tl.where(skip, v_old, v).to(PARAM_DTYPE), inside, TAIL)
     if AMSGRAD:
-        v_max_old = _load(max_exp_avg_sq, offs, inside, TAIL).to(tl.float32)
+        v_max_old = _load(max_exp_avg_sq, offs, inside, TAIL).to(COMPUTE)
         # NOTE: NaN propagates, as torch.maximum (the reference) and the native kernels do.
         v_max = tl.maximum(v_max_old, v, propagate_nan=tl.PropagateNan.ALL)
         _store(max_exp_avg_sq, offs, tl.where(skip, v_max_old, v_max).to(PARAM_DTYPE), inside, TAIL)
-        denom = tl.div_rn(tl.sqrt_rn(v_max), bias_correction2_sqrt) + eps
+        denom = _div(_sqrt(v_max), bias_correction2_sqrt) + eps
     else:
-        denom = tl.div_rn(tl.sqrt_rn(v), bias_correction2_sqrt) + eps
-    w_new = tl.where(skip, w, w_decayed - step_size * tl.div_rn(m, denom))
+        denom = _div(_sqrt(v), bias_correction2_sqrt) + eps
+    w_new = tl.where(skip, w, w_decayed - _div(step_size * m, denom))
     _store(param, offs, w_new.to(PARAM_DTYPE), inside, TAIL)

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..backends.common import SUPPORTED_DTYPES, first_overlap
+from ..backends.common import SUPPORTED_DTYPE_NAMES, SUPPORTED_DTYPES, first_overlap
 from ..distributed import local_tensor
 
 #: SAM options that may differ between param groups (the rest are optimizer-wide): keyword name -> key in
@@ -67,7 +67,7 @@ def check_group(group: dict, index: int) -> None:
                              "view them as real with torch.view_as_real")
         if param.dtype not in SUPPORTED_DTYPES:
             raise ValueError(f"{where}['params'][{position}]: dtype {param.dtype} is not supported; "
-                             "use float32, float16 or bfloat16")
+                             f"use {SUPPORTED_DTYPE_NAMES}")
 
 
 def adopt_group_options(group: dict, base_defaults: dict, defaults: dict) -> None:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from .. import ops
-from ..backends.common import AdamConfig, SgdConfig
+from ..backends.common import AdamConfig, SgdConfig, same_layout
 
 #: Options whose value must be a Python number for the fused step (torch also accepts tensors).
 _NUMBER_OPTIONS = {"sgd": ("lr", "momentum", "dampening", "weight_decay"),
@@ -66,6 +66,15 @@ def gather_state(kind: str, group: dict, params: Sequence[torch.Tensor], state: 
     return {"sgd": SgdGroupState, "adam": AdamGroupState}[kind](group, params, state)
 
 
+def _in_param_layout(tensor, param: torch.Tensor):
+    """``tensor``, or a copy of it laid out like ``param`` when only the layout differs (a checkpoint of a
+    contiguous model loaded into a channels_last one; see "layout" in ``backends/common.py``)."""
+    if (isinstance(tensor, torch.Tensor) and tensor.shape == param.shape and tensor.dtype == param.dtype
+            and tensor.device == param.device and not same_layout(tensor, param)):
+        return torch.empty_like(param).copy_(tensor)
+    return tensor
+
+
 def _check_state(name: str, tensor, param: torch.Tensor, dtype: torch.dtype | None = None) -> None:
     """A state tensor that fits its parameter (a mismatch means a state dict of another model or
     optimizer)."""
@@ -73,12 +82,13 @@ def _check_state(name: str, tensor, param: torch.Tensor, dtype: torch.dtype | No
     expected_shape = param.shape if dtype is None else torch.Size([])
     if (not isinstance(tensor, torch.Tensor) or tensor.shape != expected_shape
             or tensor.dtype != expected_dtype or tensor.device != param.device
-            or (dtype is None and not tensor.is_contiguous())):
-        found = (f"{tuple(tensor.shape)} {tensor.dtype} on {tensor.device}"
+            or (dtype is None and not same_layout(tensor, param))):
+        found = (f"{tuple(tensor.shape)} {tensor.dtype} on {tensor.device} with strides {tensor.stride()}"
                  if isinstance(tensor, torch.Tensor) else type(tensor).__name__)
         raise ValueError(f"optimizer state '{name}' of a parameter of shape {tuple(param.shape)}: "
-                         f"expected a contiguous {tuple(expected_shape)} {expected_dtype} on "
-                         f"{param.device}, found {found}; the state dict loaded does not belong to this "
+                         f"expected a {tuple(expected_shape)} {expected_dtype} on "
+                         f"{param.device} laid out like the parameter, found {found}; the state dict "
+                         "loaded does not belong to this "
                          "model and optimizer")
 
 
@@ -87,7 +97,8 @@ class SgdGroupState:
 
     NOTE: torch's SGD keeps ``state[p]['momentum_buffer']`` only when momentum is nonzero, created on a
     parameter's first step (``buf = g``). Missing buffers are created here, flagged as first steps, and
-    stored in the optimizer state by ``commit`` once the step ran. A buffer created on a skipped
+    stored in the optimizer state by ``commit`` once the step ran (as is a copy of a buffer in another
+    layout than its parameter's, ``created`` lists both). A buffer created on a skipped
     (non-finite) first step stays zero, and the next step then treats it as initialized:
     ``momentum * 0 + (1 - dampening) * g`` instead of torch's ``g``, identical unless ``dampening`` is
     nonzero.
@@ -103,11 +114,15 @@ class SgdGroupState:
         for index, param in enumerate(params):
             buffer = state[param].get("momentum_buffer") if param in state else None
             if buffer is None:
-                buffer = torch.zeros_like(param, memory_format=torch.contiguous_format)
+                buffer = torch.zeros_like(param)
                 self.first_step[index] = 1
                 self.created.append(index)
             else:
-                _check_state("momentum_buffer", buffer, param)
+                relaid = _in_param_layout(buffer, param)
+                _check_state("momentum_buffer", relaid, param)
+                if relaid is not buffer:
+                    buffer = relaid
+                    self.created.append(index)
             self.buffers.append(buffer)
 
     @staticmethod
@@ -151,20 +166,21 @@ class AdamGroupState:
         entry = dict(current)
         if "step" not in entry:
             entry["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
-            entry["exp_avg"] = torch.zeros_like(param, memory_format=torch.contiguous_format)
-            entry["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.contiguous_format)
+            entry["exp_avg"] = torch.zeros_like(param)
+            entry["exp_avg_sq"] = torch.zeros_like(param)
         step = entry["step"]
         if not isinstance(step, torch.Tensor) or step.dtype != torch.float32 or step.device != param.device:
             # NOTE: torch's non-fused Adam keeps a CPU (or float64) step; the fused op needs float32 on
             # the parameter's device. Moving it once is harmless to torch, which reads either kind.
             entry["step"] = torch.as_tensor(step, dtype=torch.float32).to(param.device)
         if self.amsgrad and "max_exp_avg_sq" not in entry:
-            entry["max_exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.contiguous_format)
+            entry["max_exp_avg_sq"] = torch.zeros_like(param)
         _check_state("step", entry["step"], param, torch.float32)
         for key in ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if self.amsgrad else ()):
             if key not in entry:
                 raise ValueError(f"optimizer state of a parameter of shape {tuple(param.shape)} lacks "
                                  f"'{key}'; the state dict loaded does not belong to this optimizer")
+            entry[key] = _in_param_layout(entry[key], param)
             _check_state(key, entry[key], param)
         if any(current.get(key) is not value for key, value in entry.items()):
             self.pending.append((param, entry))

@@ -24,8 +24,10 @@ Hyper-parameters (lr, rho, betas, ...) are read from the param groups at every s
 edits of a group's options act at once.
 
 NOTE (gradients): torch checks every ``.grad`` assignment against its parameter's shape, dtype and
-device, so a gradient collected for a planned parameter can only differ from it in layout; the plan
-checks contiguity (a C-level pass) and runs the full, named checks only when that fails.
+device, so a gradient collected for a planned parameter can only differ from it in layout. When every
+planned parameter is contiguous the plan checks that every gradient is too (a C-level pass); otherwise
+(channels_last models) it compares each gradient's strides with its parameter's; the full, named checks
+run only when that fails.
 """
 
 from __future__ import annotations
@@ -38,13 +40,17 @@ from typing import Any
 import torch
 
 from .. import backends
-from ..backends.common import SUPPORTED_DTYPES
+from ..backends.common import SUPPORTED_DTYPE_NAMES, SUPPORTED_DTYPES, is_dense, same_layout
 from ..distributed import DTensor, local_tensor
 from . import fused_steps
 
 #: ``id(None)``: NOTE: ``id(None) in map(id, grads)`` finds a missing gradient at C speed (``None in
 #: grads`` would call each tensor's ``__eq__``).
 _NONE_ID = id(None)
+
+#: Launch tables a Triton plan keeps per param group: each of the step's ops (norm, perturb, restore,
+#: descent) per dtype, with room for ESAM's per-step subsets.
+TABLES_PER_GROUP = 16
 
 
 @dataclass
@@ -64,7 +70,7 @@ class GroupPlan:
 class StepPlan:
     """The resolved parameter set of one optimizer; see the module docstring for when it is rebuilt."""
 
-    def __init__(self, optimizer, key: tuple, kind: str | None) -> None:
+    def __init__(self, optimizer, key: tuple, kind: str | None, previous: StepPlan | None = None) -> None:
         self.key = key
         self.kind = kind
         groups = optimizer.param_groups
@@ -92,8 +98,22 @@ class StepPlan:
                 raise ValueError(f"params: on {param.device} and {self.device}; SAM needs every "
                                  "parameter on one device")
         self.pointers = self._pointers()
+        #: Every planned parameter is contiguous: the gradients' layout check is one C-level pass.
+        self.contiguous = all(map(torch.Tensor.is_contiguous, self.local))
         self.param_ids = _param_ids(groups)
         self.backend_name, _ = backends.resolve(self.device, optimizer.backend)
+        #: The Triton backend over the optimizer's own launch tables, sized to its working set (a few
+        #: tables per op, param group and dtype); None for the other backends, which need no tables.
+        #: NOTE: a rebuilt plan takes over its predecessor's tables (keyed by content, so those of
+        #: tensors that did not change, e.g. after the first step created the state, stay valid).
+        self._tables_backend = None
+        if self.backend_name == "triton":
+            capacity = TABLES_PER_GROUP * (len(self.groups) + 1)
+            if previous is not None and previous._tables_backend is not None:
+                self._tables_backend = previous._tables_backend
+                self._tables_backend.tables.capacity = capacity
+            else:
+                self._tables_backend = backends.get("triton").PlanBackend(capacity)
         self.backups = [optimizer._backup(p) for p in self.params]
         self.check_grads(self.grads())
         if kind is not None:
@@ -104,8 +124,9 @@ class StepPlan:
 
     @property
     def backend(self):
-        """The backend module (looked up by name, so a plan pickles and deep-copies)."""
-        return backends.get(self.backend_name)
+        """The backend (a module looked up by name, so a plan pickles and deep-copies; for Triton the
+        plan's tables-owning wrapper)."""
+        return self._tables_backend or backends.get(self.backend_name)
 
     def _pointers(self) -> tuple[int, ...]:
         if torch.compiler.is_compiling():
@@ -132,20 +153,24 @@ class StepPlan:
         return key == self.key and _param_ids(groups) == self.param_ids and self._pointers() == self.pointers
 
     def check_grads(self, grads: Sequence[torch.Tensor] | None) -> None:
-        """Dense, contiguous gradients (C-level pass); the named checks only when that fails."""
+        """Dense gradients laid out like their parameters (see "gradients" above); the named checks only
+        when the quick check fails."""
         if grads is None:
             return
-        present = [g for g in grads if g is not None] if _has_none(grads) else grads
         try:
-            if all(map(torch.Tensor.is_contiguous, present)):
+            if self.contiguous:
+                present = [g for g in grads if g is not None] if _has_none(grads) else grads
+                if all(map(torch.Tensor.is_contiguous, present)):
+                    return
+            elif all(g is None or same_layout(g, p) for g, p in zip(grads, self.local)):
                 return
-        except RuntimeError:  # sparse tensors have no is_contiguous
+        except RuntimeError:  # sparse tensors have no strides
             pass
         for group_plan in self.groups:
             for slot in range(group_plan.start, group_plan.stop):
                 if grads[slot] is None:
                     continue
-                _check_grad(grads[slot], group_plan.index,
+                _check_grad(grads[slot], self.local[slot], group_plan.index,
                             _position_in_group(group_plan.group, self.params[slot]))
 
 
@@ -176,20 +201,20 @@ def _check_param(param: torch.Tensor, group_index: int, position: int) -> None:
     where = f"param_groups[{group_index}]['params'][{position}]"
     local = local_tensor(param)
     if local.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"{where}: dtype {local.dtype} is not supported; use float32, float16 or "
-                         "bfloat16")
-    if not local.is_contiguous():
-        raise ValueError(f"{where}: must be contiguous (channels_last and strided views are not "
-                         "supported); make the model's parameters contiguous "
-                         "(model.to(memory_format=torch.contiguous_format))")
+        raise ValueError(f"{where}: dtype {local.dtype} is not supported; use {SUPPORTED_DTYPE_NAMES}")
+    if not local.is_contiguous() and not is_dense(local):
+        raise ValueError(f"{where}: a strided view with gaps or overlaps is not supported (any dense "
+                         "layout is, channels_last included); make the parameter dense "
+                         "(param.data = param.data.contiguous())")
 
 
-def _check_grad(grad: torch.Tensor, group_index: int, position: int) -> None:
+def _check_grad(grad: torch.Tensor, param: torch.Tensor, group_index: int, position: int) -> None:
     where = f"param_groups[{group_index}]['params'][{position}]"
     if grad.layout != torch.strided:
         raise ValueError(f"{where}: sparse gradient; SAM needs dense gradients (e.g. "
                          "nn.Embedding(sparse=False))")
-    if not grad.is_contiguous():
-        raise ValueError(f"{where}: its gradient must be contiguous; the gradient is a strided view (a "
+    if not is_dense(grad) or not same_layout(grad, param):
+        raise ValueError(f"{where}: its gradient has strides {grad.stride()}, the parameter "
+                         f"{param.stride()}; the kernels need a gradient laid out like its parameter (a "
                          "gradient hook, a custom autograd Function or code that assigns .grad returned "
-                         "one); return or assign grad.contiguous()")
+                         "another layout); return or assign torch.empty_like(param).copy_(grad)")

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
 from .. import backends, ops
-from ..backends.common import PerturbConfig
+from ..backends.common import PerturbConfig, same_layout
 from ..distributed import all_reduce_norm, local_tensor, shard_group
 from . import amp, descent, fused_steps
 from .base import make_base
@@ -661,7 +661,7 @@ class SAM(torch.optim.Optimizer):
             if grads is not None:
                 plan.check_grads(grads)
                 return plan, grads
-        plan = self._run.plan = StepPlan(self, key, kind=key[6])
+        plan = self._run.plan = StepPlan(self, key, kind=key[6], previous=plan)
         return plan, plan.grads()
 
     def invalidate_plan(self) -> None:
@@ -728,8 +728,8 @@ class SAM(torch.optim.Optimizer):
         backup = self._backups.get(param)
         local = local_tensor(param)
         if (backup is None or backup.shape != local.shape or backup.dtype != local.dtype
-                or backup.device != local.device):
-            backup = torch.empty_like(local, memory_format=torch.contiguous_format)
+                or backup.device != local.device or not same_layout(backup, local)):
+            backup = torch.empty_like(local)  # the parameter's layout (see "layout" in common.py)
             self._backups[param] = backup
         return backup
 
