@@ -1,6 +1,8 @@
 // CPU implementations of the sam_kernels ops: parallel over (tensor, chunk) work items with
 // at::parallel_for (torch's own OpenMP pool), vectorized inner loops, the per-element math of
-// csrc/include/sam_kernels/elementwise.h (the same code the CUDA kernels run).
+// csrc/include/sam_kernels/elementwise.h (the same code the CUDA kernels run), in double for float64
+// tensors and in float for the others. Every loop walks a tensor's memory as a flat array (see NOTE
+// (layout) in csrc/checks.h).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -44,6 +46,7 @@ namespace {
 // Rounding is to nearest even, as in Tensor.copy_ from float32. (The 16-bit narrowing needs SSE4.1, so
 // half/bfloat16 loops vectorize in the AVX2 and AVX-512 clones only.)
 SAMK_INLINE float load(const float* p, int64_t i) { return p[i]; }
+SAMK_INLINE double load(const double* p, int64_t i) { return p[i]; }
 SAMK_INLINE float load(const c10::Half* p, int64_t i) {
   return c10::detail::fp16_ieee_to_fp32_value(p[i].x);
 }
@@ -52,6 +55,7 @@ SAMK_INLINE float load(const c10::BFloat16* p, int64_t i) {
 }
 
 SAMK_INLINE void store(float* p, int64_t i, float v) { p[i] = v; }
+SAMK_INLINE void store(double* p, int64_t i, double v) { p[i] = v; }
 SAMK_INLINE void store(c10::Half* p, int64_t i, float v) {
   p[i].x = c10::detail::fp16_ieee_from_fp32_value(v);
 }
@@ -59,8 +63,9 @@ SAMK_INLINE void store(c10::BFloat16* p, int64_t i, float v) {
   p[i].x = c10::detail::round_to_nearest_even(v);
 }
 
-// Exact copy of one element's bits.
+// Exact copy of one element's bits (a float or double move keeps NaN payloads on the targets built for).
 SAMK_INLINE void copy_bits(float* dst, const float* src, int64_t i) { dst[i] = src[i]; }
+SAMK_INLINE void copy_bits(double* dst, const double* src, int64_t i) { dst[i] = src[i]; }
 template <typename T>
 SAMK_INLINE void copy_bits(T* dst, const T* src, int64_t i) {
   dst[i].x = src[i].x;
@@ -72,6 +77,9 @@ void dispatch_dtype(at::ScalarType dtype, F&& f) {
   switch (dtype) {
     case at::kFloat:
       f(float{});
+      break;
+    case at::kDouble:
+      f(double{});
       break;
     case at::kHalf:
       f(c10::Half{});
@@ -150,7 +158,8 @@ constexpr int64_t kSumBlock = 1024; // elements summed into the lanes before the
 
 // Sum over [begin, end) of norm_term^2: lanes accumulate blocks of kSumBlock elements, each block is
 // folded by a fixed pairwise tree and added to the chunk's total in order. NOTE (determinism): the order
-// of every addition depends only on the element range, never on threads or addresses.
+// of every addition depends only on the element range, never on threads or addresses (nor on the dtype:
+// see NOTE (fp64 norm) in elementwise.h, a float64 element is converted to float before anything else).
 template <typename T, bool ADAPTIVE>
 SAMK_CPU_LOOP float sumsq_range(const T* __restrict grad, const T* __restrict weight, int64_t begin,
                                 int64_t end, float eta) {
@@ -162,12 +171,14 @@ SAMK_CPU_LOOP float sumsq_range(const T* __restrict grad, const T* __restrict we
     for (; i + kLanes <= block_end; i += kLanes) {
 #pragma omp simd
       for (int j = 0; j < kLanes; ++j) {
-        const float t = norm_term<ADAPTIVE>(load(grad, i + j), ADAPTIVE ? load(weight, i + j) : 0.0f, eta);
+        const float t = norm_term<ADAPTIVE>(static_cast<float>(load(grad, i + j)),
+                                            ADAPTIVE ? static_cast<float>(load(weight, i + j)) : 0.0f, eta);
         acc[j] += t * t;
       }
     }
     for (int j = 0; i < block_end; ++i, ++j) {
-      const float t = norm_term<ADAPTIVE>(load(grad, i), ADAPTIVE ? load(weight, i) : 0.0f, eta);
+      const float t = norm_term<ADAPTIVE>(static_cast<float>(load(grad, i)),
+                                          ADAPTIVE ? static_cast<float>(load(weight, i)) : 0.0f, eta);
       acc[j] += t * t;
     }
     for (int width = kLanes / 2; width > 0; width /= 2) {
@@ -211,16 +222,18 @@ std::tuple<at::Tensor, at::Tensor> grad_norm_cpu(at::TensorList grads, at::Tenso
 
 template <typename T, bool ADAPTIVE, bool MASKED>
 SAMK_CPU_LOOP void perturb_range(T* __restrict param, const T* __restrict grad, T* __restrict backup,
-                                 int64_t begin, int64_t end, float scale, float eta, const MaskKey mask_key,
-                                 uint32_t tensor_index) {
+                                 int64_t begin, int64_t end, math_t<T> scale, math_t<T> eta,
+                                 const MaskKey mask_key, uint32_t tensor_index) {
+  using C = math_t<T>;
   // NOTE: local copies of every loop invariant: the compiler cannot prove that the element stores leave a
   // referenced struct alone, and would reload it (and give up vectorizing) otherwise.
   const MaskKey key = mask_key;
 #pragma omp simd
   for (int64_t i = begin; i < end; ++i) {
     copy_bits(backup, param, i);
+    // NOTE: the mask counter is i, the element's offset in the tensor's memory (NOTE (layout), checks.h).
     const bool keep = !MASKED || keep_element(key, static_cast<uint32_t>(i), tensor_index);
-    store(param, i, perturb_element<ADAPTIVE>(load(param, i), load(grad, i), scale, eta, keep, true));
+    store(param, i, perturb_element<ADAPTIVE, C>(load(param, i), load(grad, i), scale, eta, keep, true));
   }
 }
 
@@ -234,10 +247,8 @@ void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList bac
   const float norm_value = *data<float>(device_scalar("norm", norm, device));
   const uint64_t step_value = static_cast<uint64_t>(step.reshape({}).item<int64_t>());
 
-  const PerturbConfig config{static_cast<float>(rho), static_cast<float>(eps),
-                             static_cast<float>(scale_factor),
-                             static_cast<float>(adaptive_eta), normalize};
-  const float scale = perturb_scale(config, norm_value);
+  const PerturbConfigT<double> config = perturb_config(rho, eps, scale_factor, adaptive_eta, normalize);
+  const float scale = perturb_scale(config_as<float>(config), norm_value);  // fp32 (NOTE (fp64 norm))
   const bool finite = is_finite(norm_value);
   const MaskKey key{static_cast<uint32_t>(seed_lo), static_cast<uint32_t>(seed_hi),
                     static_cast<uint32_t>(step_value), static_cast<uint32_t>(step_value >> 32),
@@ -256,10 +267,12 @@ void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList bac
     const auto index = static_cast<uint32_t>(tensor_indices[k]);
     dispatch_dtype(params[k].scalar_type(), [&](auto tag) {
       using T = decltype(tag);
+      using C = math_t<T>;
+      const C eta = config_as<C>(config).adaptive_eta;
       with_flag(adaptive, [&](auto adaptive_) {
         with_flag(masked, [&](auto masked_) {
           perturb_range<T, adaptive_, masked_>(data<T>(params[k]), data<T>(grads[k]), data<T>(backups[k]),
-                                               item.begin, item.end, scale, config.adaptive_eta, key, index);
+                                               item.begin, item.end, C(scale), eta, key, index);
         });
       });
     });
@@ -281,18 +294,19 @@ void restore_cpu(at::TensorList params, at::TensorList backups) {
 
 template <typename T, bool HAS_MOMENTUM, bool FIRST_STEP, bool NESTEROV, bool WEIGHT_DECAY>
 SAMK_CPU_LOOP void sgd_range(T* __restrict param, const T* __restrict backup, const T* __restrict grad,
-                             T* __restrict buf, int64_t begin, int64_t end, const SgdConfig& config,
-                             float multiplier) {
-  SgdConfig c = config;  // a local copy (see perturb_range) with the switches fixed at compile time
+                             T* __restrict buf, int64_t begin, int64_t end,
+                             const SgdConfigT<math_t<T>>& config, math_t<T> multiplier) {
+  using C = math_t<T>;
+  SgdConfigT<C> c = config;  // a local copy (see perturb_range) with the switches fixed at compile time
   c.has_momentum = HAS_MOMENTUM;
   c.nesterov = NESTEROV;
   c.maximize = false;  // folded into the multiplier by the caller
-  if (!WEIGHT_DECAY) c.weight_decay = 0.0f;
+  if (!WEIGHT_DECAY) c.weight_decay = C(0);
 #pragma omp simd
   for (int64_t i = begin; i < end; ++i) {
-    float w_out, buf_out;
-    sgd_element(c, load(backup, i), load(grad, i) * multiplier, HAS_MOMENTUM ? load(buf, i) : 0.0f,
-                FIRST_STEP, false, w_out, buf_out);
+    C w_out, buf_out;
+    sgd_element<C>(c, load(backup, i), load(grad, i) * multiplier, HAS_MOMENTUM ? load(buf, i) : C(0),
+                   FIRST_STEP, false, w_out, buf_out);
     if (HAS_MOMENTUM) store(buf, i, buf_out);
     store(param, i, w_out);
   }
@@ -310,10 +324,9 @@ void restore_sgd_step_cpu(at::TensorList params, at::TensorList backups, at::Ten
   const auto found_inf_t = optional_scalar("found_inf", found_inf, device);
   const bool skip = found_inf_t ? *data<float>(*found_inf_t) != 0.0f : false;
   // NOTE: maximize folds into the multiplier: -(g * m) == g * (-m) exactly (rounding is sign-symmetric).
+  // The fp32 multiplier converts to double exactly, so the float64 loops fold it the same way.
   const float multiplier = (multiplier_t ? *data<float>(*multiplier_t) : 1.0f) * (maximize ? -1.0f : 1.0f);
-  const SgdConfig config{static_cast<float>(lr), static_cast<float>(momentum),
-                         static_cast<float>(1.0 - dampening), static_cast<float>(weight_decay),
-                         has_momentum, nesterov, maximize};
+  const SgdConfigT<double> config = sgd_config(lr, momentum, dampening, weight_decay, nesterov, maximize);
 
   int64_t total_elements = 0;
   const auto items = work_items(params, &total_elements);
@@ -326,14 +339,16 @@ void restore_sgd_step_cpu(at::TensorList params, at::TensorList backups, at::Ten
     }
     dispatch_dtype(params[k].scalar_type(), [&](auto tag) {
       using T = decltype(tag);
+      using C = math_t<T>;
+      const SgdConfigT<C> c = config_as<C>(config);
       T* buf = has_momentum ? data<T>(momentum_buffers[k]) : nullptr;
       with_flag(has_momentum, [&](auto momentum_) {
         with_flag(has_momentum && first_step[k] != 0, [&](auto first_) {
           with_flag(has_momentum && nesterov, [&](auto nesterov_) {
-            with_flag(config.weight_decay != 0.0f, [&](auto decay_) {
+            with_flag(c.weight_decay != C(0), [&](auto decay_) {
               sgd_range<T, momentum_, first_, nesterov_, decay_>(data<T>(params[k]), data<T>(backups[k]),
                                                                  data<T>(grads[k]), buf, item.begin,
-                                                                 item.end, config, multiplier);
+                                                                 item.end, c, C(multiplier));
             });
           });
         });
@@ -347,19 +362,21 @@ void restore_sgd_step_cpu(at::TensorList params, at::TensorList backups, at::Ten
 template <typename T, bool AMSGRAD, bool DECOUPLED, bool WEIGHT_DECAY>
 SAMK_CPU_LOOP void adam_range(T* __restrict param, const T* __restrict backup, const T* __restrict grad,
                               T* __restrict exp_avg, T* __restrict exp_avg_sq, T* __restrict max_exp_avg_sq,
-                              int64_t begin, int64_t end, const AdamConfig& config,
-                              const AdamBias& tensor_bias, float multiplier) {
-  AdamConfig c = config;  // a local copy (see perturb_range) with the switches fixed at compile time
+                              int64_t begin, int64_t end, const AdamConfigT<math_t<T>>& config,
+                              const AdamBiasT<math_t<T>>& tensor_bias, math_t<T> multiplier) {
+  using C = math_t<T>;
+  AdamConfigT<C> c = config;  // a local copy (see perturb_range) with the switches fixed at compile time
   c.amsgrad = AMSGRAD;
   c.decoupled = DECOUPLED;
   c.maximize = false;  // folded into the multiplier by the caller
-  if (!WEIGHT_DECAY) c.weight_decay = 0.0f;
-  const AdamBias bias = tensor_bias;
+  if (!WEIGHT_DECAY) c.weight_decay = C(0);
+  const AdamBiasT<C> bias = tensor_bias;
 #pragma omp simd
   for (int64_t i = begin; i < end; ++i) {
-    float w_out, m_out, v_out, v_max_out;
-    adam_element(c, bias, load(backup, i), load(grad, i) * multiplier, load(exp_avg, i), load(exp_avg_sq, i),
-                 AMSGRAD ? load(max_exp_avg_sq, i) : 0.0f, false, w_out, m_out, v_out, v_max_out);
+    C w_out, m_out, v_out, v_max_out;
+    adam_element<C>(c, bias, load(backup, i), load(grad, i) * multiplier, load(exp_avg, i),
+                    load(exp_avg_sq, i), AMSGRAD ? load(max_exp_avg_sq, i) : C(0), false, w_out, m_out, v_out,
+                    v_max_out);
     store(exp_avg, i, m_out);
     store(exp_avg_sq, i, v_out);
     if (AMSGRAD) store(max_exp_avg_sq, i, v_max_out);
@@ -376,16 +393,12 @@ void restore_adam_step_cpu(at::TensorList params, at::TensorList backups, at::Te
   const at::Device device = device_of(params);
   const size_t n = params.size();
   check_adam_args(params, backups, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, amsgrad);
-  std::vector<AdamBias> biases(n);
-  const AdamConfig config{static_cast<float>(lr),          static_cast<float>(beta1),
-                          static_cast<float>(beta2),       static_cast<float>(1.0 - beta1),
-                          static_cast<float>(1.0 - beta2), static_cast<float>(eps),
-                          static_cast<float>(weight_decay), static_cast<float>(1.0 - lr * weight_decay),
-                          decoupled,                       amsgrad,
-                          maximize};
-  for (size_t k = 0; k < n; ++k) {
-    biases[k] = adam_bias(config, *data<float>(device_scalar("steps", steps[k], device)));
-  }
+  const AdamConfigT<double> config =
+      adam_config(lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize);
+  // The step counters (float32, already advanced), read once; each work item computes its tensor's bias
+  // terms in its math type (two pow calls per chunk).
+  std::vector<float> step_values(n);
+  for (size_t k = 0; k < n; ++k) step_values[k] = *data<float>(device_scalar("steps", steps[k], device));
   const auto multiplier_t = optional_scalar("grad_multiplier", grad_multiplier, device);
   const auto found_inf_t = optional_scalar("found_inf", found_inf, device);
   const bool skip = found_inf_t ? *data<float>(*found_inf_t) != 0.0f : false;
@@ -403,13 +416,16 @@ void restore_adam_step_cpu(at::TensorList params, at::TensorList backups, at::Te
     }
     dispatch_dtype(params[k].scalar_type(), [&](auto tag) {
       using T = decltype(tag);
+      using C = math_t<T>;
+      const AdamConfigT<C> c = config_as<C>(config);
+      const AdamBiasT<C> bias = adam_bias(c, step_values[k]);
       T* max_sq = amsgrad ? data<T>(max_exp_avg_sqs[k]) : nullptr;
       with_flag(amsgrad, [&](auto amsgrad_) {
-        with_flag(decoupled && config.weight_decay != 0.0f, [&](auto decoupled_) {
-          with_flag(config.weight_decay != 0.0f, [&](auto decay_) {
+        with_flag(decoupled && c.weight_decay != C(0), [&](auto decoupled_) {
+          with_flag(c.weight_decay != C(0), [&](auto decay_) {
             adam_range<T, amsgrad_, decoupled_, decay_>(
                 data<T>(params[k]), data<T>(backups[k]), data<T>(grads[k]), data<T>(exp_avgs[k]),
-                data<T>(exp_avg_sqs[k]), max_sq, item.begin, item.end, config, biases[k], multiplier);
+                data<T>(exp_avg_sqs[k]), max_sq, item.begin, item.end, c, bias, C(multiplier));
           });
         });
       });

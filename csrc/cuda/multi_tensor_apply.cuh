@@ -13,7 +13,18 @@ namespace sam_kernels {
 namespace cuda {
 
 constexpr int kThreads = 512;  // threads per block
-constexpr int kIlp = 4;        // consecutive elements per thread per iteration (one 16-byte fp32 vector)
+
+// NOTE (vector width): per iteration every thread moves kVectorBytes of each operand, one 128-bit access
+// (LDG.E.128 / STG.E.128 in SASS), that is kIlp<T> = 16 / sizeof(T) consecutive elements of storage type T:
+// 8 for float16 and bfloat16, 4 for float32, 2 for float64. No kernel mixes storage types: every tensor
+// operand of a launch has the dtype of its group's parameters (csrc/checks.h requires each companion to
+// have its parameter's dtype), so each kernel takes its ILP from that one type. The float32 values a kernel
+// also reads (the norm, the gradient multiplier, Adam's step counters) are per-block scalars, not streams,
+// and the norm's partials are one store per block. (Were a kernel to stream two storage types, its ILP
+// would come from the narrower one, so that the wider operand's group is two whole vectors.)
+constexpr int kVectorBytes = 16;
+template <typename T>
+constexpr int kIlp = kVectorBytes / static_cast<int>(sizeof(T));
 
 // NOTE (metadata table size): the table travels as the kernel parameter, so the launch needs no device
 // allocation, no host-to-device copy and no host synchronization, and it is safe to capture in a CUDA
@@ -50,7 +61,17 @@ struct ChunkTable {
 
 static_assert(sizeof(ChunkTable<6>) + 128 <= kMaxParamBytes, "metadata table exceeds the parameter budget");
 static_assert(kMaxTensors <= 65535, "chunk_row is 16 bits");
-static_assert(kChunkSize % (kThreads * kIlp) == 0, "a chunk is a whole number of block iterations");
+// A chunk is a whole number of block iterations for every storage type (16-, 32- and 64-bit), so every
+// chunk but a tensor's last is covered by whole vector groups, and a chunk's first element is 16-byte
+// aligned whenever its tensor's first element is (kChunkSize * sizeof(T) is a multiple of 16).
+template <typename T>
+constexpr bool chunk_is_whole_iterations() {
+  return kIlp<T> * static_cast<int>(sizeof(T)) == kVectorBytes && kChunkSize % (kThreads * kIlp<T>) == 0 &&
+         (kChunkSize * static_cast<int64_t>(sizeof(T))) % kVectorBytes == 0;
+}
+static_assert(chunk_is_whole_iterations<uint16_t>(), "16-bit types: a chunk is whole block iterations");
+static_assert(chunk_is_whole_iterations<uint32_t>(), "32-bit types: a chunk is whole block iterations");
+static_assert(chunk_is_whole_iterations<uint64_t>(), "64-bit types: a chunk is whole block iterations");
 
 // Fills tables from `lists` and calls launch(table, n_blocks) whenever one is full and at the end.
 template <int N, typename Launch>
@@ -122,42 +143,52 @@ __device__ __forceinline__ T* operand(const ChunkTable<N>& table, int list, cons
   return static_cast<T*>(table.ptr[list][chunk.row]) + chunk.start;
 }
 
-template <typename T>
+// Whether an operand's address allows 16-byte vector accesses (a null operand, one a kernel variant does
+// not use, counts as aligned).
 __device__ __forceinline__ bool vector_aligned(const void* p) {
-  return reinterpret_cast<uintptr_t>(p) % (sizeof(T) * kIlp) == 0;
+  return reinterpret_cast<uintptr_t>(p) % kVectorBytes == 0;
 }
 
 template <typename T>
-struct alignas(sizeof(T) * kIlp) Pack {
-  T v[kIlp];
+struct alignas(kVectorBytes) Pack {
+  T v[kIlp<T>];
 };
 
-// NOTE (element mapping): in every kernel thread t of a block handles elements [i, i + kIlp) with
-// i = kIlp * (t + kThreads * iteration), through one vector access when the tensor's operands are aligned
-// and the group is whole, else element by element with bounds checks. Both paths touch the same elements
-// in the same thread, so a reduction's order never depends on alignment.
-template <typename T>
-__device__ __forceinline__ void load_raw(T (&r)[kIlp], const T* p, int64_t i, int64_t n, bool vector) {
+// NOTE (alignment): each operand picks the vector or the scalar path by itself, from its own address: an
+// operand whose first element is 16-byte aligned gets one 128-bit access per whole group, a misaligned one
+// (say a view into a flat buffer at an odd offset: DDP's gradient bucket views misalign every gradient after
+// a tensor whose size is not a multiple of 4) goes element by element, while the tensor's other operands
+// keep their vector accesses. (Chunk starts keep the base's alignment, see chunk_is_whole_iterations.)
+// NOTE (element mapping): on both paths thread t of a block handles elements [i, i + kIlp) with
+// i = kIlp * (t + kThreads * iteration), and only a tensor's last, partial group is bounds-checked
+// (scalar path). Which operands are aligned therefore changes neither which thread sees an element nor in
+// which order it combines them, so a reduction's order (the norm's bits) never depends on alignment.
+template <int ILP, typename T>
+__device__ __forceinline__ void load_raw(T (&r)[ILP], const T* __restrict__ p, int64_t i, int64_t n,
+                                         bool vector) {
+  static_assert(ILP == kIlp<T>, "one 16-byte vector per group");
   if (vector) {
     const Pack<T> pack = *reinterpret_cast<const Pack<T>*>(p + i);
 #pragma unroll
-    for (int j = 0; j < kIlp; ++j) r[j] = pack.v[j];
+    for (int j = 0; j < ILP; ++j) r[j] = pack.v[j];
   } else {
 #pragma unroll
-    for (int j = 0; j < kIlp; ++j) r[j] = i + j < n ? p[i + j] : T{};  // value-initialized: +0
+    for (int j = 0; j < ILP; ++j) r[j] = i + j < n ? p[i + j] : T{};  // value-initialized: +0
   }
 }
 
-template <typename T>
-__device__ __forceinline__ void store_raw(T* p, const T (&r)[kIlp], int64_t i, int64_t n, bool vector) {
+template <int ILP, typename T>
+__device__ __forceinline__ void store_raw(T* __restrict__ p, const T (&r)[ILP], int64_t i, int64_t n,
+                                          bool vector) {
+  static_assert(ILP == kIlp<T>, "one 16-byte vector per group");
   if (vector) {
     Pack<T> pack;
 #pragma unroll
-    for (int j = 0; j < kIlp; ++j) pack.v[j] = r[j];
+    for (int j = 0; j < ILP; ++j) pack.v[j] = r[j];
     *reinterpret_cast<Pack<T>*>(p + i) = pack;
   } else {
 #pragma unroll
-    for (int j = 0; j < kIlp; ++j) {
+    for (int j = 0; j < ILP; ++j) {
       if (i + j < n) p[i + j] = r[j];
     }
   }

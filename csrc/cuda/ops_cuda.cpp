@@ -26,6 +26,8 @@ DType device_dtype(at::ScalarType t) {
   switch (t) {
     case at::kFloat:
       return DType::kFloat32;
+    case at::kDouble:
+      return DType::kFloat64;
     case at::kHalf:
       return DType::kFloat16;
     case at::kBFloat16:
@@ -131,9 +133,7 @@ void perturb_cuda(at::TensorList params, at::TensorList grads, at::TensorList ba
   const cudaStream_t stream = current_stream(device);
   const at::Tensor norm_f = device_scalar("norm", norm, device);
   const at::Tensor step_c = step.contiguous();
-  const PerturbConfig config{static_cast<float>(rho), static_cast<float>(eps),
-                             static_cast<float>(scale_factor),
-                             static_cast<float>(adaptive_eta), normalize};
+  const PerturbConfigT<double> config = perturb_config(rho, eps, scale_factor, adaptive_eta, normalize);
   for (const auto& group : dtype_groups(params)) {
     HostLists host({params, grads, backups}, group);
     for (const size_t k : group) host.aux.push_back(static_cast<uint32_t>(tensor_indices[k]));
@@ -170,9 +170,7 @@ void restore_sgd_step_cuda(at::TensorList params, at::TensorList backups, at::Te
   const cudaStream_t stream = current_stream(device);
   const auto multiplier = optional_scalar("grad_multiplier", grad_multiplier, device);
   const auto found = optional_scalar("found_inf", found_inf, device);
-  const SgdConfig config{static_cast<float>(lr), static_cast<float>(momentum),
-                         static_cast<float>(1.0 - dampening), static_cast<float>(weight_decay),
-                         has_momentum, nesterov, maximize};
+  const SgdConfigT<double> config = sgd_config(lr, momentum, dampening, weight_decay, nesterov, maximize);
   for (const auto& group : dtype_groups(params)) {
     std::vector<at::TensorList> lists = {params, backups, grads};
     if (has_momentum) lists.push_back(momentum_buffers);
@@ -197,12 +195,8 @@ void restore_adam_step_cuda(at::TensorList params, at::TensorList backups, at::T
   const cudaStream_t stream = current_stream(device);
   const auto multiplier = optional_scalar("grad_multiplier", grad_multiplier, device);
   const auto found = optional_scalar("found_inf", found_inf, device);
-  const AdamConfig config{static_cast<float>(lr),          static_cast<float>(beta1),
-                          static_cast<float>(beta2),       static_cast<float>(1.0 - beta1),
-                          static_cast<float>(1.0 - beta2), static_cast<float>(eps),
-                          static_cast<float>(weight_decay), static_cast<float>(1.0 - lr * weight_decay),
-                          decoupled,                       amsgrad,
-                          maximize};
+  const AdamConfigT<double> config =
+      adam_config(lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize);
   for (const auto& group : dtype_groups(params)) {
     std::vector<at::TensorList> lists = {params, backups, grads, exp_avgs, exp_avg_sqs};
     if (amsgrad) lists.push_back(max_exp_avg_sqs);
