@@ -27,15 +27,15 @@ from sam_kernels.backends import native_status, triton_status
 # NOTE: the injected NaN/inf make the Triton interpreter's numpy overflow and divide by zero; expected.
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
 
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 #: Sizes around the vector widths and block tails of the kernels.
 ODD_SIZES = (0, 1, 2, 3, 5, 7, 8, 15, 16, 17, 31, 33, 63, 64, 65, 127, 129, 255, 257, 383)
 #: Values written into gradients: non-finite ones, and finite ones whose square overflows fp32.
 BAD_VALUES = (math.nan, math.inf, -math.inf, 1e25, -1e25)
 
-#: The smallest normal fp32 number. NOTE: scalar options are drawn as 0 or at least this: the Triton
-#: interpreter turns a smaller Python float into an fp64 constant and then mis-casts fp64 to bf16 (see
-#: test_triton_interpreter_bf16_with_a_tiny_rho below).
+#: The smallest normal fp32 number. NOTE: scalar options are drawn as 0 or at least this, which keeps
+#: the profile's draws as they were when the Triton interpreter mis-cast smaller Python floats (see
+#: test_triton_interpreter_bf16_with_a_tiny_rho below, now a regression test).
 FP32_TINY = 2.0**-126
 
 TARGETS = (("native", "cpu"), ("triton", "cpu"), ("native", "cuda"), ("triton", "cuda"))
@@ -321,8 +321,11 @@ NAN_BITS = {
     torch.float32: (0x7FC00000, 0x7FC12345, 0x7F800001, 0x7FBFFFFF, -0x00400000, -0x003EDCBB),
     torch.float16: (0x7E00, 0x7E15, 0x7C01, 0x7DFF, -0x0200, -0x01EB),
     torch.bfloat16: (0x7FC0, 0x7FC5, 0x7F81, 0x7FBF, -0x0040, -0x003B),
+    torch.float64: (0x7FF8000000000000, 0x7FF8000012345678, 0x7FF0000000000001, 0x7FF7FFFFFFFFFFFF,
+                    -0x0008000000000000, -0x0007EDCBA9876544),
 }
-INT_VIEWS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+INT_VIEWS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16,
+             torch.float64: torch.int64}
 
 
 @fuzz_settings(weight=2)
@@ -558,11 +561,11 @@ def test_triton_amsgrad_max_keeps_nan():
     assert torch.isnan(max_sqs[0]).all()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "triton backend under the interpreter: a Python-float scalar below 2**-126 becomes an fp64 constant "
-    "and the interpreter casts fp64 to bf16 by integer conversion, so a bf16 weight of 1.0 comes out as "
-    "9.2e-41 (raw bits 0x0001) where the reference leaves it at 1.0"))
 def test_triton_interpreter_bf16_with_a_tiny_rho():
+    """A rho below 2**-126 leaves a bf16 weight of 1.0 at 1.0, as the reference does. (The interpreter
+    once took such a Python-float scalar as an fp64 constant and cast fp64 to bf16 by integer
+    conversion, giving 9.2e-41; the kernels now round every float argument to its compute dtype with
+    tl.full first.)"""
     _require_triton_cpu()
     params = [torch.ones(1, dtype=torch.bfloat16)]
     ops.perturb_(params, [torch.empty_like(params[0])], torch.tensor(0.0),

@@ -26,7 +26,9 @@ def _with_grads(parameters) -> list[torch.Tensor]:
 
 
 def _fused_dtype(grad: torch.Tensor) -> bool:
-    return grad.dtype in SUPPORTED_DTYPES
+    """Whether the fused norm kernel serves ``grad``: its sum is fp32, so fp64 gradients (whose norm
+    torch computes in fp64) go to ``_foreach_norm``."""
+    return grad.dtype in SUPPORTED_DTYPES and grad.dtype != torch.float64
 
 
 def grad_norm(parameters: torch.Tensor | Iterable[torch.Tensor], *, norm_type: float = 2.0,

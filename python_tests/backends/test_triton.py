@@ -215,3 +215,36 @@ def test_a_table_missing_during_graph_capture_raises(monkeypatch):
     step()
     monkeypatch.setattr(triton_backend, "_capturing", lambda device: True)
     step()
+
+
+def _opcheck_cases():
+    shapes = [(7,), (3, 5), (triton_backend.CHUNK + 3,)]
+    generator = torch.Generator().manual_seed(0)
+    p = [torch.randn(s, generator=generator) for s in shapes]
+    g = [torch.randn(s, generator=generator) for s in shapes]
+    b = [torch.empty_like(t) for t in p]
+    norm, step, scalar = torch.tensor(2.0), torch.tensor(3, dtype=torch.int64), torch.tensor(0.5)
+    steps = [torch.tensor(2.0) for _ in p]
+    ops_ = torch.ops.sam_kernels_triton
+    state = [[x.abs().clone() for x in g] for _ in range(3)]
+    return {
+        "grad_norm": (ops_.grad_norm.default, (g, [], 0.0, 0)),
+        "grad_norm_adaptive": (ops_.grad_norm.default, (g, p, 0.01, 0)),
+        "perturb_": (ops_.perturb_.default, (p, g, b, [0, 5, 9], norm, step, 0.05, 1e-12, 1 << 23, 2.0, True,
+                                             True, 0.0, 1, 2, 0)),
+        "restore_": (ops_.restore_.default, (p, b, 0)),
+        "restore_sgd_step_": (ops_.restore_sgd_step_.default,
+                              (p, b, g, [x.clone() for x in g], [1, 0, 0], 0.1, 0.9, 0.0, 1e-4, True, False,
+                               scalar, torch.tensor(0.0), 0)),
+        "restore_adam_step_": (ops_.restore_adam_step_.default,
+                               (p, b, g, *state, steps, 1e-3, 0.9, 0.999, 1e-8, 0.01, True, True, False,
+                                scalar, None, 0)),
+    }
+
+
+@pytest.mark.parametrize("case", list(_opcheck_cases()))
+def test_opcheck(case):
+    """The launches are torch.library custom ops (schemas with their mutations, fake implementations),
+    so torch.compile traces the backend without graph breaks; opcheck runs under the interpreter."""
+    op, args = _opcheck_cases()[case]
+    torch.library.opcheck(op, args)

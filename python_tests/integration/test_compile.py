@@ -11,7 +11,7 @@ import torch
 from reference import EagerSAM, batch_loss, make_batches, make_mlp
 from tolerance import assert_close
 
-from sam_kernels import ops
+from sam_kernels import backends, ops
 from sam_kernels.backends import native_status
 from sam_kernels.optim import SAM
 
@@ -36,9 +36,11 @@ def sam_ops(params, grads, backups, buffers, step, backend):
     return norm, nonfinite
 
 
-@pytest.mark.parametrize("backend", [NATIVE, "torch"])
+@pytest.mark.parametrize("backend", [NATIVE, "torch", "triton"])
 def test_ops_trace_in_one_graph(backend):
-    """fullgraph=True: any graph break inside the ops fails; results equal the eager torch reference."""
+    """fullgraph=True: any graph break inside the ops fails; results equal the eager torch reference.
+    (A backend module is imported on first use, which dynamo cannot trace: imported first here.)"""
+    backends.get(backend)
     params, grads = tensors()
     expected = [p.clone() for p in params]
     exp_buffers = [torch.zeros_like(p) for p in params]
@@ -69,7 +71,7 @@ def compiled_step(model, sam, compiler):
     return train_step
 
 
-@pytest.mark.parametrize("backend", [NATIVE, "torch"])
+@pytest.mark.parametrize("backend", [NATIVE, "torch", "triton"])
 def test_compiled_training_step_matches_eager(backend):
     """A whole two-pass step under torch.compile (graph breaks allowed outside the ops: backward,
     zero_grad) against eager SAM."""

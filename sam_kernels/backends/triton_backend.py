@@ -8,8 +8,8 @@ gradients). A dense tensor is one flat array from its data pointer (see "layout"
 from __future__ import annotations
 
 import contextlib
-import math
-import struct
+import itertools
+import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -17,7 +17,15 @@ import torch
 import triton.language as tl
 
 from . import triton_kernels as kernels
-from .common import AdamConfig, PerturbConfig, SgdConfig, compute_dtype, group_by_dtype, split_u64
+from .common import (
+    MASK_BITS,
+    AdamConfig,
+    PerturbConfig,
+    SgdConfig,
+    compute_dtype,
+    group_by_dtype,
+    split_u64,
+)
 
 TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
              torch.float64: tl.float64}
@@ -30,6 +38,10 @@ CHUNK = 16 * BLOCK
 FINISH_BLOCK = 1024
 #: Byte alignment of the kernels' vector path (16 bytes: one 128-bit access per thread per step).
 ALIGNMENT = 16
+#: Register budget of the Adam kernel. NOTE (registers): left to itself, ptxas 13 fits some 16-bit Adam
+#: variants into 64 registers with 24 bytes of spills (sm_80 or sm_90); .maxnreg 96 lets it allocate the
+#: 70-96 they need without spills. The other kernels need no bound. Checked ahead of time in the tests.
+ADAM_MAX_REGISTERS = 96
 #: Tables kept for calls outside an optimizer's step plan (the functional API): they only change when
 #: the tensors are reallocated.
 METADATA_CACHE_SIZE = 64
@@ -154,7 +166,7 @@ def _pick(tensors: Sequence, positions: Sequence[int]) -> list:
     return [tensors[i] for i in positions]
 
 
-def grad_norm(grads, weights, adaptive_eta, tables: LaunchTables | None = None):
+def _launch_grad_norm(grads, weights, adaptive_eta, tables: LaunchTables | None = None):
     """Two-stage deterministic norm: one partials launch per dtype group, then one finishing launch."""
     device = grads[0].device if grads else torch.device("cpu")
     norm = torch.empty((), dtype=torch.float32, device=device)
@@ -182,8 +194,8 @@ def grad_norm(grads, weights, adaptive_eta, tables: LaunchTables | None = None):
     return norm, nonfinite
 
 
-def perturb_(params, grads, backups, tensor_indices, norm, step, config: PerturbConfig,
-             tables: LaunchTables | None = None) -> None:
+def _launch_perturb(params, grads, backups, tensor_indices, norm, step, config: PerturbConfig,
+                    tables: LaunchTables | None = None) -> None:
     seed_lo, seed_hi = split_u64(config.seed)
     with _device_guard(params[0].device):
         for group in group_by_dtype(params):
@@ -203,7 +215,7 @@ def perturb_(params, grads, backups, tensor_indices, norm, step, config: Perturb
             )
 
 
-def restore_(params, backups, tables: LaunchTables | None = None) -> None:
+def _launch_restore(params, backups, tables: LaunchTables | None = None) -> None:
     with _device_guard(params[0].device):
         for group in group_by_dtype(params):
             group_params = _pick(params, group)
@@ -234,8 +246,8 @@ def _optional_scalars(meta, grad_multiplier, found_inf):
             found_inf if found_inf is not None else placeholder)
 
 
-def restore_sgd_step_(params, backups, grads, momentum_buffers, first_step, config: SgdConfig,
-                      grad_multiplier, found_inf, tables: LaunchTables | None = None) -> None:
+def _launch_sgd(params, backups, grads, momentum_buffers, first_step, config: SgdConfig, grad_multiplier,
+                found_inf, tables: LaunchTables | None = None) -> None:
     has_momentum = config.momentum != 0
     with _device_guard(params[0].device):
         for group in group_by_dtype(params):
@@ -262,9 +274,8 @@ def restore_sgd_step_(params, backups, grads, momentum_buffers, first_step, conf
             )
 
 
-def restore_adam_step_(params, backups, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
-                       config: AdamConfig, grad_multiplier, found_inf,
-                       tables: LaunchTables | None = None) -> None:
+def _launch_adam(params, backups, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, config: AdamConfig,
+                 grad_multiplier, found_inf, tables: LaunchTables | None = None) -> None:
     amsgrad, beta1, beta2 = config.amsgrad, config.beta1, config.beta2
     with _device_guard(params[0].device):
         for group in group_by_dtype(params):
@@ -280,36 +291,133 @@ def restore_adam_step_(params, backups, grads, exp_avgs, exp_avg_sqs, max_exp_av
             kernels.restore_adam_kernel[(meta.n_chunks,)](
                 *meta.pointers, meta.numels, meta.chunk_tensor, meta.chunk_start,
                 *_optional_scalars(meta, grad_multiplier, found_inf),
-                lr, float(beta1), float(beta2), 1.0 - beta1, 1.0 - beta2, _log2(beta1, dtype),
-                _log2(beta2, dtype), float(config.eps), weight_decay, 1.0 - lr * weight_decay,
+                lr, float(beta1), float(beta2), 1.0 - beta1, 1.0 - beta2, float(config.eps), weight_decay,
+                1.0 - lr * weight_decay,
                 PARAM_DTYPE=TL_DTYPES[dtype], GRAD_DTYPE=TL_DTYPES[grads[group[0]].dtype],
                 COMPUTE=_compute(dtype), HAS_WEIGHT_DECAY=weight_decay != 0, DECOUPLED=config.decoupled,
                 AMSGRAD=amsgrad, MAXIMIZE=config.maximize,
                 HAS_MULTIPLIER=grad_multiplier is not None, HAS_FOUND_INF=found_inf is not None,
                 CHUNK=CHUNK, BLOCK=BLOCK, ALIGNED=meta.aligned,
-                num_warps=num_warps(group_params[0].dtype),
+                num_warps=num_warps(group_params[0].dtype), maxnreg=ADAM_MAX_REGISTERS,
             )
-
-
-def _log2(beta: float, dtype: torch.dtype) -> float:
-    """log2 of beta as the element math rounds it (to fp32 unless the tensors are float64)."""
-    rounded = beta if dtype == torch.float64 else struct.unpack("f", struct.pack("f", beta))[0]
-    return math.log2(rounded) if rounded > 0 else -math.inf
 
 
 def _compute(dtype: torch.dtype):
     return TL_DTYPES[compute_dtype(dtype)]
 
 
-# NOTE (torch.compile): the launches build their metadata tables from data pointers, which fake tensors
-# do not have, and the interpreter cannot be traced; until the ops are registered with
-# torch.library.triton_op, dynamo runs each op as one untraced call (a graph break per op, stable from
-# step to step, so a compiled step does not recompile).
-grad_norm = torch.compiler.disable(grad_norm)
-perturb_ = torch.compiler.disable(perturb_)
-restore_ = torch.compiler.disable(restore_)
-restore_sgd_step_ = torch.compiler.disable(restore_sgd_step_)
-restore_adam_step_ = torch.compiler.disable(restore_adam_step_)
+# ---------------------------------------------------------------------------- torch.library registration
+# NOTE (torch.compile): the launches are registered as custom ops (namespace ``sam_kernels_triton``, the
+# native ops' schemas plus the launch-table set) with fake implementations, so dynamo traces a step
+# through them without a graph break and torch.library.opcheck checks them. They are opaque custom ops,
+# not torch.library.triton_op: the kernels read address tables built from the tensors' data pointers,
+# which a traced triton_op body (fake tensors) cannot build.
+
+#: Launch-table sets by id (0: the module's own), so that a custom op, which takes no Python objects,
+#: finds its caller's.
+_TABLE_SETS: weakref.WeakValueDictionary[int, LaunchTables] = weakref.WeakValueDictionary()
+_NEXT_TABLE_SET = itertools.count(1)
+
+
+def _tables(table_set: int) -> LaunchTables:
+    return _TABLE_SETS.get(table_set, _metadata_cache) if table_set else _metadata_cache
+
+
+@torch.library.custom_op("sam_kernels_triton::grad_norm", mutates_args=())
+def _grad_norm_op(grads: list[torch.Tensor], weights: list[torch.Tensor], adaptive_eta: float,
+                  table_set: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch_grad_norm(grads, weights or None, adaptive_eta, _tables(table_set))
+
+
+@torch.library.custom_op("sam_kernels_triton::perturb_", mutates_args=("params", "backups"))
+def _perturb_op(params: list[torch.Tensor], grads: list[torch.Tensor], backups: list[torch.Tensor],
+                tensor_indices: list[int], norm: torch.Tensor, step: torch.Tensor, rho: float, eps: float,
+                keep_threshold: int, scale_factor: float, normalize: bool, adaptive: bool,
+                adaptive_eta: float, seed_lo: int, seed_hi: int, table_set: int) -> None:
+    config = PerturbConfig(rho=rho, eps=eps, keep_prob=keep_threshold / (1 << MASK_BITS),
+                           scale_factor=scale_factor, normalize=normalize, adaptive=adaptive,
+                           adaptive_eta=adaptive_eta, seed=seed_lo | (seed_hi << 32))
+    _launch_perturb(params, grads, backups, tensor_indices, norm, step, config, _tables(table_set))
+
+
+@torch.library.custom_op("sam_kernels_triton::restore_", mutates_args=("params",))
+def _restore_op(params: list[torch.Tensor], backups: list[torch.Tensor], table_set: int) -> None:
+    _launch_restore(params, backups, _tables(table_set))
+
+
+@torch.library.custom_op("sam_kernels_triton::restore_sgd_step_", mutates_args=("params", "momentum_buffers"))
+def _restore_sgd_step_op(params: list[torch.Tensor], backups: list[torch.Tensor], grads: list[torch.Tensor],
+                         momentum_buffers: list[torch.Tensor], first_step: list[int], lr: float,
+                         momentum: float, dampening: float, weight_decay: float, nesterov: bool,
+                         maximize: bool, grad_multiplier: torch.Tensor | None, found_inf: torch.Tensor | None,
+                         table_set: int) -> None:
+    config = SgdConfig(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                       nesterov=nesterov, maximize=maximize)
+    _launch_sgd(params, backups, grads, momentum_buffers, first_step, config, grad_multiplier, found_inf,
+                _tables(table_set))
+
+
+@torch.library.custom_op("sam_kernels_triton::restore_adam_step_",
+                         mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"))
+def _restore_adam_step_op(params: list[torch.Tensor], backups: list[torch.Tensor], grads: list[torch.Tensor],
+                          exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor],
+                          max_exp_avg_sqs: list[torch.Tensor], steps: list[torch.Tensor], lr: float,
+                          beta1: float, beta2: float, eps: float, weight_decay: float, decoupled: bool,
+                          amsgrad: bool, maximize: bool, grad_multiplier: torch.Tensor | None,
+                          found_inf: torch.Tensor | None, table_set: int) -> None:
+    config = AdamConfig(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                        decoupled=decoupled, amsgrad=amsgrad, maximize=maximize)
+    _launch_adam(params, backups, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs or None, steps, config,
+                 grad_multiplier, found_inf, _tables(table_set))
+
+
+@_grad_norm_op.register_fake
+def _(grads, weights, adaptive_eta, table_set):
+    like = grads[0] if grads else torch.empty(())
+    return like.new_empty((), dtype=torch.float32), like.new_empty((), dtype=torch.float32)
+
+
+for _op in (_perturb_op, _restore_op, _restore_sgd_step_op, _restore_adam_step_op):
+    _op.register_fake(lambda *args: None)
+
+
+# ---------------------------------------------------------------------------- the backend interface
+
+
+def grad_norm(grads, weights, adaptive_eta, table_set: int = 0):
+    """Two-stage deterministic norm: one partials launch per dtype group, then one finishing launch."""
+    return torch.ops.sam_kernels_triton.grad_norm(grads, weights if weights is not None else [],
+                                                  float(adaptive_eta), table_set)
+
+
+def perturb_(params, grads, backups, tensor_indices, norm, step, config: PerturbConfig,
+             table_set: int = 0) -> None:
+    seed_lo, seed_hi = split_u64(config.seed)
+    torch.ops.sam_kernels_triton.perturb_(
+        params, grads, backups, tensor_indices, norm, step, config.rho, config.eps, config.keep_threshold,
+        config.scale_factor, config.normalize, config.adaptive, config.adaptive_eta, seed_lo, seed_hi,
+        table_set)
+
+
+def restore_(params, backups, table_set: int = 0) -> None:
+    torch.ops.sam_kernels_triton.restore_(params, backups, table_set)
+
+
+def restore_sgd_step_(params, backups, grads, momentum_buffers, first_step, config: SgdConfig,
+                      grad_multiplier, found_inf, table_set: int = 0) -> None:
+    buffers = momentum_buffers if config.momentum != 0 else []
+    torch.ops.sam_kernels_triton.restore_sgd_step_(
+        params, backups, grads, buffers, first_step, config.lr, config.momentum, config.dampening,
+        config.weight_decay, config.nesterov, config.maximize, grad_multiplier, found_inf, table_set)
+
+
+def restore_adam_step_(params, backups, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
+                       config: AdamConfig, grad_multiplier, found_inf, table_set: int = 0) -> None:
+    max_sqs = max_exp_avg_sqs if config.amsgrad else []
+    torch.ops.sam_kernels_triton.restore_adam_step_(
+        params, backups, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, config.lr, config.beta1,
+        config.beta2, config.eps, config.weight_decay, config.decoupled, config.amsgrad, config.maximize,
+        grad_multiplier, found_inf, table_set)
 
 
 class PlanBackend:
@@ -317,22 +425,31 @@ class PlanBackend:
 
     def __init__(self, capacity: int) -> None:
         self.tables = LaunchTables(capacity)
+        #: NOTE (compile guards): the methods pass this int, never the tables themselves, so dynamo
+        #: guards on a constant and not on the set's contents, which change as tables are built.
+        self.table_set = next(_NEXT_TABLE_SET)
+        _TABLE_SETS[self.table_set] = self.tables
+
+    def __reduce__(self):
+        # NOTE: a copy (a deep-copied or pickled step plan) starts with tables of its own, empty: they
+        # are a cache, and a registered set belongs to one owner.
+        return PlanBackend, (self.tables.capacity,)
 
     def grad_norm(self, grads, weights, adaptive_eta):
-        return grad_norm(grads, weights, adaptive_eta, self.tables)
+        return grad_norm(grads, weights, adaptive_eta, self.table_set)
 
     def perturb_(self, params, grads, backups, tensor_indices, norm, step, config):
-        perturb_(params, grads, backups, tensor_indices, norm, step, config, self.tables)
+        perturb_(params, grads, backups, tensor_indices, norm, step, config, self.table_set)
 
     def restore_(self, params, backups):
-        restore_(params, backups, self.tables)
+        restore_(params, backups, self.table_set)
 
     def restore_sgd_step_(self, params, backups, grads, momentum_buffers, first_step, config, grad_multiplier,
                           found_inf):
         restore_sgd_step_(params, backups, grads, momentum_buffers, first_step, config, grad_multiplier,
-                          found_inf, self.tables)
+                          found_inf, self.table_set)
 
     def restore_adam_step_(self, params, backups, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
                            config, grad_multiplier, found_inf):
         restore_adam_step_(params, backups, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, config,
-                           grad_multiplier, found_inf, self.tables)
+                           grad_multiplier, found_inf, self.table_set)

@@ -291,7 +291,7 @@ def restore_adam_kernel(
     param_ptrs, backup_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, max_exp_avg_sq_ptrs, step_ptrs,
     numels, chunk_tensor, chunk_start, multiplier_ptr, found_inf_ptr,
     lr: tl.float64, beta1: tl.float64, beta2: tl.float64, one_minus_beta1: tl.float64,
-    one_minus_beta2: tl.float64, log2_beta1: tl.float64, log2_beta2: tl.float64, eps: tl.float64,
+    one_minus_beta2: tl.float64, eps: tl.float64,
     weight_decay: tl.float64, decay_factor: tl.float64,
     PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, COMPUTE: tl.constexpr,
     HAS_WEIGHT_DECAY: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr,
@@ -301,10 +301,10 @@ def restore_adam_kernel(
     """w = backup, then torch.optim.Adam's (AdamW's when DECOUPLED) step, in one pass.
 
     NOTE (bias corrections): the per-tensor step counters were advanced by the glue before the launch (by
-    0 on found-inf). beta^step is exp2(step * log2(beta)) evaluated in fp64 (log2 of beta as rounded to
-    COMPUTE, from the host) and rounded to COMPUTE: a correctly rounded power, as the reference's pow,
-    where an fp32 exp2 (an approximate instruction on NVIDIA GPUs) would lose about 1e-4 of the early
-    bias corrections to the cancellation in 1 - beta^step.
+    0 on found-inf). beta^step (beta as rounded to COMPUTE) is computed by squaring in fp64 and rounded
+    to COMPUTE: the reference's pow to the last bit in practice, where an fp32 exp2 (an approximate
+    instruction on NVIDIA GPUs) loses about 1e-4 of the early bias corrections to the cancellation in
+    1 - beta^step, and an fp64 exp2 costs registers enough to spill.
     """
     row, start, full_end, end = _chunk_bounds(chunk_tensor, chunk_start, numels, CHUNK, BLOCK)
     param = _typed_ptr(param_ptrs, row, PARAM_DTYPE, ALIGNED)
@@ -314,10 +314,11 @@ def restore_adam_kernel(
     exp_avg_sq = _typed_ptr(exp_avg_sq_ptrs, row, PARAM_DTYPE, ALIGNED)
     max_exp_avg_sq = _typed_ptr(max_exp_avg_sq_ptrs, row, PARAM_DTYPE, ALIGNED)
     multiplier, skip = _step_scalars(multiplier_ptr, found_inf_ptr, COMPUTE, HAS_MULTIPLIER, HAS_FOUND_INF)
-    step = tl.load(_typed_ptr(step_ptrs, row, tl.float32, False)).to(tl.float64)
+    step = tl.load(_typed_ptr(step_ptrs, row, tl.float32, False))
     one = _scalar(1.0, COMPUTE)
-    beta1_power = tl.exp2(step * _scalar(log2_beta1, tl.float64)).to(COMPUTE)
-    beta2_power = tl.exp2(step * _scalar(log2_beta2, tl.float64)).to(COMPUTE)
+    beta1_power, beta2_power = _powers(_scalar(beta1, COMPUTE).to(tl.float64),
+                                       _scalar(beta2, COMPUTE).to(tl.float64), step)
+    beta1_power, beta2_power = beta1_power.to(COMPUTE), beta2_power.to(COMPUTE)
     step_size = _div(one, one - beta1_power) * _scalar(lr, COMPUTE)
     bias_correction2_sqrt = _sqrt(one - beta2_power)
     pointers = (param, backup, grad, exp_avg, exp_avg_sq, max_exp_avg_sq)
@@ -334,6 +335,23 @@ def restore_adam_kernel(
 
 
 @triton.jit
+def _powers(base1, base2, exponent):
+    """(base1 ** exponent, base2 ** exponent) for a whole, non-negative exponent (Adam's step counter), by
+    squaring in fp64 (IEEE multiplies only; relative error near exponent * 2**-53), both in one loop."""
+    power1 = tl.full([], 1.0, tl.float64)
+    power2 = tl.full([], 1.0, tl.float64)
+    remaining = exponent.to(tl.int64)
+    while remaining > 0:
+        if remaining % 2 == 1:
+            power1 = power1 * base1
+            power2 = power2 * base2
+        base1 = base1 * base1
+        base2 = base2 * base2
+        remaining = remaining // 2
+    return power1, power2
+
+
+@triton.jit
 def _adam_block(pointers, offs, end, options, PARAM_DTYPE: tl.constexpr, COMPUTE: tl.constexpr,
                 HAS_WEIGHT_DECAY: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr,
                 MAXIMIZE: tl.constexpr, TAIL: tl.constexpr):
@@ -343,8 +361,6 @@ def _adam_block(pointers, offs, end, options, PARAM_DTYPE: tl.constexpr, COMPUTE
     inside = offs < end
     w = _load(backup, offs, inside, TAIL).to(COMPUTE)
     g = _load(grad, offs, inside, TAIL).to(COMPUTE) * multiplier
-    m_old = _load(exp_avg, offs, inside, TAIL).to(COMPUTE)
-    v_old = _load(exp_avg_sq, offs, inside, TAIL).to(COMPUTE)
     if MAXIMIZE:
         g = -g
     w_decayed = w
@@ -353,6 +369,8 @@ def _adam_block(pointers, offs, end, options, PARAM_DTYPE: tl.constexpr, COMPUTE
             w_decayed = w * decay_factor
         else:
             g += weight_decay * w
+    m_old = _load(exp_avg, offs, inside, TAIL).to(COMPUTE)
+    v_old = _load(exp_avg_sq, offs, inside, TAIL).to(COMPUTE)
     m = beta1 * m_old + one_minus_beta1 * g
     v = beta2 * v_old + one_minus_beta2 * g * g
     _store(exp_avg, offs, tl.where(skip, m_old, m).to(PARAM_DTYPE), inside, TAIL)
