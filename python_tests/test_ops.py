@@ -560,3 +560,17 @@ def test_masks_follow_memory_order(any_backend):
     expected = ops.keep_mask(param.numel(), 0, 11, 5, mask_threshold(0.5)).to(param.device)
     in_memory_order = param.permute(0, 2, 3, 1).reshape(-1) != 0
     assert torch.equal(in_memory_order, expected)
+
+
+def test_empty_tensors_pair_whatever_their_strides(any_backend):
+    """An empty tensor has no memory order to agree on: its companions may have any strides (as
+    torch.zeros_like gives an empty strided parameter)."""
+    device = any_backend.device
+    param = torch.empty_strided((0, 1, 0), (0, 1, 0), device=device)
+    empty = [torch.zeros(0, 1, 0, device=device) for _ in range(4)]
+    ones, zeros = torch.ones(3, device=device), torch.zeros(3, device=device)
+    params = [param, ones.clone()]
+    ops.restore_adam_step_(params, [empty[0], ones], [empty[1], zeros.clone()], [empty[2], zeros.clone()],
+                           None, [torch.tensor(0.0, device=device) for _ in range(2)],
+                           grads=[empty[3], ones], lr=0.1, backend=any_backend.backend)
+    assert params[1].ne(1).all()  # the non-empty parameter took its step
