@@ -3,9 +3,12 @@
 // torch.ops.sam_kernels.* memory safe.
 //
 // NOTE (aliasing): what these checks cannot see cheaply is overlap: the tensors of one call (each list, and
-// a parameter and its companions) must not share memory. The kernels take their operands as __restrict__
-// (CPU loops and CUDA kernels), and two tensors that overlap would race across threads in any case; the
-// op layer refuses overlapping parameters (sam_kernels/backends/common.py, first_overlap).
+// a parameter and its companions) must not share memory, with one exception: in the restoring ops a
+// backup may be its parameter itself (a parameter the ascent did not perturb; each element is then read
+// and written by one thread, the read first, and those two operands are not __restrict__). The kernels
+// take every other operand as __restrict__ (CUDA kernels and CPU loops), and two tensors that overlap
+// would race across threads in any case; the op layer refuses overlapping parameters
+// (sam_kernels/backends/common.py, first_overlap).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -57,7 +60,8 @@ inline void check_list(const char* name, at::TensorList list, size_t expected, c
     TORCH_CHECK(t.device() == device, name, "[", i, "]: on ", t.device(), ", expected ", device);
     TORCH_CHECK(t.is_non_overlapping_and_dense(), name, "[", i, "]: must be non-overlapping and dense "
                 "(contiguous, channels_last or another permutation of a contiguous tensor), got shape ",
-                t.sizes(), " with strides ", t.strides(), "; pass .contiguous()");
+                t.sizes(), " with strides ", t.strides(), "; pass a dense tensor (.contiguous() for a "
+                "parameter, torch.empty_like(parameter) for its companions)");
     if (!like.empty()) {
       const at::Tensor& p = like[i];
       TORCH_CHECK(t.numel() == p.numel() && t.scalar_type() == p.scalar_type(), name, "[", i, "]: ",

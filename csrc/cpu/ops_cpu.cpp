@@ -141,6 +141,7 @@ void with_flag(bool flag, F&& f) {
 
 // Raw copy of elements [begin, end) of tensor `src` into `dst` (bit for bit).
 void copy_range(const at::Tensor& dst, const at::Tensor& src, int64_t begin, int64_t end) {
+  if (dst.data_ptr() == src.data_ptr()) return;  // a parameter that is its own backup: nothing to copy
   const int64_t size = dst.element_size();
   std::memcpy(static_cast<char*>(dst.data_ptr()) + begin * size,
               static_cast<const char*>(src.data_ptr()) + begin * size, (end - begin) * size);
@@ -293,7 +294,7 @@ void restore_cpu(at::TensorList params, at::TensorList backups) {
 // ------------------------------------------------------------------------------------- restore + SGD
 
 template <typename T, bool HAS_MOMENTUM, bool FIRST_STEP, bool NESTEROV, bool WEIGHT_DECAY>
-SAMK_CPU_LOOP void sgd_range(T* __restrict param, const T* __restrict backup, const T* __restrict grad,
+SAMK_CPU_LOOP void sgd_range(T* param, const T* backup, const T* __restrict grad,
                              T* __restrict buf, int64_t begin, int64_t end,
                              const SgdConfigT<math_t<T>>& config, math_t<T> multiplier) {
   using C = math_t<T>;
@@ -360,7 +361,7 @@ void restore_sgd_step_cpu(at::TensorList params, at::TensorList backups, at::Ten
 // ------------------------------------------------------------------------------------ restore + Adam
 
 template <typename T, bool AMSGRAD, bool DECOUPLED, bool WEIGHT_DECAY>
-SAMK_CPU_LOOP void adam_range(T* __restrict param, const T* __restrict backup, const T* __restrict grad,
+SAMK_CPU_LOOP void adam_range(T* param, const T* backup, const T* __restrict grad,
                               T* __restrict exp_avg, T* __restrict exp_avg_sq, T* __restrict max_exp_avg_sq,
                               int64_t begin, int64_t end, const AdamConfigT<math_t<T>>& config,
                               const AdamBiasT<math_t<T>>& tensor_bias, math_t<T> multiplier) {

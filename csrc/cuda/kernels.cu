@@ -7,9 +7,10 @@
 // no launch waits for the device and a whole SAM step can be captured in a CUDA graph.
 //
 // NOTE (memory access): the operand pointers are __restrict__ (the tensors of a call never overlap: NOTE
-// (aliasing) in csrc/checks.h), and every loop iteration issues all of its loads before its first store, so
-// a thread's loads of one iteration are in flight together and the read-only operands (gradients, backups
-// in the steps) are read through the non-coherent path (LDG.E.128.CONSTANT in the SASS).
+// (aliasing) in csrc/checks.h) except the parameter and its backup in the restoring kernels, which may be
+// one tensor (a parameter the ascent did not perturb); every loop iteration issues all of its loads before
+// its first store, so a thread's loads of one iteration are in flight together and the read-only operands
+// (gradients) are read through the non-coherent path (LDG.E.128.CONSTANT in the SASS).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -61,7 +62,7 @@ __device__ __forceinline__ __nv_bfloat16 from_math<__nv_bfloat16>(float x) {
 // One group of elements of p as values of type V: the math type, or float for the norm (a float64 element
 // then rounds to nearest float, see NOTE (fp64 norm) in elementwise.h).
 template <int ILP, typename V, typename T>
-__device__ __forceinline__ void load(V (&r)[ILP], const T* __restrict__ p, int64_t i, int64_t n,
+__device__ __forceinline__ void load(V (&r)[ILP], const T* p, int64_t i, int64_t n,
                                      bool vector) {
   T raw[ILP];
   load_raw(raw, p, i, n, vector);
@@ -70,7 +71,7 @@ __device__ __forceinline__ void load(V (&r)[ILP], const T* __restrict__ p, int64
 }
 
 template <int ILP, typename T>
-__device__ __forceinline__ void store(T* __restrict__ p, const math_t<T> (&r)[ILP], int64_t i, int64_t n,
+__device__ __forceinline__ void store(T* p, const math_t<T> (&r)[ILP], int64_t i, int64_t n,
                                       bool vector) {
   T raw[ILP];
 #pragma unroll
@@ -183,8 +184,8 @@ template <typename Bits>
 __global__ void __launch_bounds__(kThreads) restore_kernel(const __grid_constant__ ChunkTable<2> table) {
   constexpr int ILP = kIlp<Bits>;
   const Chunk chunk = this_chunk(table);
-  Bits* __restrict__ param = operand<Bits>(table, 0, chunk);
-  const Bits* __restrict__ backup = operand<Bits>(table, 1, chunk);
+  Bits* param = operand<Bits>(table, 0, chunk);         // may be the backup itself: not __restrict__
+  const Bits* backup = operand<Bits>(table, 1, chunk);
   const bool param_vector = vector_aligned(param);
   const bool backup_vector = vector_aligned(backup);
   for (int64_t i = threadIdx.x * ILP; i < chunk.length; i += kThreads * ILP) {
@@ -204,8 +205,8 @@ __global__ void __launch_bounds__(kThreads)
   using C = math_t<T>;
   constexpr int ILP = kIlp<T>;
   const Chunk chunk = this_chunk(table);
-  T* __restrict__ param = operand<T>(table, 0, chunk);
-  const T* __restrict__ backup = operand<T>(table, 1, chunk);
+  T* param = operand<T>(table, 0, chunk);  // may be the backup itself: neither is __restrict__
+  const T* backup = operand<T>(table, 1, chunk);
   const T* __restrict__ grad = operand<T>(table, 2, chunk);
   T* __restrict__ buf = HAS_MOMENTUM ? operand<T>(table, N - 1, chunk) : nullptr;
   const bool param_vector = vector_aligned(param);
@@ -240,8 +241,8 @@ __global__ void __launch_bounds__(kThreads)
   using C = math_t<T>;
   constexpr int ILP = kIlp<T>;
   const Chunk chunk = this_chunk(table);
-  T* __restrict__ param = operand<T>(table, 0, chunk);
-  const T* __restrict__ backup = operand<T>(table, 1, chunk);
+  T* param = operand<T>(table, 0, chunk);  // may be the backup itself: neither is __restrict__
+  const T* backup = operand<T>(table, 1, chunk);
   const T* __restrict__ grad = operand<T>(table, 2, chunk);
   T* __restrict__ exp_avg = operand<T>(table, 3, chunk);
   T* __restrict__ exp_avg_sq = operand<T>(table, 4, chunk);

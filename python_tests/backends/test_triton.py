@@ -99,7 +99,7 @@ def test_gpu_properties_in_the_ptx(sm):
     for name, found in counts.items():
         wide = name.endswith("fp64")  # fp64 math: IEEE `/`, 16-byte accesses of two doubles
         assert found["div.full.f32"] == found["div.approx"] == 0, (name, found)
-        assert found["ex2.approx"] == 0, (name, found)  # Adam's bias corrections: an fp64 exp2
+        assert found["ex2.approx"] == 0, (name, found)  # Adam's bias corrections: fp64 squaring
         if name.startswith("adam"):
             assert found["div.rn.f64" if wide else "div.rn.f32"] > 0, (name, found)
         if name.startswith("perturb_n1"):
@@ -248,3 +248,25 @@ def test_opcheck(case):
     so torch.compile traces the backend without graph breaks; opcheck runs under the interpreter."""
     op, args = _opcheck_cases()[case]
     torch.library.opcheck(op, args)
+
+
+def test_launch_tables_shrink_to_a_lowered_capacity():
+    """A rebuilt plan of fewer groups lowers its tables' capacity; the next table evicts down to it."""
+    tables = triton_backend.LaunchTables(6)
+    for key in range(6):
+        tables.add((key,), object())
+    tables.capacity = 2
+    tables.add(("new",), object())
+    assert list(tables) == [(5,), ("new",)]
+
+
+def test_a_pickled_triton_optimizer_gets_tables_of_its_own():
+    """A pickled optimizer's plan carries no launch tables (a cache, so unpickling needs no Triton
+    object); the unpickled plan finds the Triton backend again, with an empty set of its own."""
+    import pickle
+
+    sam, step = _layerwise_sam(3)
+    step()
+    copy = pickle.loads(pickle.dumps(sam))
+    assert copy._run.plan.backend.tables is not sam._run.plan.backend.tables
+    assert len(copy._run.plan.backend.tables) == 0

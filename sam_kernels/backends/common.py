@@ -30,7 +30,8 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # other dtypes compute in float32. Two scalars stay float32 for every dtype: the global norm (each
 # element converted to float32 before its square, summed in float32; it only scales the perturbation)
 # and therefore the perturbation scale rho / (norm + eps) * scale_factor, which the element math then
-# widens.
+# widens. One consequence: finite fp64 gradients whose squares overflow fp32 (|g| above about 1.8e19)
+# give an infinite norm, which flags the step as non-finite (skipped, as for an inf gradient).
 #: How the dtypes above are named in error messages.
 SUPPORTED_DTYPE_NAMES = "float32, float16, bfloat16 or float64"
 

@@ -87,7 +87,7 @@ class LaunchTables(OrderedDict):
 
     def add(self, key: tuple, meta: _Metadata) -> None:
         self[key] = meta
-        if len(self) > self.capacity:
+        while len(self) > self.capacity:  # the capacity may have shrunk (a plan of fewer groups)
             self.popitem(last=False)
 
 
@@ -431,8 +431,8 @@ class PlanBackend:
         _TABLE_SETS[self.table_set] = self.tables
 
     def __reduce__(self):
-        # NOTE: a copy (a deep-copied or pickled step plan) starts with tables of its own, empty: they
-        # are a cache, and a registered set belongs to one owner.
+        # NOTE: a copy starts with tables of its own, empty: they are a cache, and a registered set belongs
+        # to one owner. (A step plan does not even copy this object: see StepPlan.__getstate__.)
         return PlanBackend, (self.tables.capacity,)
 
     def grad_norm(self, grads, weights, adaptive_eta):

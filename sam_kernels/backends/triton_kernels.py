@@ -302,9 +302,10 @@ def restore_adam_kernel(
 
     NOTE (bias corrections): the per-tensor step counters were advanced by the glue before the launch (by
     0 on found-inf). beta^step (beta as rounded to COMPUTE) is computed by squaring in fp64 and rounded
-    to COMPUTE: the reference's pow to the last bit in practice, where an fp32 exp2 (an approximate
-    instruction on NVIDIA GPUs) loses about 1e-4 of the early bias corrections to the cancellation in
-    1 - beta^step, and an fp64 exp2 costs registers enough to spill.
+    to COMPUTE: for fp32 tensors the reference's pow after rounding, for fp64 ones within about
+    step * 2**-53 of it (5e-13 at step 1e5), where an fp32 exp2 (an approximate instruction on NVIDIA
+    GPUs) loses about 1e-4 of the early bias corrections to the cancellation in 1 - beta^step, and an
+    fp64 exp2 costs registers enough to spill.
     """
     row, start, full_end, end = _chunk_bounds(chunk_tensor, chunk_start, numels, CHUNK, BLOCK)
     param = _typed_ptr(param_ptrs, row, PARAM_DTYPE, ALIGNED)

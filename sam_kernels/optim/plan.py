@@ -122,6 +122,19 @@ class StepPlan:
                 group_plan.state = fused_steps.gather_state(kind, group_plan.group, params,
                                                             optimizer.state)
 
+    def __getstate__(self) -> dict:
+        """A pickled or copied plan drops its launch tables (a cache) and finds its backend by name again,
+        so unpickling needs no Triton."""
+        state = dict(self.__dict__)
+        state["_tables_backend"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if self.backend_name == "triton":
+            capacity = TABLES_PER_GROUP * (len(self.groups) + 1)
+            self._tables_backend = backends.get("triton").PlanBackend(capacity)
+
     @property
     def backend(self):
         """The backend (a module looked up by name, so a plan pickles and deep-copies; for Triton the
