@@ -113,9 +113,8 @@ class AdamConfig:
 
 class Backend(Protocol):
     """What every backend module implements. Inputs arrive validated: one device, supported dtypes,
-    dense (see "layout" below), companions matching their parameter in shape, dtype and layout, no missing
-    gradients; per-step scalars are 0-d
-    tensors on the parameters' device."""
+    dense (see "layout" below), companions matching their parameter in shape, dtype and layout, no
+    missing gradients; per-step scalars are 0-d tensors on the parameters' device."""
 
     def grad_norm(self, grads: Sequence[torch.Tensor], weights: Sequence[torch.Tensor] | None,
                   adaptive_eta: float) -> tuple[torch.Tensor, torch.Tensor]: ...

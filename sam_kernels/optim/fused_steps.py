@@ -86,10 +86,9 @@ def _check_state(name: str, tensor, param: torch.Tensor, dtype: torch.dtype | No
         found = (f"{tuple(tensor.shape)} {tensor.dtype} on {tensor.device} with strides {tensor.stride()}"
                  if isinstance(tensor, torch.Tensor) else type(tensor).__name__)
         raise ValueError(f"optimizer state '{name}' of a parameter of shape {tuple(param.shape)}: "
-                         f"expected a {tuple(expected_shape)} {expected_dtype} on "
-                         f"{param.device} laid out like the parameter, found {found}; the state dict "
-                         "loaded does not belong to this "
-                         "model and optimizer")
+                         f"expected a {tuple(expected_shape)} {expected_dtype} on {param.device} laid "
+                         f"out like the parameter, found {found}; the state dict loaded does not belong "
+                         "to this model and optimizer")
 
 
 class SgdGroupState:

@@ -26,8 +26,9 @@ edits of a group's options act at once.
 NOTE (gradients): torch checks every ``.grad`` assignment against its parameter's shape, dtype and
 device, so a gradient collected for a planned parameter can only differ from it in layout. When every
 planned parameter is contiguous the plan checks that every gradient is too (a C-level pass); otherwise
-(channels_last models) it compares each gradient's strides with its parameter's; the full, named checks
-run only when that fails.
+(channels_last models) it compares the gradients' strides with the parameters' (one pass; autograd gives
+a gradient its parameter's strides), then, when they differ, each pair by ``same_layout``; the full,
+named checks run only when that fails.
 """
 
 from __future__ import annotations
@@ -100,20 +101,11 @@ class StepPlan:
         self.pointers = self._pointers()
         #: Every planned parameter is contiguous: the gradients' layout check is one C-level pass.
         self.contiguous = all(map(torch.Tensor.is_contiguous, self.local))
+        #: The parameters' strides, which autograd gives their gradients (checked in one pass otherwise).
+        self.strides = None if self.contiguous else list(map(torch.Tensor.stride, self.local))
         self.param_ids = _param_ids(groups)
         self.backend_name, _ = backends.resolve(self.device, optimizer.backend)
-        #: The Triton backend over the optimizer's own launch tables, sized to its working set (a few
-        #: tables per op, param group and dtype); None for the other backends, which need no tables.
-        #: NOTE: a rebuilt plan takes over its predecessor's tables (keyed by content, so those of
-        #: tensors that did not change, e.g. after the first step created the state, stay valid).
-        self._tables_backend = None
-        if self.backend_name == "triton":
-            capacity = TABLES_PER_GROUP * (len(self.groups) + 1)
-            if previous is not None and previous._tables_backend is not None:
-                self._tables_backend = previous._tables_backend
-                self._tables_backend.tables.capacity = capacity
-            else:
-                self._tables_backend = backends.get("triton").PlanBackend(capacity)
+        self._tables_backend = self._triton_tables(previous)
         self.backups = [optimizer._backup(p) for p in self.params]
         self.check_grads(self.grads())
         if kind is not None:
@@ -121,6 +113,20 @@ class StepPlan:
                 params = self.params[group_plan.start:group_plan.stop]
                 group_plan.state = fused_steps.gather_state(kind, group_plan.group, params,
                                                             optimizer.state)
+
+    def _triton_tables(self, previous: StepPlan | None):
+        """The Triton backend over the optimizer's own launch tables, sized to its working set (a few
+        tables per op, param group and dtype); None for the other backends, which need no tables.
+
+        NOTE: a rebuilt plan takes over its predecessor's tables (keyed by content, so those of tensors
+        that did not change, e.g. after the first step created the state, stay valid)."""
+        if self.backend_name != "triton":
+            return None
+        capacity = TABLES_PER_GROUP * (len(self.groups) + 1)
+        if previous is not None and previous._tables_backend is not None:
+            previous._tables_backend.tables.capacity = capacity
+            return previous._tables_backend
+        return backends.get("triton").PlanBackend(capacity)
 
     def __getstate__(self) -> dict:
         """A pickled or copied plan drops its launch tables (a cache) and finds its backend by name again,
@@ -131,9 +137,14 @@ class StepPlan:
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        if self.backend_name == "triton":
-            capacity = TABLES_PER_GROUP * (len(self.groups) + 1)
-            self._tables_backend = backends.get("triton").PlanBackend(capacity)
+        self._tables_backend = self._triton_tables(None)
+
+    def _strides_match(self, grads: Sequence[torch.Tensor | None]) -> bool:
+        """Every present gradient laid out like its (not all contiguous) parameters: the strides in one
+        pass, then pair by pair only when they differ (a size-1 dimension's stride may)."""
+        if not _has_none(grads) and list(map(torch.Tensor.stride, grads)) == self.strides:
+            return True
+        return all(g is None or same_layout(g, p) for g, p in zip(grads, self.local))
 
     @property
     def backend(self):
@@ -175,7 +186,7 @@ class StepPlan:
                 present = [g for g in grads if g is not None] if _has_none(grads) else grads
                 if all(map(torch.Tensor.is_contiguous, present)):
                     return
-            elif all(g is None or same_layout(g, p) for g, p in zip(grads, self.local)):
+            elif self._strides_match(grads):
                 return
         except RuntimeError:  # sparse tensors have no strides
             pass
