@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimize
 from .. import backends, ops
 from ..backends.common import PerturbConfig, same_layout
 from ..distributed import all_reduce_norm, local_tensor, shard_group
-from . import amp, descent, fused_steps
+from . import amp, closure_convention, descent, fused_steps
 from .base import make_base
 from .bn import freeze_bn_stats
 from .checks import (
@@ -88,6 +89,10 @@ class _RunState:
     plan_generation: int = 0
     #: (step, decision) of a host schedule, made once per step (ESAM's SWP asks before the ascent).
     decision: tuple[int, bool] | None = None
+    #: The gradients as ``step(closure)`` or ``zero_grad()`` last left them, to tell a first pass the
+    #: loop ran itself (see closure_convention.py); None after any other descent.
+    grad_marks: Any = closure_convention.CLEARED
+    warned_ascent_context: bool = False
 
 
 @dataclass
@@ -196,6 +201,7 @@ class SAM(torch.optim.Optimizer):
         self.schedule = schedule
         backends.resolve(self._device(), backend)
         self._descent_kind()
+        self._run.grad_marks = closure_convention.record(self._params())
         if capturable:
             if self._descent_kind() is None:
                 raise ValueError(f"capturable=True: {fused_steps.unsupported_reason(base)}")
@@ -300,11 +306,18 @@ class SAM(torch.optim.Optimizer):
         return self._descent_kind() is not None
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One SAM step with torch.optim's closure convention; returns the loss at w (first closure call).
+        """One SAM step driven by a closure; two forward/backward passes in either convention.
 
-        ``closure`` zeroes the gradients, computes the loss, calls backward and returns the loss; it runs
-        twice, at w and at w + e (the first call inside ``ascent_context`` when set). BatchNorm running
-        statistics are frozen during the second call.
+        torch.optim's convention: ``closure`` zeroes the gradients, computes the loss, calls backward and
+        returns the loss; it runs twice, at w and at w + e (the first call inside ``ascent_context`` when
+        set), and ``step`` returns the loss at w.
+
+        The popular SAM convention: the loop has already run the first forward and backward at w (since
+        the last step or ``zero_grad()``) and the closure only computes and backpropagates; those
+        gradients are the ascent's, the closure runs once, at w + e, and ``step`` returns None (the loss
+        at w is the loop's own). See closure_convention.py for how the two are told apart.
+
+        BatchNorm running statistics are frozen during the call at w + e.
 
         Without a closure, between ``first_step()`` and the descent, ``step()`` is the descent: this is
         how ``torch.amp.GradScaler.step(optimizer)`` drives SAM, handing over its ``grad_scale`` (None
@@ -321,6 +334,13 @@ class SAM(torch.optim.Optimizer):
         """The body of ``step``, shared with subclasses."""
         scaler_attributes = hasattr(self, "grad_scale") or hasattr(self, "found_inf")
         if closure is None:
+            if self._run.ascent is None and scaler_attributes:
+                raise TypeError("step() from torch.amp.GradScaler.step without first_step(): SAM needs "
+                                "its first pass unscaled by the scaler: call first_step(grad_scaler="
+                                "scaler) after the first backward, the second backward, then "
+                                "scaler.step(optimizer). Under Lightning with precision='16-mixed', "
+                                "train with plugins=[sam_kernels.integrations.lightning."
+                                "SAMMixedPrecision('16-mixed', 'cuda')] instead of precision=")
             if self._run.ascent is None:
                 raise TypeError("step(): SAM needs a closure (it evaluates the loss twice); or call "
                                 "first_step() and second_step() around your own backward passes")
@@ -331,14 +351,38 @@ class SAM(torch.optim.Optimizer):
             raise RuntimeError("step(closure) under torch.amp.GradScaler is not supported (the scaler "
                                "checks the gradients before the closure runs); use first_step("
                                "grad_scaler=scaler), the second backward, then scaler.step(optimizer)")
-        with torch.enable_grad(), self._ascent_pass():
-            loss = closure()
+        params = self._params()
+        loss = None
+        if closure_convention.first_pass_done(params, self._run.grad_marks, type(self).__name__):
+            self._warn_ascent_context_unused()
+        else:
+            with torch.enable_grad(), self._ascent_pass():
+                loss = closure()
         self.first_step(zero_grad=True)
         if self.needs_second_pass():
-            with self._restoring_on_error(), torch.enable_grad(), freeze_bn_stats():
+            with self.second_pass():
                 closure()
         self.second_step()
+        self._run.grad_marks = closure_convention.record(params)
         return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch.optim's ``zero_grad``; also records that the gradients were cleared, so that a later
+        ``step(closure)`` can tell gradients computed since then (see ``step``)."""
+        super().zero_grad(set_to_none)
+        self._run.grad_marks = (closure_convention.CLEARED if set_to_none
+                                else closure_convention.record(self._params()))
+
+    def _warn_ascent_context_unused(self) -> None:
+        """The loop ran the first backward itself, so ``ascent_context`` (DDP's ``no_sync``) could not
+        wrap it: say so once."""
+        if self.ascent_context is not None and not self._run.warned_ascent_context:
+            self._run.warned_ascent_context = True
+            warnings.warn("step(closure): the first backward ran before step(closure), outside "
+                          "ascent_context, so this ascent used the synced gradient; for a per-worker "
+                          "ascent let the closure compute the first pass too (zero_grad() before "
+                          "step(closure)) or use first_step/second_step with per_worker_ascent",
+                          stacklevel=3)
 
     def needs_second_pass(self) -> bool:
         """After ``first_step``: whether this step is a SAM step, so the second forward and backward
@@ -348,6 +392,14 @@ class SAM(torch.optim.Optimizer):
         if self._run.ascent is None:
             raise RuntimeError("needs_second_pass(): call it after first_step()")
         return not self._run.ascent.plain
+
+    @contextlib.contextmanager
+    def second_pass(self) -> Iterator[None]:
+        """The context of the second forward and backward, at w + e: gradients enabled, BatchNorm
+        running statistics frozen (they were updated at w), and the weights put back to w if the block
+        raises (so an error never leaves them perturbed)."""
+        with self._restoring_on_error(), torch.enable_grad(), freeze_bn_stats():
+            yield
 
     def _planned_sam_step(self) -> bool | None:
         """This step's decision when it is known before the first backward (True without a schedule),
@@ -497,6 +549,7 @@ class SAM(torch.optim.Optimizer):
         with self._restoring_on_error():
             plan = self._descend_from(ascent, grad_scale, scaler_found_inf)
         self._run.ascent = None
+        self._run.grad_marks = None  # NOTE: step(closure) records again once its descent is done
         _advance_host_step(self._run)
         if self._run.device_step is not None:
             self._run.device_step.add_(1)
@@ -602,6 +655,10 @@ class SAM(torch.optim.Optimizer):
         return self._planned_sam_step()
 
     # ------------------------------------------------------------------------------ internals
+
+    def _params(self) -> list[torch.Tensor]:
+        """Every parameter, in the param groups' order."""
+        return [param for group in self.param_groups for param in group["params"]]
 
     def _device(self) -> torch.device:
         """The parameters' device (the op layer takes one device per call)."""
