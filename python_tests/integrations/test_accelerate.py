@@ -105,3 +105,39 @@ def test_unwrap_names_the_fix_for_a_plain_optimizer():
     _, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
     with pytest.raises(TypeError, match=r"unwrap: AcceleratedOptimizer .*SAM\(model.parameters\(\)"):
         sam_kernels.unwrap(optimizer)
+
+
+def test_fp16_two_call_through_accelerate_scaler_path_matches_the_bare_recipe():
+    """accelerate's fp16 path (its GradScaler in accelerator.backward and in the wrapper's step) with
+    first_step(grad_scaler=accelerator.scaler). accelerate enables fp16 only on a GPU, so the scaler is a
+    CPU one set before prepare() and the forward runs under fp16 autocast: the wrapper's code path on the
+    CPU. The bare recipe with its own scaler gives the same weights bit for bit."""
+    batches = make_batches(STEPS)
+    fp16 = lambda: torch.autocast("cpu", dtype=torch.float16)  # noqa: E731
+    accelerator = accelerate.Accelerator(cpu=True)
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    model = make_model()
+    model, optimizer = accelerator.prepare(model, sam_for(model))
+    bare = make_model()
+    bare_sam, scaler = sam_for(bare), torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    for x, y in batches:
+        sam = sam_kernels.unwrap(optimizer)
+        with fp16():
+            accelerator.backward(batch_loss(model, x, y))
+        sam.first_step(zero_grad=True, grad_scaler=accelerator.scaler)
+        with sam.second_pass(), fp16():
+            accelerator.backward(batch_loss(model, x, y))
+        optimizer.step()
+        optimizer.zero_grad()
+        assert not optimizer.step_was_skipped
+
+        with fp16():
+            scaler.scale(batch_loss(bare, x, y)).backward()
+        bare_sam.first_step(zero_grad=True, grad_scaler=scaler)
+        with bare_sam.second_pass(), fp16():
+            scaler.scale(batch_loss(bare, x, y)).backward()
+        scaler.step(bare_sam)
+        scaler.update()
+        bare_sam.zero_grad()
+    assert_bitwise_equal([p.detach() for p in model.parameters()], [p.detach() for p in bare.parameters()])
+    assert accelerator.scaler.get_scale() == scaler.get_scale() == 2.0**10
