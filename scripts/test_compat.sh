@@ -6,9 +6,9 @@
 #   .venv/ the environment, made and kept by scripts/setup_env.sh (VENV_DIR, REQUIREMENTS_FILE): it
 #          installs again only when requirements-compat.txt changed, and rebuilds the extension only when
 #          its inputs did.
-# The extension is built there for the CPU and for sm_90 (the CUDA part required, as in CI); this
-# checkout's own build is not touched. The Triton kernels run in the interpreter (TRITON_INTERPRET=1)
-# on CPU tensors, and on the GPU too where there is one.
+# The extension is built there for the CPU and for sm_90 (COMPAT_CUDA_ARCH_LIST; the CUDA part required,
+# as in CI); this checkout's own build is not touched. The Triton kernels run in the interpreter
+# (TRITON_INTERPRET=1) on CPU tensors, and test_triton.py compiles them for sm_80 and sm_90 ahead of time.
 #
 #   bash scripts/test_compat.sh [PYTEST ARGS...]
 #
@@ -34,14 +34,18 @@ git -C "$src" -c advice.detachedHead=false checkout --quiet --force "$commit"
 git -C "$src" clean -fdxq -e /build/ -e '/sam_kernels/*.so' -e '*.egg-info/'
 echo "test_compat: $commit in $src"
 
-export SAM_KERNELS_FORCE_CUDA=${SAM_KERNELS_FORCE_CUDA:-1} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+# NOTE: the architectures are this script's own (COMPAT_CUDA_ARCH_LIST), not a TORCH_CUDA_ARCH_LIST that
+# the caller exported for its own build.
+export SAM_KERNELS_FORCE_CUDA=${SAM_KERNELS_FORCE_CUDA:-1} TORCH_CUDA_ARCH_LIST=${COMPAT_CUDA_ARCH_LIST:-9.0}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 VENV_DIR=$compat/.venv REQUIREMENTS_FILE=requirements-compat.txt bash "$src/scripts/setup_env.sh"
 python=$compat/.venv/bin/python
 echo "test_compat: set up in $((SECONDS - started)) s"
 
 cd "$src"
-export TRITON_INTERPRET=1 SAM_KERNELS_EXPECT_NATIVE=1
+# The extension must be there, built by setuptools (SAM_KERNELS_EXPECT_CUDA would ask for sm_80 too).
+export TRITON_INTERPRET=1 SAM_KERNELS_EXPECT_NATIVE=1 SAM_KERNELS_EXPECT_BUILD_TOOL=setuptools
+unset SAM_KERNELS_EXPECT_CUDA
 read -r -a tests <<< "${COMPAT_TESTS:-python_tests/test_ops.py python_tests/optim \
 python_tests/backends/test_triton.py python_tests/backends/test_native.py python_tests/test_selftest.py}"
 set +e
