@@ -9,24 +9,22 @@ import copy
 import pytest
 import torch
 from reference import EagerSAM, HostSyncCounter, batch_loss, make_batches, make_mlp
+from targets import CPU_KERNEL_BACKENDS, require
 from tolerance import assert_close
 
-from sam_kernels.backends import native_status
 from sam_kernels.optim import ESAM, SAM
 
 BASES = {"sgd": (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}), "adam": (torch.optim.Adam, {"lr": 0.01})}
 
 
-KERNEL_BACKENDS = ["triton"] + (["native"] if native_status("cpu")[0] else [])
-
-
 @pytest.mark.parametrize("capturable", [True, False])
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
 @pytest.mark.parametrize("base", BASES)
 def test_fused_step_makes_no_host_sync(base, backend, capturable):
     """From the very first step on (step plan and state creation included), on each kernel backend, with
     and without capturable=True; the trajectory still matches an eager SAM over the same base
     optimizer."""
+    require(backend)
     base_cls, options = BASES[base]
     model, ref_model = make_mlp(), make_mlp()
     sam = SAM(model.parameters(), base_cls, rho=0.05, backend=backend, capturable=capturable, **options)

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from reference import EagerSAM, batch_loss, make_batches, make_mlp, per_worker_step
+from targets import require
 from tolerance import assert_bitwise_equal, assert_close
 
 HERE = Path(__file__).parent
@@ -47,10 +48,16 @@ def spawn(function_name: str, *args) -> None:
                 process.terminate()
 
 
+def distributed_backends() -> list[str]:
+    """The op backends the workers run: the reference and the Triton kernels (the distributed logic is the
+    optimizer's, the same over any backend)."""
+    require("triton")
+    return ["torch", "triton"]
+
+
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory):
-    from sam_kernels.backends import triton_status
-    backends = ["torch"] + (["triton"] if triton_status("cpu")[0] else [])
+    backends = distributed_backends()
     out = tmp_path_factory.mktemp("ddp") / "results.pt"
     spawn("ddp_run", str(out), backends)
     return torch.load(out, weights_only=False), backends
@@ -121,8 +128,7 @@ def test_fsdp2_matches_single_process(tmp_path):
     the local shards (the shards' storage never changes), against eager SAM on the global batch; and
     clipping with the norm all-reduced over the shards."""
     pytest.importorskip("torch.distributed.fsdp")
-    from sam_kernels.backends import triton_status
-    backends = ["torch"] + (["triton"] if triton_status("cpu")[0] else [])
+    backends = distributed_backends()
     out = tmp_path / "fsdp.pt"
     spawn("fsdp_run", str(out), backends)
     ranks = torch.load(out, weights_only=False)

@@ -3,18 +3,17 @@ implementation of reference.py, over short random runs of the tiny model.
 
 Variants: SAM with any mix of ``adaptive`` (ASAM), ``renormalize`` (SSAM) and ``normalize_ascent=False``
 (USAM), and ESAM with ``swp="element"`` and ``gamma=1`` through ``step(closure)``; bases: SGD, Adam and
-AdamW (fused descent) and RMSprop (generic descent); op backends: torch, triton and native. NaN or inf is
-written into a random gradient of either pass at random steps. The contract checked: a non-finite
-gradient in either pass skips the step, with the weights restored bit for bit and the base optimizer's
-state unchanged; the eager reference takes the same decision from its own gradients. Example counts come
-from ``fuzz_profile.py``.
+AdamW (fused descent) and RMSprop (generic descent); op backends: the ``backend`` fixture of conftest.py
+(torch, triton and native). NaN or inf is written into a random gradient of either pass at random steps.
+The contract checked: a non-finite gradient in either pass skips the step, with the weights restored bit
+for bit and the base optimizer's state unchanged; the eager reference takes the same decision from its
+own gradients. Example counts come from ``fuzz_profile.py``.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-import os
 from dataclasses import dataclass
 
 import pytest
@@ -33,7 +32,6 @@ from reference import (
 )
 from tolerance import assert_bitwise_equal
 
-from sam_kernels.backends import native_status, triton_status
 from sam_kernels.backends.common import mask_threshold
 from sam_kernels.backends.reference import keep_mask
 from sam_kernels.optim import ESAM, SAM, freeze_bn_stats
@@ -45,20 +43,6 @@ BASES = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.
          "rmsprop": torch.optim.RMSprop}
 #: Parameters of eager.make_model (two weight matrices, BatchNorm's weight and bias, the last bias).
 PARAMS = 5
-
-
-@pytest.fixture(params=["torch", "triton", "native"])
-def op_backend(request) -> str:
-    """The op backend of the optimizer under test; an absent one skips with the reason
-    (SAM_KERNELS_EXPECT_NATIVE=1 makes a missing native backend a failure)."""
-    name = request.param
-    if name != "torch":
-        available, why = (native_status if name == "native" else triton_status)("cpu")
-        if not available:
-            if name == "native" and os.environ.get("SAM_KERNELS_EXPECT_NATIVE") == "1":
-                pytest.fail(f"SAM_KERNELS_EXPECT_NATIVE=1 but {why}")
-            pytest.skip(why)
-    return name
 
 
 # --------------------------------------------------------------------------------------- strategies
@@ -280,10 +264,10 @@ def assert_states_match(actual: SAM, expected: torch.optim.Optimizer, base: str)
 
 @fuzz_settings()
 @given(run=runs())
-def test_optimizer_matches_eager_and_skips_non_finite_steps(op_backend, run):
+def test_optimizer_matches_eager_and_skips_non_finite_steps(backend, run):
     model = make_model()
     reference_model = clone_model(model)
-    optimizer = run.optimizer(model, op_backend)
+    optimizer = run.optimizer(model, backend)
     reference = run.reference(reference_model)
     assert optimizer.uses_fused_step == (run.base != "rmsprop")
     event(f"base: {run.base}")
