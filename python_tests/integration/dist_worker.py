@@ -9,7 +9,7 @@ import sys
 
 import torch
 import torch.distributed as dist
-from reference import batch_loss, make_batches, make_mlp
+from eager_reference import batch_loss, make_batches, make_mlp
 from torch.nn.parallel import DistributedDataParallel
 
 from sam_kernels.clip import clip_grad_norm_

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from reference import EagerSAM, batch_loss, make_batches, make_mlp
+from eager_reference import ReferenceSAM, batch_loss, make_batches, make_mlp
 from tolerance import assert_close
 
 from sam_kernels.clip import clip_grad_norm_, grad_norm
@@ -24,7 +24,7 @@ def pair(base: str, backend: str, rho: float = 0.05):
     ref_model = copy.deepcopy(model)
     base_cls, options = BASES[base]
     sam = SAM(model.parameters(), base_cls, rho=rho, backend=backend, **options)
-    ref = EagerSAM.of_model(ref_model, base_cls(ref_model.parameters(), **options), rho=rho)
+    ref = ReferenceSAM.of_model(ref_model, base_cls(ref_model.parameters(), **options), rho=rho)
     return model, sam, ref_model, ref
 
 

@@ -1,6 +1,6 @@
 """AMP: torch.amp.GradScaler driving SAM's two passes (fp16 autocast and plain fp32 with a loss scale),
 bf16 autocast, non-finite gradients injected into each pass, and the scaler's state afterwards; compared
-with the eager SAM of reference.py."""
+with the eager SAM of eager_reference.py."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from reference import EagerSAM, HostSyncCounter, batch_loss, make_batches, make_mlp, per_worker_step
+from eager_reference import HostSyncCounter, ReferenceSAM, batch_loss, make_batches, make_mlp, per_worker_step
 from tolerance import assert_bitwise_equal, assert_close
 
 from sam_kernels.optim import SAM
@@ -56,9 +56,9 @@ def pair(base: str, variant: str, backend: str, *, fused=None):
     base_cls, base_options = BASES[base]
     options = VARIANTS[variant]
     sam = SAM(model.parameters(), base_cls, backend=backend, fused=fused, **options, **base_options)
-    ref = EagerSAM.of_model(ref_model, base_cls(ref_model.parameters(), **base_options), rho=options["rho"],
-                            normalize=options.get("normalize_ascent", True),
-                            renormalize=options.get("renormalize", False))
+    ref = ReferenceSAM.of_model(ref_model, base_cls(ref_model.parameters(), **base_options),
+                                rho=options["rho"], normalize=options.get("normalize_ascent", True),
+                                renormalize=options.get("renormalize", False))
     return model, sam, ref_model, ref
 
 
@@ -239,8 +239,8 @@ def test_fused_amp_path_makes_no_host_sync(base):
 @pytest.mark.parametrize("corrupt", [False, True])
 def test_esam_sds_step_with_grad_scaler(backend, corrupt):
     """ESAM.sds_step(grad_scaler=...): per-tensor SWP and SDS with both passes scaled, against the eager
-    single-worker ESAM of reference.py with the same dropped tensors; an inf in the first pass skips the
-    step and backs the scale off."""
+    single-worker ESAM of eager_reference.py with the same dropped tensors; an inf in the first pass skips
+    the step and backs the scale off."""
     from sam_kernels.optim import ESAM, sample_losses_closure
 
     model = make_mlp()

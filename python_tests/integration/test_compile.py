@@ -1,13 +1,13 @@
 """torch.compile: the ops trace into one graph (custom ops with fake implementations, no graph break inside
-them), and a compiled SAM training step matches eager SAM of reference.py. CPU, the aot_eager backend
-(dynamo tracing, fake tensors and functionalization, without a C++ compile)."""
+them), and a compiled SAM training step matches eager SAM of eager_reference.py. CPU, the aot_eager
+backend (dynamo tracing, fake tensors and functionalization, without a C++ compile)."""
 
 from __future__ import annotations
 
 import copy
 
 import torch
-from reference import EagerSAM, batch_loss, make_batches, make_mlp
+from eager_reference import ReferenceSAM, batch_loss, make_batches, make_mlp
 from tolerance import assert_close
 
 from sam_kernels import backends, ops
@@ -73,7 +73,7 @@ def test_compiled_training_step_matches_eager(backend):
     ref_model = copy.deepcopy(model)
     sam = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9, backend=backend)
     base = torch.optim.SGD(ref_model.parameters(), lr=0.1, momentum=0.9)
-    ref = EagerSAM.of_model(ref_model, base, rho=0.05)
+    ref = ReferenceSAM.of_model(ref_model, base, rho=0.05)
 
     train_step = compiled_step(model, sam, "aot_eager")
     for x, y in make_batches(3, size=8):

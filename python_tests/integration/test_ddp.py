@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from reference import EagerSAM, batch_loss, make_batches, make_mlp, per_worker_step
+from eager_reference import ReferenceSAM, batch_loss, make_batches, make_mlp, per_worker_step
 from targets import require
 from tolerance import assert_bitwise_equal, assert_close
 
@@ -66,7 +66,7 @@ def ddp_results(tmp_path_factory):
 def expected_params(mode: str, clip: float | None = None) -> list[torch.Tensor]:
     model = make_mlp()
     base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    eager = EagerSAM.of_model(model, base, rho=0.05)
+    eager = ReferenceSAM.of_model(model, base, rho=0.05)
     for step, (x, y) in enumerate(make_batches(3, size=16)):
         if mode == "interval" and step % 2 == 1:  # a plain step with the full batch's (synced) gradient
             base.zero_grad()

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from reference import batch_loss, make_batches, make_model
+from eager_reference import batch_loss, make_batches, make_model
 from torch import nn
 
 from sam_kernels.optim import ESAM, SAM

@@ -1,5 +1,5 @@
 """The cheap SAM variants (step schedules, LookSAM, MomentumSAM) against the eager implementations of
-reference.py over several steps of a small model: both loop styles, SGD and AdamW, checkpoint
+eager_reference.py over several steps of a small model: both loop styles, SGD and AdamW, checkpoint
 resume in the middle of a schedule, GradScaler, and bad values."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from reference import (
+from eager_reference import (
     AESAMRule,
     EagerLookSAM,
     EagerMSAM,

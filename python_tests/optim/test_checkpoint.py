@@ -6,7 +6,7 @@ import io
 
 import pytest
 import torch
-from reference import assert_models_equal, make_batches, make_model
+from eager_reference import assert_models_equal, make_batches, make_model
 
 from sam_kernels.optim import ESAM, SAM, sample_losses_closure
 

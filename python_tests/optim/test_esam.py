@@ -1,13 +1,13 @@
-"""ESAM against the plain eager implementation of reference.py: per-tensor SWP (the kept set drawn here from
-the documented rule), the elementwise mask, and SDS with its documented selection."""
+"""ESAM against the plain eager implementation of eager_reference.py: per-tensor SWP (the kept set drawn
+here from the documented rule), the elementwise mask, and SDS with its documented selection."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import (
-    EagerSAM,
+from eager_reference import (
+    ReferenceSAM,
     assert_models_close,
     assert_models_equal,
     batch_loss,
@@ -45,9 +45,9 @@ def per_sample_cross_entropy(output, target):
     return F.cross_entropy(output, target, reduction="none")
 
 
-def eager_for(model, base_cls, base_options, rho) -> EagerSAM:
+def eager_for(model, base_cls, base_options, rho) -> ReferenceSAM:
     group = {"params": list(model.parameters()), "rho": rho, "adaptive": False, "eta": 0.0}
-    return EagerSAM([group], base_cls(model.parameters(), **base_options))
+    return ReferenceSAM([group], base_cls(model.parameters(), **base_options))
 
 
 @pytest.mark.parametrize("base_name", BASES)

@@ -1,5 +1,5 @@
 """Property-based fuzzing of the optimizers of ``sam_kernels.optim`` against the independent eager
-implementation of reference.py, over short random runs of the tiny model.
+implementation of eager_reference.py, over short random runs of the tiny model.
 
 Variants: SAM with any mix of ``adaptive`` (ASAM), ``renormalize`` (SSAM) and ``normalize_ascent=False``
 (USAM), and ESAM with ``swp="element"`` and ``gamma=1`` through ``step(closure)``; bases: SGD, Adam and
@@ -18,18 +18,18 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from fuzz_profile import fuzz_settings
-from hypothesis import event, given
-from hypothesis import strategies as st
-from reference import (
-    EagerSAM,
+from eager_reference import (
     FrozenBatchNorm,
+    ReferenceSAM,
     assert_models_close,
     batch_loss,
     clone_model,
     make_batches,
     make_model,
 )
+from fuzz_profile import fuzz_settings
+from hypothesis import event, given
+from hypothesis import strategies as st
 from tolerance import assert_bitwise_equal
 
 from sam_kernels.backends.common import mask_threshold
@@ -83,11 +83,11 @@ class Run:
             return ESAM(params, base, beta=self.beta, gamma=1.0, swp="element", **options)
         return SAM(params, base, **options)
 
-    def reference(self, model) -> EagerSAM:
+    def reference(self, model) -> ReferenceSAM:
         group = {"params": list(model.parameters()), "rho": self.rho, "adaptive": self.adaptive,
                  "eta": self.adaptive_eta}
         base = BASES[self.base](model.parameters(), **dict(self.base_options))
-        return EagerSAM([group], base, normalize=self.normalize_ascent, renormalize=self.renormalize)
+        return ReferenceSAM([group], base, normalize=self.normalize_ascent, renormalize=self.renormalize)
 
 
 #: eps of Adam, AdamW and RMSprop. NOTE: large enough that a near-zero gradient element is not normalized
@@ -182,7 +182,7 @@ def optimizer_step(optimizer: SAM, model, x, y, bad, closure: bool) -> float:
     return loss.item()
 
 
-def eager_step(reference: EagerSAM, model, x, y, bad, masks, divisor: float) -> tuple[float, bool]:
+def eager_step(reference: ReferenceSAM, model, x, y, bad, masks, divisor: float) -> tuple[float, bool]:
     """One eager SAM (ESAM) step with the same injection; returns the loss at w and whether the step was
     skipped, decided here from the eager model's own gradients of each pass."""
     reference.base.zero_grad()

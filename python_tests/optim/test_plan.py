@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from reference import assert_models_equal, batch_loss, closure_step, make_batches, make_model
+from eager_reference import assert_models_equal, batch_loss, closure_step, make_batches, make_model
 
 from sam_kernels.optim import ESAM, SAM
 

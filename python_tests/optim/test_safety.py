@@ -9,8 +9,8 @@ import inspect
 
 import pytest
 import torch
-from reference import (
-    EagerSAM,
+from eager_reference import (
+    ReferenceSAM,
     assert_models_close,
     batch_loss,
     clone_model,
@@ -343,7 +343,7 @@ def test_sam_over_every_torch_optimizer(backend, name):
         return [p for p in m.parameters() if p.dim() == 2] if name == "Muon" else list(m.parameters())
 
     sam = SAM([{"params": chosen(model), **options}], cls, rho=0.1, backend=backend)
-    reference = EagerSAM([{"params": chosen(reference_model), "rho": 0.1, "adaptive": False, "eta": 0.0}],
+    reference = ReferenceSAM([{"params": chosen(reference_model), "rho": 0.1, "adaptive": False, "eta": 0.0}],
                          cls(chosen(reference_model), **options))
     if name == "Adadelta":
         assert sam.param_groups[0]["rho"] == 0.8 and sam.param_groups[0]["sam_rho"] == 0.1

@@ -1,5 +1,5 @@
-"""SAM, ASAM, SSAM and USAM against the plain eager implementation of reference.py, over several steps of a
-small model with BatchNorm, on both loop styles, the fused and the generic descent."""
+"""SAM, ASAM, SSAM and USAM against the plain eager implementation of eager_reference.py, over several steps
+of a small model with BatchNorm, on both loop styles, the fused and the generic descent."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import warnings
 
 import pytest
 import torch
-from reference import (
-    EagerSAM,
+from eager_reference import (
+    ReferenceSAM,
     assert_models_close,
     assert_models_equal,
     batch_loss,
@@ -39,10 +39,10 @@ VARIANTS = {
 }
 
 
-def eager_for(model, base_cls, base_options, options) -> EagerSAM:
+def eager_for(model, base_cls, base_options, options) -> ReferenceSAM:
     group = {"params": list(model.parameters()), "rho": options["rho"],
              "adaptive": options.get("adaptive", False), "eta": options.get("adaptive_eta", 0.0)}
-    return EagerSAM([group], base_cls(model.parameters(), **base_options),
+    return ReferenceSAM([group], base_cls(model.parameters(), **base_options),
                     normalize=options.get("normalize_ascent", True),
                     renormalize=options.get("renormalize", False))
 
@@ -175,7 +175,7 @@ def test_param_groups_with_their_own_rho_adaptive_and_lr(backend):
     eager_groups = groups(reference_model, eager=True)
     base = torch.optim.SGD([{"params": eager_groups[0]["params"], "lr": 0.02},
                             {"params": eager_groups[1]["params"]}], lr=0.05, momentum=0.9)
-    reference = EagerSAM(eager_groups, base)
+    reference = ReferenceSAM(eager_groups, base)
     for x, y in make_batches(STEPS):
         two_call_step(sam, model, x, y)
         eager_sam_step(reference, reference_model, x, y)
@@ -188,7 +188,7 @@ def test_add_param_group_mid_training():
     params, reference_params = list(model.parameters()), list(reference_model.parameters())
     sam = SAM(params[:2], torch.optim.AdamW, lr=0.01, backend="torch")
     base = torch.optim.AdamW(reference_params[:2], lr=0.01)
-    reference = EagerSAM([{"params": reference_params[:2], "rho": 0.05, "adaptive": False, "eta": 0.0}],
+    reference = ReferenceSAM([{"params": reference_params[:2], "rho": 0.05, "adaptive": False, "eta": 0.0}],
                          base)
     for step, (x, y) in enumerate(make_batches(4)):
         if step == 2:

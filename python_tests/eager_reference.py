@@ -99,13 +99,15 @@ class FrozenBatchNorm:
 # ------------------------------------------------------------------------------------- eager SAM
 
 
-class EagerSAM:
+class ReferenceSAM:
     """SAM, ASAM, SSAM, USAM and ESAM's ascent per docs/algorithms.md over a torch.optim ``base`` on the
     same parameters.
 
     ``groups``: dicts with "params", "rho" and, for ASAM, "adaptive" and "eta". ``normalize=False``:
     USAM's ascent e = rho * g; ``renormalize``: SSAM's descent. ``ascent`` and ``descent`` are the two
     halves around the caller's backward passes; ``of_model`` builds one whose ``step`` runs them too.
+    (The expected values of the tests; benchmarks/eager.py's ``EagerSAM`` is the popular implementation
+    that the benchmarks time.)
     """
 
     def __init__(self, groups: list[dict], base: torch.optim.Optimizer, *, eps: float = 1e-12,
@@ -117,7 +119,7 @@ class EagerSAM:
 
     @classmethod
     def of_model(cls, model: nn.Module, base: torch.optim.Optimizer, *, rho: float, loss=None,
-                 **options) -> EagerSAM:
+                 **options) -> ReferenceSAM:
         """Every parameter of ``model`` in one group; ``step`` computes the losses with ``model`` and
         ``loss(model, x, y)`` (default ``batch_loss``)."""
         reference = cls([{"params": list(model.parameters()), "rho": rho}], base, **options)
@@ -216,8 +218,9 @@ class EagerSAM:
         return True
 
 
-def sharp_gradient(ref: EagerSAM, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, beta: float = 1.0,
-                   gamma: float = 1.0, kept: set | None = None, masks: dict | None = None) -> torch.Tensor:
+def sharp_gradient(ref: ReferenceSAM, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
+                   beta: float = 1.0, gamma: float = 1.0, kept: set | None = None,
+                   masks: dict | None = None) -> torch.Tensor:
     """Backward at w (updates BatchNorm), ascent (divisor beta), backward at w + e (BatchNorm frozen) over
     the sds_count(gamma) sharpest samples (all of them at gamma 1). Leaves the weights at w + e and the
     descent's gradient in ``.grad``; returns the per-sample losses at w."""
@@ -239,12 +242,12 @@ def sharp_gradient(ref: EagerSAM, model: nn.Module, x: torch.Tensor, y: torch.Te
     return before
 
 
-def eager_sam_step(ref: EagerSAM, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def eager_sam_step(ref: ReferenceSAM, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """One SAM iteration (``sharp_gradient``, then the descent). Returns the loss at w."""
     return eager_esam_step(ref, model, x, y, beta=1.0, gamma=1.0)
 
 
-def eager_esam_step(ref: EagerSAM, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, beta: float,
+def eager_esam_step(ref: ReferenceSAM, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, beta: float,
                     gamma: float, kept: set | None = None, masks: dict | None = None) -> torch.Tensor:
     """One ESAM iteration per docs/algorithms.md (selection: exactly sds_count samples, sharpest first).
     Returns the loss at w."""
@@ -260,7 +263,7 @@ def per_worker_step(model: nn.Module, base: torch.optim.Optimizer, shards, *, rh
     and takes the gradient of its shard (its sharpest samples) at its own w + e_r; the descent steps with
     the average of those gradients."""
     params = list(model.parameters())
-    ref = EagerSAM([{"params": params, "rho": rho}], base, eps=eps)
+    ref = ReferenceSAM([{"params": params, "rho": rho}], base, eps=eps)
     kept = {p for i, p in enumerate(params) if i not in dropped} if dropped else None
     total = [torch.zeros_like(p) for p in params]
     for x, y in shards:
