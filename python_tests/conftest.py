@@ -2,6 +2,11 @@
 
 NOTE: TRITON_INTERPRET must be set before any module with ``@triton.jit`` is imported, so it is set here,
 at collection time, ahead of every test module.
+
+The default run leaves out the tests marked ``slow`` (pyproject.toml's addopts): the rest of the cross
+products beyond their covering sets (cases.py), the fuzzing beyond the default run's share of the examples
+(fuzz_profile.py), and a few long cases (machine code, ResNet-50, a reproduction script). ``pytest -m
+slow`` runs just those, ``pytest -m ""`` everything.
 """
 
 import os

@@ -7,6 +7,10 @@ Triton. The native CPU kernels compute in the reference's operation order withou
 perturb, the SGD step and restore match the reference bit for bit there; elsewhere (the interpreter's
 vectorized math, FMA contraction on a GPU, Adam's sqrt) results match to the dtype's tolerance. Backend
 specifics (build facts, the C++ Philox, opcheck, launch counts) are in ``backends/``.
+
+Each op's comparison runs, on every kernel, a pairwise covering set of dtype x shapes x options (every
+two values of any two of them together) by default, and the rest of the product under ``-m slow``
+(cases.py).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import math
 
 import pytest
 import torch
+from cases import pairwise
 from targets import Target
 from tensors import clones, make_tensors
 from tolerance import assert_bitwise_equal, assert_close
@@ -66,9 +71,7 @@ def scalar(value, target: Target, dtype=torch.float32):
 # ------------------------------------------------------------------------------------------------ norm
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shapes", SHAPE_SETS.values(), ids=SHAPE_SETS.keys())
-@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize(*pairwise(dtype=DTYPES, shapes=SHAPE_SETS, adaptive=[False, True]))
 def test_grad_norm_matches_reference(kernel, dtype, shapes, adaptive):
     shapes = shapes_for(shapes, kernel)
     params = make_tensors(shapes, dtype, 1, device=kernel.device)
@@ -140,9 +143,7 @@ PERTURB_OPTIONS = {
 }
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shapes", SHAPE_SETS.values(), ids=SHAPE_SETS.keys())
-@pytest.mark.parametrize("options", PERTURB_OPTIONS.values(), ids=PERTURB_OPTIONS.keys())
+@pytest.mark.parametrize(*pairwise(dtype=DTYPES, shapes=SHAPE_SETS, options=PERTURB_OPTIONS))
 def test_perturb_matches_reference(kernel, dtype, shapes, options):
     shapes = shapes_for(shapes, kernel)
     params = make_tensors(shapes, dtype, 1, device=kernel.device)
@@ -269,10 +270,8 @@ SGD_OPTIONS = {
 }
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shapes", SHAPE_SETS.values(), ids=SHAPE_SETS.keys())
-@pytest.mark.parametrize("options", SGD_OPTIONS.values(), ids=SGD_OPTIONS.keys())
-@pytest.mark.parametrize("first_step", [True, False])
+@pytest.mark.parametrize(*pairwise(dtype=DTYPES, shapes=SHAPE_SETS, options=SGD_OPTIONS,
+                                   first_step=[True, False]))
 def test_restore_sgd_step_matches_reference(kernel, dtype, shapes, options, first_step):
     shapes = shapes_for(shapes, kernel)
     backups = make_tensors(shapes, dtype, 1, device=kernel.device)
@@ -308,10 +307,7 @@ def _adam(backend, params, backups, grads, exp_avgs, exp_avg_sqs, max_sqs, steps
                            grad_multiplier=multiplier, found_inf=found_inf, backend=backend, **options)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shapes", SHAPE_SETS.values(), ids=SHAPE_SETS.keys())
-@pytest.mark.parametrize("options", ADAM_OPTIONS.values(), ids=ADAM_OPTIONS.keys())
-@pytest.mark.parametrize("step", [0, 9])
+@pytest.mark.parametrize(*pairwise(dtype=DTYPES, shapes=SHAPE_SETS, options=ADAM_OPTIONS, step=[0, 9]))
 def test_restore_adam_step_matches_reference(kernel, dtype, shapes, options, step):
     shapes = shapes_for(shapes, kernel)
     backups = make_tensors(shapes, dtype, 1, device=kernel.device)
