@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from fuzz_profile import fuzz_settings
-from hypothesis import event, given
+from fuzz_profile import fuzz_tests
+from hypothesis import event
 from hypothesis import strategies as st
 from targets import require
 from tensors import clones
@@ -153,10 +153,7 @@ def assert_unchanged(actual, before, msg: str) -> None:
 # ------------------------------------------------------------------------------------------- norm
 
 
-@fuzz_settings(weight=2)
-@given(tensors=tensor_lists(), adaptive=st.booleans(),
-       eta=st.one_of(st.sampled_from([0.0, 0.01]), reals(0.0, 1.0)))
-def test_grad_norm_matches_reference(kernel, tensors, adaptive, eta):
+def grad_norm_matches_reference(kernel, tensors, adaptive, eta):
     backend, device = kernel.backend, kernel.device
     params, grads = tensors.params(device), tensors.grads(device)
     params_before, grads_before = clones(params), clones(grads)
@@ -172,6 +169,11 @@ def test_grad_norm_matches_reference(kernel, tensors, adaptive, eta):
         assert_close(norm, ref_norm, torch.float32, scale=10, msg="norm (summation order differs)")
     assert_unchanged(params, params_before, "params must be left as they are")
     assert_unchanged(grads, grads_before, "grads must be left as they are")
+
+
+test_grad_norm_matches_reference, test_grad_norm_matches_reference_full = fuzz_tests(
+    grad_norm_matches_reference, weight=2, tensors=tensor_lists(), adaptive=st.booleans(),
+    eta=st.one_of(st.sampled_from([0.0, 0.01]), reals(0.0, 1.0)))
 
 
 # ---------------------------------------------------------------------------------------- perturb
@@ -220,9 +222,7 @@ def perturb_cases(draw) -> PerturbCase:
         step_shape=draw(st.sampled_from([(), (), (1,), None])), tensor_indices=indices)
 
 
-@fuzz_settings(weight=2)
-@given(case=perturb_cases())
-def test_perturb_matches_reference(kernel, case):
+def perturb_matches_reference(kernel, case):
     backend, device = kernel.backend, kernel.device
     params, grads = case.tensors.params(device), case.tensors.grads(device)
     if case.norm == "grads":
@@ -265,10 +265,11 @@ def test_perturb_matches_reference(kernel, case):
     assert_bitwise_equal(norm, norm_before, "norm must be left as it is")
 
 
-@fuzz_settings(weight=2)
-@given(layout=st.lists(st.tuples(shapes, st.sampled_from(DTYPES)), min_size=1, max_size=6),
-       keep_prob=keep_probs, seed=seeds, step=steps, offset=st.integers(0, 2**32 - 7))
-def test_masks_match_reference_and_contract(kernel, layout, keep_prob, seed, step, offset):
+test_perturb_matches_reference, test_perturb_matches_reference_full = fuzz_tests(
+    perturb_matches_reference, weight=2, case=perturb_cases())
+
+
+def masks_match_reference_and_contract(kernel, layout, keep_prob, seed, step, offset):
     """The mask, read off w = 0 moved by g = 1, is the reference's bit for bit and the contract's
     Philox stream (backends/common.py) at the given global tensor indices."""
     backend, device = kernel.backend, kernel.device
@@ -289,6 +290,12 @@ def test_masks_match_reference_and_contract(kernel, layout, keep_prob, seed, ste
         assert_bitwise_equal(mask, expected, f"tensor index {index}: mask differs from the contract")
 
 
+test_masks_match_reference_and_contract, test_masks_match_reference_and_contract_full = fuzz_tests(
+    masks_match_reference_and_contract, weight=2,
+    layout=st.lists(st.tuples(shapes, st.sampled_from(DTYPES)), min_size=1, max_size=6),
+    keep_prob=keep_probs, seed=seeds, step=steps, offset=st.integers(0, 2**32 - 7))
+
+
 # ---------------------------------------------------------------------------------------- restore
 
 #: Bit patterns of NaNs (quiet and signalling, both signs, with payloads) per dtype, as signed ints.
@@ -303,10 +310,7 @@ INT_VIEWS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloa
              torch.float64: torch.int64}
 
 
-@fuzz_settings(weight=2)
-@given(tensors=tensor_lists(allow_bad=False),
-       specials=st.lists(st.tuples(st.integers(0, 5), unit, st.integers(0, 7)), max_size=4))
-def test_restore_is_bitwise(kernel, tensors, specials):
+def restore_is_bitwise(kernel, tensors, specials):
     """w = backup bit for bit, NaN payloads (signalling ones included), infinities and -0.0 too."""
     backend, device = kernel.backend, kernel.device
     backups, params = tensors.values(2, device), tensors.params(device)
@@ -324,6 +328,11 @@ def test_restore_is_bitwise(kernel, tensors, specials):
     ops.restore_(params, backups, backend=backend)
     assert_bitwise_equal(params, before, "restore must copy the backups bit for bit")
     assert_bitwise_equal(backups, before, "the backups must be left as they are")
+
+
+test_restore_is_bitwise, test_restore_is_bitwise_full = fuzz_tests(
+    restore_is_bitwise, weight=2, tensors=tensor_lists(allow_bad=False),
+    specials=st.lists(st.tuples(st.integers(0, 5), unit, st.integers(0, 7)), max_size=4))
 
 
 # ------------------------------------------------------------------------------- restore and step
@@ -390,9 +399,7 @@ def sgd_cases(draw) -> SgdCase:
         multiplier=draw(multipliers), found_inf=draw(found_infs), scalar_shape=draw(scalar_shapes))
 
 
-@fuzz_settings(weight=2)
-@given(case=sgd_cases())
-def test_restore_sgd_step_matches_reference(kernel, case):
+def restore_sgd_step_matches_reference(kernel, case):
     backend, device = kernel.backend, kernel.device
     tensors = case.tensors
     params, backups, grads, restored = case.inputs(device)
@@ -433,6 +440,10 @@ def test_restore_sgd_step_matches_reference(kernel, case):
     assert_unchanged(grads, grads_before, "grads must be left as they are")
 
 
+test_restore_sgd_step_matches_reference, test_restore_sgd_step_matches_reference_full = fuzz_tests(
+    restore_sgd_step_matches_reference, weight=2, case=sgd_cases())
+
+
 @dataclass(frozen=True)
 class AdamCase(DescentCase):
     """Options and state of one restore_adam_step_ call; ``steps``: each parameter's step counter before
@@ -468,9 +479,7 @@ def adam_cases(draw) -> AdamCase:
         scalar_shape=draw(scalar_shapes))
 
 
-@fuzz_settings(weight=2)
-@given(case=adam_cases())
-def test_restore_adam_step_matches_reference(kernel, case):
+def restore_adam_step_matches_reference(kernel, case):
     backend, device = kernel.backend, kernel.device
     tensors = case.tensors
     params, backups, grads, restored = case.inputs(device)
@@ -514,6 +523,10 @@ def test_restore_adam_step_matches_reference(kernel, case):
         else:
             assert_bitwise_equal(state[2][i], max_sqs[i], f"{where}: max_exp_avg_sq is unused")
     assert_unchanged(grads, grads_before, "grads must be left as they are")
+
+
+test_restore_adam_step_matches_reference, test_restore_adam_step_matches_reference_full = fuzz_tests(
+    restore_adam_step_matches_reference, weight=2, case=adam_cases())
 
 
 # ------------------------------------------- mismatches the fuzzing found (regressions) and a known one

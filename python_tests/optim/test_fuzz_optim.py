@@ -27,8 +27,8 @@ from eager_reference import (
     make_batches,
     make_model,
 )
-from fuzz_profile import fuzz_settings
-from hypothesis import event, given
+from fuzz_profile import fuzz_tests
+from hypothesis import event
 from hypothesis import strategies as st
 from tolerance import assert_bitwise_equal
 
@@ -262,9 +262,7 @@ def assert_states_match(actual: SAM, expected: torch.optim.Optimizer, base: str)
 # --------------------------------------------------------------------------------------------- test
 
 
-@fuzz_settings()
-@given(run=runs())
-def test_optimizer_matches_eager_and_skips_non_finite_steps(backend, run):
+def optimizer_matches_eager_and_skips_non_finite_steps(backend, run):
     model = make_model()
     reference_model = clone_model(model)
     optimizer = run.optimizer(model, backend)
@@ -296,3 +294,8 @@ def test_optimizer_matches_eager_and_skips_non_finite_steps(backend, run):
     event(f"skipped steps: {skips} of {len(run.bad)}")
     assert all(bool(torch.isfinite(p).all()) for p in params)
     assert_states_match(optimizer, reference.base, run.base)
+
+
+(test_optimizer_matches_eager_and_skips_non_finite_steps,
+ test_optimizer_matches_eager_and_skips_non_finite_steps_full) = fuzz_tests(
+    optimizer_matches_eager_and_skips_non_finite_steps, run=runs())
