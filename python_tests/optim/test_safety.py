@@ -9,6 +9,7 @@ import inspect
 
 import pytest
 import torch
+from cases import on_backends
 from eager_reference import (
     ReferenceSAM,
     assert_models_close,
@@ -326,7 +327,9 @@ REFUSED = {"LBFGS": "closure", "SparseAdam": "sparse"}
 OPTIONS = {"SGD": {"lr": 0.05, "momentum": 0.9}, "Adadelta": {"lr": 0.5, "rho": 0.8}, "Muon": {"lr": 0.02}}
 
 
-@pytest.mark.parametrize("name", every_base())
+# On Triton: the fused descents (SGD, Adam, AdamW) and one generic descent (Adagrad); the other generic
+# descents differ from Adagrad's on the host only.
+@on_backends("name", every_base(), triton=["Adagrad", "Adam", "AdamW", "SGD"])
 def test_sam_over_every_torch_optimizer(backend, name):
     """SAM over each torch.optim optimizer equals eager SAM over the same optimizer; Adadelta keeps its own
     rho (0.8) beside SAM's (0.1); the refused ones say why at construction."""

@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from cases import pairwise_over_backends
 from eager_reference import (
     ReferenceSAM,
     assert_models_close,
@@ -78,8 +79,7 @@ def assert_states_close(actual: torch.optim.Optimizer, expected: torch.optim.Opt
             torch.testing.assert_close(actual_state[index][key], value, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("base_name", BASES)
+@pairwise_over_backends(base_name=list(BASES), variant=list(VARIANTS))
 def test_fused_path_matches_eager(backend, base_name, variant):
     base_cls, base_options = BASES[base_name]
     options = VARIANTS[variant]
@@ -244,12 +244,11 @@ def conv_batches(count: int, dtype=torch.float32, memory_format=torch.contiguous
              torch.randint(0, 3, (6,), generator=generator)) for _ in range(count)]
 
 
-@pytest.mark.parametrize(("dtype", "memory_format"), [(torch.float32, torch.channels_last),
-                                                      (torch.float64, torch.contiguous_format),
-                                                      (torch.float64, torch.channels_last)],
-                         ids=["channels_last", "float64", "float64-channels_last"])
-@pytest.mark.parametrize("base_name", BASES)
-def test_channels_last_and_float64_models_match_eager(backend, base_name, dtype, memory_format):
+@pairwise_over_backends(base_name=list(BASES), layout={
+    "channels_last": (torch.float32, torch.channels_last),
+    "float64": (torch.float64, torch.contiguous_format),
+    "float64-channels_last": (torch.float64, torch.channels_last)})
+def test_channels_last_and_float64_models_match_eager(backend, base_name, layout):
     """A channels_last or float64 model trains in the kernels (no copies: the weights, gradients,
     backups and state keep the model's layout) and follows the eager SAM over torch.optim, which computes
     in the model's dtype.
@@ -258,6 +257,7 @@ def test_channels_last_and_float64_models_match_eager(backend, base_name, dtype,
     and so the perturbation's scale, is fp32 by design (backends/common.py, "fp64"): the second gradient
     is taken at a point 1e-8 (relative to e) away from the eager one's, which the steps carry into the
     weights at about 1e-6 relative."""
+    dtype, memory_format = layout
     base_cls, base_options = BASES[base_name]
     model = make_conv_model().to(dtype=dtype, memory_format=memory_format)
     reference_model = clone_model(model)

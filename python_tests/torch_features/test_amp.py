@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from cases import pairwise_over_backends
 from eager_reference import HostSyncCounter, ReferenceSAM, batch_loss, make_batches, make_mlp, per_worker_step
 from tolerance import assert_bitwise_equal, assert_close
 
@@ -62,8 +63,7 @@ def pair(base: str, variant: str, backend: str, *, fused=None):
     return model, sam, ref_model, ref
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
-@pytest.mark.parametrize("base", list(BASES))
+@pairwise_over_backends(base=list(BASES), variant=list(VARIANTS))
 def test_scaled_fp32_matches_eager(backend, base, variant):
     """A loss scale of 2**12 on fp32: both passes unscaled on the device, same trajectory as unscaled
     eager SAM; the scaler's scale grows on schedule (no step was skipped)."""
@@ -117,10 +117,8 @@ def _corrupt(value: float):
     return corrupt
 
 
-@pytest.mark.parametrize("fused", [None, False], ids=["fused", "generic"])
-@pytest.mark.parametrize("value", [math.inf, math.nan], ids=["inf", "nan"])
-@pytest.mark.parametrize("where", ["ascent", "descent"])
-@pytest.mark.parametrize("base", list(BASES))
+@pairwise_over_backends(base=list(BASES), where=["ascent", "descent"],
+                        value={"inf": math.inf, "nan": math.nan}, fused={"fused": None, "generic": False})
 def test_nonfinite_in_either_pass_skips(backend, base, where, value, fused):
     """inf or nan injected into one pass at the second step: weights and base state are bit for bit the
     pre-step ones, the scaler backs off once and its growth tracker restarts; the next step is normal
