@@ -65,40 +65,33 @@ def compiled_step(model, sam, compiler):
     return train_step
 
 
-def test_compiled_training_step_matches_eager(backend):
-    """A whole two-pass step under torch.compile (graph breaks allowed outside the ops: backward,
-    zero_grad) against eager SAM."""
+def test_compiled_training_step_matches_eager_and_compiles_once(backend):
+    """The README's two-pass step under torch.compile (graph breaks allowed outside the ops: backward,
+    zero_grad), compiled once for both checks: its first three steps match eager SAM, and over 20 steps no
+    graph is compiled after those three (they create the optimizer state and the step plan), so dynamo's
+    recompile limit is never reached."""
     torch._dynamo.reset()
+    graphs = []
+    aot_eager = torch._dynamo.lookup_backend("aot_eager")
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return aot_eager(graph_module, example_inputs)
+
     model = make_mlp()
     ref_model = copy.deepcopy(model)
     sam = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9, backend=backend)
     base = torch.optim.SGD(ref_model.parameters(), lr=0.1, momentum=0.9)
     ref = ReferenceSAM.of_model(ref_model, base, rho=0.05)
 
-    train_step = compiled_step(model, sam, "aot_eager")
-    for x, y in make_batches(3, size=8):
-        train_step(x, y)
-        ref.step([(x, y)])
-    for a, b in zip(model.parameters(), ref_model.parameters(), strict=True):
-        assert_close(a.detach(), b.detach(), scale=10)
-
-
-def test_compiled_training_step_compiles_once(backend):
-    """The README's compiled step over 20 steps: no graph is compiled after the first three (they create
-    the optimizer state and the step plan), so dynamo's recompile limit is never reached."""
-    torch._dynamo.reset()
-    graphs = []
-
-    def counting_backend(graph_module, example_inputs):
-        graphs.append(graph_module)
-        return graph_module.forward
-
-    model = make_mlp()
-    sam = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9, backend=backend)
-
     train_step = compiled_step(model, sam, counting_backend)
     counts = []
-    for x, y in make_batches(20, size=8):
+    for step, (x, y) in enumerate(make_batches(20, size=8)):
         train_step(x, y)
         counts.append(len(graphs))
+        if step < 3:
+            ref.step([(x, y)])
+        if step == 2:
+            for a, b in zip(model.parameters(), ref_model.parameters(), strict=True):
+                assert_close(a.detach(), b.detach(), scale=10)
     assert counts[3:] == [counts[2]] * 17, counts
