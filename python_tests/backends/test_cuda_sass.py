@@ -19,6 +19,8 @@ dirs, and no fast-math.
 
 Run as a script (``python python_tests/backends/test_cuda_sass.py [csrc dir]``) it prints, per kernel,
 the static counts of vector (128-bit) and scalar global loads and stores.
+
+Marked slow (``pytest -m slow``): nvcc compiles the whole kernel file twice (about 15 s on two cores).
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / "csrc"

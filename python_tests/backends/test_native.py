@@ -142,6 +142,7 @@ def test_grad_norm_is_deterministic_across_thread_counts(device):
 # ------------------------------------------------------------------------------------------ large case
 
 
+@pytest.mark.slow  # 25.6M parameters through both backends, several seconds
 def test_resnet50_sam_iteration_matches_reference(device):
     shapes = resnet50_shapes()
     assert len(shapes) == 161 and sum(math.prod(s) for s in shapes) == 25_557_032
