@@ -20,7 +20,8 @@ dirs, and no fast-math.
 Run as a script (``python python_tests/backends/test_cuda_sass.py [csrc dir]``) it prints, per kernel,
 the static counts of vector (128-bit) and scalar global loads and stores.
 
-Marked slow (``pytest -m slow``): nvcc compiles the whole kernel file twice (about 15 s on two cores).
+The checks of the machine code are marked slow (``pytest -m slow``): nvcc compiles the whole kernel file
+twice (about 15 s on two cores).
 """
 
 from __future__ import annotations
@@ -37,8 +38,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-
-pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / "csrc"
@@ -271,11 +270,13 @@ def compiled():
         yield compile_all(CSRC, Path(workdir), NVCC, CUOBJDUMP)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ARCHS)
 def test_every_instantiation_is_compiled(compiled, arch):
     assert sorted(compiled[arch]) == sorted(expected_labels())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("arch", "label"), list(itertools.product(ARCHS, expected_labels())))
 def test_kernel_machine_code(compiled, arch, label):
     code = compiled[arch].get(label)
