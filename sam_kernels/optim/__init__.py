@@ -1,11 +1,14 @@
 """Optimizer classes: SAM (with ASAM, SSAM, USAM and the step schedules as options), ESAM, LookSAM and
-MomentumSAM, over the fused op layer."""
+MomentumSAM, each a policy (``policy.Policy``) over one engine (``sam.SAM``), over the fused op layer."""
 
 from .bn import freeze_bn_stats
-from .cheap import LookSAM, MomentumSAM
-from .esam import ESAM, sample_losses_closure, selected_count
+from .esam import ESAM, ESAMPolicy, sample_losses_closure, selected_count
+from .looksam import LookSAM, LookSAMPolicy
+from .momentum_sam import MomentumSAM, MomentumSAMPolicy
+from .policy import Policy, StepContext
 from .sam import SAM
 from .schedules import AESAM, Interval, LatePhase, Randomized, Schedule
 
-__all__ = ["AESAM", "ESAM", "SAM", "Interval", "LatePhase", "LookSAM", "MomentumSAM", "Randomized",
-           "Schedule", "freeze_bn_stats", "sample_losses_closure", "selected_count"]
+__all__ = ["AESAM", "ESAM", "SAM", "ESAMPolicy", "Interval", "LatePhase", "LookSAM", "LookSAMPolicy",
+           "MomentumSAM", "MomentumSAMPolicy", "Policy", "Randomized", "Schedule", "StepContext",
+           "freeze_bn_stats", "sample_losses_closure", "selected_count"]

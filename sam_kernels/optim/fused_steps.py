@@ -14,6 +14,7 @@ import torch
 
 from .. import ops
 from ..backends.common import AdamConfig, SgdConfig, same_layout
+from ..distributed import shard_group
 
 #: Options whose value must be a Python number for the fused step (torch also accepts tensors).
 _NUMBER_OPTIONS = {"sgd": ("lr", "momentum", "dampening", "weight_decay"),
@@ -22,9 +23,14 @@ _NUMBER_OPTIONS = {"sgd": ("lr", "momentum", "dampening", "weight_decay"),
 
 def fused_kind(base: torch.optim.Optimizer) -> str | None:
     """``"sgd"`` or ``"adam"`` when ``base``'s class has a fused restore-and-step, else None."""
-    if type(base) is torch.optim.SGD:
+    return class_kind(type(base))
+
+
+def class_kind(cls: type) -> str | None:
+    """``"sgd"`` or ``"adam"`` for exactly the classes with a fused restore-and-step, else None."""
+    if cls is torch.optim.SGD:
         return "sgd"
-    if type(base) in (torch.optim.Adam, torch.optim.AdamW):
+    if cls in (torch.optim.Adam, torch.optim.AdamW):
         return "adam"
     return None
 
@@ -35,12 +41,14 @@ def _holds_tensor(value) -> bool:
     return isinstance(value, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in value)
 
 
-def unsupported_reason(base: torch.optim.Optimizer) -> str | None:
+def unsupported_reason(base: torch.optim.Optimizer, policy=None) -> str | None:
     """Why the fused step cannot run ``base`` exactly (naming the argument), or None when it can."""
     kind = fused_kind(base)
     if kind is None:
         return (f"base_optimizer: {type(base).__name__} has no fused restore-and-step "
                 "(torch.optim.SGD, Adam and AdamW have)")
+    if policy is not None and kind not in policy.fused_ops:
+        return f"{policy.name} has no fused {kind} step (it has {', '.join(policy.fused_ops) or 'none'})"
     for index, group in enumerate(base.param_groups):
         if group.get("differentiable", False):
             return (f"param_groups[{index}]['differentiable']=True: the fused step is not "
@@ -49,6 +57,22 @@ def unsupported_reason(base: torch.optim.Optimizer) -> str | None:
             if _holds_tensor(group.get(name)):
                 return (f"param_groups[{index}]['{name}'] is a tensor: the fused step takes Python "
                         "numbers (a tensor value would need a host sync)")
+    if shard_group(p for group in base.param_groups for p in group["params"]) is not None:
+        return "the parameters are sharded DTensors (FSDP2); the base optimizer's own step updates them"
+    return None
+
+
+def descent_kind(base: torch.optim.Optimizer, policy, fused: bool | None, foreach: bool | None) -> str | None:
+    """``"sgd"``/``"adam"`` for the fully fused descent, None for the generic path (``fused=True``: an
+    error naming what it cannot honour)."""
+    if fused is False or foreach:
+        return None
+    reason = unsupported_reason(base, policy)
+    if reason is None:
+        return fused_kind(base)
+    if fused:
+        raise ValueError(f"fused=True: {reason}; use fused=None (the generic path when the fused one cannot "
+                         "run) or fused=False")
     return None
 
 
