@@ -36,6 +36,20 @@ def check_finite_non_negative(name: str, value: float) -> float:
     return float(value)
 
 
+def refuse_options(variant: str, options: dict, *, adaptive: bool = False, renormalize: bool = False,
+                   unnormalized: bool = False) -> None:
+    """A ValueError naming the first SAM option given in ``options`` that ``variant`` does not combine
+    with: ``adaptive`` (ASAM's weighting), ``renormalize`` (SSAM), ``normalize_ascent=False`` (USAM)."""
+    if adaptive and options.get("adaptive"):
+        raise ValueError(f"adaptive: {variant} sets its own ascent direction, which ASAM's |w| weighting "
+                         "would distort; use SAM(adaptive=True) for ASAM")
+    if renormalize and options.get("renormalize"):
+        raise ValueError(f"renormalize: {variant} defines its own descent gradient, which SSAM's "
+                         "renormalization would rescale; leave renormalize unset")
+    if unnormalized and options.get("normalize_ascent", True) is False:
+        raise ValueError(f"normalize_ascent=False: {variant} is defined with SAM's normalized ascent")
+
+
 def true_grads(context: StepContext) -> list[torch.Tensor]:
     """The first gradients in true units (a GradScaler's scale divided out: a new list then)."""
     if context.inv_scale is None:
@@ -43,10 +57,21 @@ def true_grads(context: StepContext) -> list[torch.Tensor]:
     return torch._foreach_mul(context.grads, context.inv_scale)
 
 
-class EmaDirectionPolicy(Policy):
-    """A two-pass variant whose ascent direction and new buffer come from ``mix(g, buffer, started)``."""
+class DirectionPolicy(Policy):
+    """A variant that sets the ascent's direction (``ascent_direction``); ASAM's weighting, which would
+    scale that direction elementwise again, is refused, at construction and for a group added later."""
 
     directs_ascent = True
+
+    def ascent_weighting(self, group: dict) -> tuple[bool, float]:
+        if group["sam_adaptive"]:
+            raise ValueError(f"adaptive: a param group asks for ASAM's weighting, which {self.name} does "
+                             "not combine with; set adaptive=False in the group")
+        return False, 0.0
+
+
+class EmaDirectionPolicy(DirectionPolicy):
+    """A two-pass variant whose ascent direction and new buffer come from ``mix(g, buffer, started)``."""
     #: The buffer's key in each parameter's optimizer state.
     state_key = ""
 

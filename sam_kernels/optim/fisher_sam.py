@@ -8,14 +8,13 @@ from typing import Any
 
 import torch
 
-from .ema_direction import check_finite_non_negative, true_grads
-from .policy import Policy, StepContext, policy_options
+from .ema_direction import DirectionPolicy, check_finite_non_negative, refuse_options, true_grads
+from .policy import StepContext, policy_options
 from .sam import SAM
 
 
-class FisherSAMPolicy(Policy):
+class FisherSAMPolicy(DirectionPolicy):
     name = "FisherSAM"
-    directs_ascent = True
 
     def __init__(self, eta: float = 1.0, **options: Any) -> None:
         self.eta = check_finite_non_negative("eta", eta)
@@ -36,5 +35,6 @@ class FisherSAM(SAM):
 
     def __init__(self, params, base_optimizer, *, rho: float = 0.05, eta: float = 1.0,
                  **kwargs: Any) -> None:
+        refuse_options("FisherSAM", kwargs, adaptive=True)
         policy = FisherSAMPolicy(eta, **policy_options(kwargs))
         super().__init__(params, base_optimizer, rho=rho, policy=policy, **kwargs)

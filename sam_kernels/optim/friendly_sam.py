@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .ema_direction import EmaDirectionPolicy, check_finite_non_negative, check_unit
+from .ema_direction import EmaDirectionPolicy, check_finite_non_negative, check_unit, refuse_options
 from .policy import policy_options
 from .sam import SAM
 
@@ -40,5 +40,6 @@ class FriendlySAM(SAM):
 
     def __init__(self, params, base_optimizer, *, rho: float = 0.05, sigma: float = 1.0, lambd: float = 0.9,
                  **kwargs: Any) -> None:
+        refuse_options("FriendlySAM", kwargs, adaptive=True)
         policy = FriendlySAMPolicy(sigma, lambd, **policy_options(kwargs))
         super().__init__(params, base_optimizer, rho=rho, policy=policy, **kwargs)

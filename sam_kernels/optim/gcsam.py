@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from .ema_direction import true_grads
-from .policy import Policy, StepContext, policy_options
+from .ema_direction import DirectionPolicy, refuse_options, true_grads
+from .policy import StepContext, policy_options
 from .sam import SAM
 
 
@@ -22,9 +22,8 @@ def centred(grad: torch.Tensor) -> torch.Tensor:
     return grad - grad.mean(dim=tuple(range(1, grad.dim())), keepdim=True)
 
 
-class GCSAMPolicy(Policy):
+class GCSAMPolicy(DirectionPolicy):
     name = "GCSAM"
-    directs_ascent = True
 
     def ascent_direction(self, context: StepContext) -> tuple[list, None]:
         # NOTE (per-tensor loop): each tensor has its own reduction shape, which no multi-tensor op takes.
@@ -35,5 +34,6 @@ class GCSAM(SAM):
     """SAM whose ascent gradient is centralized per output row (see the module docstring)."""
 
     def __init__(self, params, base_optimizer, *, rho: float = 0.05, **kwargs: Any) -> None:
+        refuse_options("GCSAM", kwargs, adaptive=True)
         super().__init__(params, base_optimizer, rho=rho, policy=GCSAMPolicy(**policy_options(kwargs)),
                          **kwargs)

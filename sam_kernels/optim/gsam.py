@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .ema_direction import check_unit
+from .ema_direction import check_unit, refuse_options
 from .policy import Policy, StepContext, policy_options
 from .sam import SAM
 
@@ -65,5 +65,6 @@ class GSAM(SAM):
 
     def __init__(self, params, base_optimizer, *, rho: float = 0.05, alpha: float = 0.2,
                  **kwargs: Any) -> None:
+        refuse_options("GSAM", kwargs, renormalize=True, unnormalized=True)
         policy = GSAMPolicy(alpha, **policy_options(kwargs))
         super().__init__(params, base_optimizer, rho=rho, policy=policy, **kwargs)

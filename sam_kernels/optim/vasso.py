@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .ema_direction import EmaDirectionPolicy, check_unit
+from .ema_direction import EmaDirectionPolicy, check_unit, refuse_options
 from .policy import policy_options
 from .sam import SAM
 
@@ -31,5 +31,6 @@ class VaSSO(SAM):
 
     def __init__(self, params, base_optimizer, *, rho: float = 0.05, theta: float = 0.9,
                  **kwargs: Any) -> None:
+        refuse_options("VaSSO", kwargs, adaptive=True)
         policy = VaSSOPolicy(theta, **policy_options(kwargs))
         super().__init__(params, base_optimizer, rho=rho, policy=policy, **kwargs)

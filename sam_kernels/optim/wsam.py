@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from .checks import check_bool
-from .ema_direction import check_unit
+from .ema_direction import check_unit, refuse_options
 from .gsam import TwoGradientPolicy
 from .policy import StepContext, policy_options
 from .sam import SAM
@@ -69,5 +69,6 @@ class WSAM(SAM):
 
     def __init__(self, params, base_optimizer, *, rho: float = 0.05, gamma: float = 0.9,
                  decoupled: bool = True, **kwargs: Any) -> None:
+        refuse_options("WSAM", kwargs, renormalize=True, unnormalized=True)
         policy = WSAMPolicy(gamma, decoupled, **policy_options(kwargs))
         super().__init__(params, base_optimizer, rho=rho, policy=policy, **kwargs)
