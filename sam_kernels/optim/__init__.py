@@ -1,14 +1,17 @@
 """Optimizer classes: SAM (with ASAM, SSAM, USAM and the step schedules as options), ESAM, LookSAM and
-MomentumSAM, each a policy (``policy.Policy``) over one engine (``sam.SAM``), over the fused op layer."""
+MomentumSAM, each a policy (``policy.Policy``) over one engine (``sam.SAM``), over the fused op layer;
+schedulers of the radius."""
 
 from .bn import freeze_bn_stats
 from .esam import ESAM, ESAMPolicy, sample_losses_closure, selected_count
 from .looksam import LookSAM, LookSAMPolicy
 from .momentum_sam import MomentumSAM, MomentumSAMPolicy
 from .policy import Policy, StepContext
+from .rho_schedulers import LambdaRho, MultiplicativeRho, ProportionalRho, RhoScheduler
 from .sam import SAM
 from .schedules import AESAM, Interval, LatePhase, Randomized, Schedule
 
-__all__ = ["AESAM", "ESAM", "SAM", "ESAMPolicy", "Interval", "LatePhase", "LookSAM", "LookSAMPolicy",
-           "MomentumSAM", "MomentumSAMPolicy", "Policy", "Randomized", "Schedule", "StepContext",
-           "freeze_bn_stats", "sample_losses_closure", "selected_count"]
+__all__ = ["AESAM", "ESAM", "SAM", "ESAMPolicy", "Interval", "LambdaRho", "LatePhase", "LookSAM",
+           "LookSAMPolicy", "MomentumSAM", "MomentumSAMPolicy", "MultiplicativeRho", "Policy",
+           "ProportionalRho", "Randomized", "RhoScheduler", "Schedule", "StepContext", "freeze_bn_stats",
+           "sample_losses_closure", "selected_count"]
