@@ -3,13 +3,18 @@
 What gets built (printed at build time; ``pip install -v`` shows it):
 
 * ``SAM_KERNELS_SKIP_EXT=1``: nothing native; the pure-Python install runs the Triton and torch backends.
-* otherwise the CPU part (csrc/ops.cpp, csrc/cpu/) always, when torch is importable at build time (build
-  with ``pip install --no-build-isolation``, so the build sees the installed torch);
+* otherwise the CPU part (csrc/ops.cpp, csrc/cpu/) always. It compiles against the installed torch, so
+  torch must be importable at build time: build with ``pip install --no-build-isolation`` (an isolated
+  build environment has no torch, and one that downloaded its own could differ from the torch the
+  extension later loads into); a build that cannot import torch stops with an error saying so;
 * plus the CUDA part (csrc/cuda/) when torch is a CUDA build and the CUDA toolkit (nvcc) is found
   through ``CUDA_HOME`` (or torch's own search), unless ``SAM_KERNELS_NO_CUDA=1``.
   ``SAM_KERNELS_FORCE_CUDA=1`` makes a missing CUDA part an error instead of a CPU-only build.
   ``TORCH_CUDA_ARCH_LIST`` picks the GPU architectures (default here: "8.0;9.0+PTX"); ``MAX_JOBS`` caps
   the parallel compile jobs.
+
+Writing metadata or the source archive (``egg_info``, ``dist_info``, ``sdist``) compiles nothing and needs
+no torch; MANIFEST.in lists what the source archive carries.
 """
 
 import os
@@ -20,6 +25,11 @@ from setuptools import setup
 
 ROOT = Path(__file__).parent
 DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
+#: setup.py commands that write metadata or a source archive only.
+METADATA_COMMANDS = frozenset({"egg_info", "dist_info", "sdist"})
+#: setup.py commands that build or install, and so compile the extension.
+BUILD_COMMANDS = frozenset({"build", "build_ext", "bdist", "bdist_wheel", "bdist_egg", "editable_wheel",
+                            "develop", "install"})
 
 
 def _flag(name: str) -> bool:
@@ -45,10 +55,19 @@ def _cuda_decision(torch, cpp_extension) -> tuple[bool, str]:
     return True, f"torch {torch.__version__} (CUDA {torch.version.cuda}) and nvcc at {nvcc}"
 
 
+def metadata_only(argv: list[str]) -> bool:
+    """Whether the setup.py command line ``argv`` writes metadata or a source archive only: no compile, so
+    no torch needed (the PEP 517 hooks run ``egg_info``, ``dist_info`` and ``sdist`` this way)."""
+    words = set(argv[1:])
+    return bool(words & METADATA_COMMANDS) and not words & BUILD_COMMANDS
+
+
 def native_extensions() -> tuple[list, dict]:
     """(ext_modules, cmdclass) of the native extension, or nothing when it is skipped."""
     if _flag("SAM_KERNELS_SKIP_EXT"):
         _say("SAM_KERNELS_SKIP_EXT=1, building no native extension (pure Python install)")
+        return [], {}
+    if metadata_only(sys.argv):
         return [], {}
     force_cuda = _flag("SAM_KERNELS_FORCE_CUDA")
     if force_cuda and _flag("SAM_KERNELS_NO_CUDA"):
@@ -57,12 +76,12 @@ def native_extensions() -> tuple[list, dict]:
         import torch
         from torch.utils import cpp_extension
     except ImportError as error:
-        if force_cuda:
-            raise RuntimeError("SAM_KERNELS_FORCE_CUDA=1 but torch is not importable at build time; "
-                               "install torch first and build with --no-build-isolation") from error
-        _say(f"torch is not importable at build time ({error}); building no native extension. "
-             "Install torch first and use `pip install --no-build-isolation`.")
-        return [], {}
+        raise RuntimeError(
+            f"sam_kernels: torch is not importable at build time ({error}). The native extension compiles "
+            f"against the installed torch ({sys.executable} cannot import it): install torch first, then "
+            "build with `pip install --no-build-isolation .` (an isolated build environment has no torch); "
+            "or set SAM_KERNELS_SKIP_EXT=1 for a pure-Python install (Triton and torch backends)."
+        ) from error
 
     csrc = ROOT / "csrc"
     sources = [csrc / "ops.cpp", *sorted((csrc / "cpu").glob("*.cpp"))]

@@ -25,6 +25,7 @@ import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -85,14 +86,21 @@ def run(counts, device, rounds: int, repeats: int) -> list[dict]:
                 host, dev = time_calls(variant, device, repeats)
                 samples[name].extend(host)
                 device_time[name].append(dev)
-        floor = statistics.median(samples["sgd fused"])
         for name, values in samples.items():
             q1, _, q3 = statistics.quantiles(values, n=4)
-            median = statistics.median(values)
-            rows.append({"params": count, "variant": name, "host_us": median * 1e6, "q1_us": q1 * 1e6,
-                         "q3_us": q3 * 1e6, "vs_sgd_fused": median / floor,
+            ratio, (low, high) = optimizer_step.round_ratios(values, samples["sgd fused"])
+            rows.append({"params": count, "variant": name, "host_us": statistics.median(values) * 1e6,
+                         "q1_us": q1 * 1e6, "q3_us": q3 * 1e6, "vs_sgd_fused": ratio,
+                         "vs_sgd_fused_range": [low, high],
                          "device_us": statistics.median(device_time[name]) * 1e6})
     return rows
+
+
+def summary_lines(rows: list[dict]) -> list[str]:
+    """One line per tensor count: each sam_kernels SAM row's host time against the fused SGD step's."""
+    return [f"host cost, {row['params']} tensors: {row['variant']} {row['vs_sgd_fused']:.2f}x fused SGD "
+            f"({row['vs_sgd_fused_range'][0]:.2f}-{row['vs_sgd_fused_range'][1]:.2f})"
+            for row in rows if row["variant"].startswith("sam_kernels SAM")]
 
 
 def format_table(rows: list[dict], device) -> str:
@@ -115,6 +123,7 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=40)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads on the CPU")
     parser.add_argument("--json", help="write the rows to this file")
+    parser.add_argument("--summary", type=Path, help="append the summary lines to this file too")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_num_threads(args.threads)
@@ -122,6 +131,7 @@ def main(argv=None) -> None:
     print(f"device: {optimizer_step.device_name(device)}; torch {torch.__version__}; python "
           f"{sys.version.split()[0]}; {args.rounds} rounds x {args.repeats} calls per variant")
     print(format_table(rows, device))
+    optimizer_step.write_summary(summary_lines(rows), args.summary)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": optimizer_step.device_name(device), "rows": rows}, f, indent=1)

@@ -268,6 +268,9 @@ class Row:
     max_ms: float = 0.0
     vs_eager_sam: float = 0.0
     vs_fused_sgd: float = 0.0
+    #: min and max over the rounds of the per-round ratios (each round times every variant once)
+    vs_eager_sam_range: tuple[float, float] = (0.0, 0.0)
+    vs_fused_sgd_range: tuple[float, float] = (0.0, 0.0)
     gbytes_per_s: float = 0.0
     of_copy_bandwidth: float = 0.0
     ops_per_iteration: int = 0
@@ -305,14 +308,37 @@ def run(param_sets, dtype_names, device, repeats) -> tuple[list[Row], dict[str, 
                     ops_per_iteration=count_launches(variant.step),
                     peak_extra_mb=None if peak is None else peak / 2**20))
             del built
-            eager_ms = next(r.median_ms for r in set_rows if r.variant == "eager SAM")
-            base = next(r.median_ms for r in set_rows if r.variant.startswith("sgd fused"))
+            base = next(name for name in times if name.startswith("sgd fused"))
             for row in set_rows:
-                row.vs_eager_sam = row.median_ms / eager_ms
-                row.vs_fused_sgd = row.median_ms / base
+                row.vs_eager_sam, row.vs_eager_sam_range = round_ratios(times[row.variant],
+                                                                        times["eager SAM"])
+                row.vs_fused_sgd, row.vs_fused_sgd_range = round_ratios(times[row.variant], times[base])
             rows += set_rows
             print(format_table(set_rows), flush=True)
     return rows, bandwidths
+
+
+def round_ratios(times: list[float], reference: list[float]) -> tuple[float, tuple[float, float]]:
+    """Median and (min, max) of the per-round ratios ``times[i] / reference[i]``.
+
+    NOTE (ratios per round): the variants of a round run back to back, so a slow spell of a shared
+    machine slows both sides of a round's ratio alike; the ratio of two medians taken over different
+    spells does not cancel it."""
+    ratios = [a / b for a, b in zip(times, reference, strict=True)]
+    return statistics.median(ratios), (min(ratios), max(ratios))
+
+
+def summary_lines(rows: list[Row]) -> list[str]:
+    """One line per parameter set and dtype: each sam_kernels SAM row's ratio to the fused SGD step and to
+    eager SAM, median over the rounds with the min-max."""
+    lines = []
+    for r in rows:
+        if r.variant.startswith("sam_kernels SAM"):
+            lo, hi = r.vs_fused_sgd_range
+            elo, ehi = r.vs_eager_sam_range
+            lines.append(f"optimizer step, {r.param_set} {r.dtype}: {r.variant} {r.vs_fused_sgd:.2f}x fused "
+                         f"SGD ({lo:.2f}-{hi:.2f}), {r.vs_eager_sam:.2f}x eager SAM ({elo:.2f}-{ehi:.2f})")
+    return lines
 
 
 def format_table(rows: list[Row]) -> str:
@@ -343,6 +369,7 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, help="torch intra-op threads on the CPU (default: torch's; "
                         "use 1 when other work shares the cores: an oversubscribed thread pool can run "
                         "100x slower)")
+    parser.add_argument("--summary", type=Path, help="append the summary lines to this file too")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if args.threads:
@@ -362,6 +389,16 @@ def main(argv=None) -> None:
     if over:
         print(f"NOTE: above the measured bandwidth (marked !, the reference ran in a slow spell or the "
               f"data sat in cache): {', '.join(over)}")
+    write_summary(summary_lines(rows), args.summary)
+
+
+def write_summary(lines: list[str], path: Path | None) -> None:
+    """Print the summary lines, and append them to ``path`` when given (scripts/bench.sh collects the
+    lines of its runs there and prints them last)."""
+    print("\n" + "\n".join(lines))
+    if path is not None:
+        with path.open("a") as f:
+            f.write("\n".join(lines) + "\n")
 
 
 def device_name(device) -> str:

@@ -4,6 +4,7 @@ a backend that cannot run here."""
 
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
@@ -38,10 +39,12 @@ def native_cpu_level() -> str:
 
 
 def environment() -> str:
-    """Versions, the CPU kernels' instruction sets and the thread count."""
+    """Versions (and where sam_kernels was imported from), the CPU kernels' instruction sets and the thread
+    count."""
     capability = torch.backends.cpu.get_cpu_capability()
-    return (f"sam_kernels {sam_kernels.__version__}, torch {torch.__version__}, triton {_triton_version()}, "
-            f"CUDA available: {torch.cuda.is_available()}\n"
+    location = os.path.dirname(sam_kernels.__file__)
+    return (f"sam_kernels {sam_kernels.__version__} ({location}), torch {torch.__version__}, "
+            f"triton {_triton_version()}, CUDA available: {torch.cuda.is_available()}\n"
             f"CPU: native kernels' clone {native_cpu_level()}; torch's kernels {capability}; "
             f"{torch.get_num_threads()} threads")
 

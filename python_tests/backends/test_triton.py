@@ -1,5 +1,9 @@
 """Triton backend specifics: launches per op do not grow with the number of tensors; metadata caching."""
 
+import sys
+from types import SimpleNamespace
+
+import numpy as np
 import pytest
 import torch
 
@@ -69,6 +73,20 @@ def test_metadata_is_cached_while_storage_is_unchanged():
     moved = [params[0], torch.randn(triton_backend.CHUNK + 1)]
     assert triton_backend._metadata([moved]) is not first
 
+
+def test_the_interpreter_turns_a_scalar_into_an_index():
+    """The kernels' loops take runtime scalars as range bounds, through ``__index__``. The interpreter
+    holds a scalar as a one-element array, which Triton 3.6 failed to convert under newer NumPy (every
+    launch failed); the backend fixes the conversion where the interpreter needs it, and only once."""
+    interpreter = sys.modules.get("triton.runtime.interpreter")
+    if interpreter is None or not isinstance(triton_backend.kernels.sumsq_partials_kernel,
+                                             interpreter.InterpretedFunction):
+        pytest.skip("the kernels are compiled, not interpreted")
+    index = triton_backend.interpreter_tensor_attributes(interpreter._patch_lang_tensor)["__index__"]
+    assert index(SimpleNamespace(handle=SimpleNamespace(data=np.array([7], dtype=np.int32)))) == 7
+    fixed = getattr(interpreter._patch_lang_tensor, "squeezes_index", False)
+    assert triton_backend.INTERPRETER_INDEX_FIXED is fixed
+    assert not triton_backend._interpreter_index_fix()
 
 #: Registers a kernel may use (ptxas's count): at most 128 leaves room for two 256-thread blocks per SM.
 MAX_REGISTERS = 128

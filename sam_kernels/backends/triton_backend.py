@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import sys
+import types
 import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 
+import numpy
 import torch
 import triton.language as tl
 
@@ -26,6 +29,65 @@ from .common import (
     group_by_dtype,
     split_u64,
 )
+
+
+class _AttributeRecorder:
+    """Stands in for the Triton interpreter's patch scope: records the attributes it would set."""
+
+    def __init__(self) -> None:
+        self.attributes: dict = {}
+
+    def set_attr(self, owner, name, value) -> None:
+        self.attributes[name] = value
+
+
+def interpreter_tensor_attributes(patch_tensor) -> dict:
+    """The attributes that the interpreter's ``patch_tensor`` gives ``tl.tensor`` while a kernel runs,
+    recorded and not set."""
+    recorder = _AttributeRecorder()
+    patch_tensor(tl.tensor, recorder)
+    return recorder.attributes
+
+
+def _interpreter_index_fix() -> bool:
+    """Makes a scalar's ``__index__`` work in Triton interpreters that turn it into a Python int badly;
+    returns whether it changed anything. Nothing changes when the kernels are compiled.
+
+    NOTE (interpreter scalars): the interpreter holds a scalar (a program id, a loaded or computed scalar)
+    as a one-element, one-dimensional NumPy array, and the kernels' ``range(start, full_end, BLOCK)`` turns
+    such bounds into Python ints through ``__index__``. Triton 3.6's interpreter does that with
+    ``int(data)``, which NumPy's newer releases refuse for any array with a dimension ("only
+    0-dimensional arrays can be converted to Python scalars"), so every launch failed; later Triton
+    releases convert ``int(data.squeeze())``, which this installs where the interpreter's own conversion
+    fails on a one-element array (tried on a stand-in of one; ``tl.tensor`` itself is left as it is).
+    """
+    interpreter = sys.modules.get("triton.runtime.interpreter")  # imported by triton.jit when interpreting
+    if interpreter is None or not isinstance(kernels.sumsq_partials_kernel,
+                                             getattr(interpreter, "InterpretedFunction", ())):
+        return False
+    patch_tensor = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch_tensor is None or getattr(patch_tensor, "squeezes_index", False):
+        return False
+    try:
+        index = interpreter_tensor_attributes(patch_tensor)["__index__"]
+        index(types.SimpleNamespace(handle=types.SimpleNamespace(data=numpy.zeros(1, numpy.int32))))
+        return False
+    except TypeError:
+        pass
+    except Exception:  # an interpreter of another make: left as it is
+        return False
+
+    def patched(tensor, scope) -> None:
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patched.squeezes_index = True
+    interpreter._patch_lang_tensor = patched
+    return True
+
+
+#: Whether the interpreter's scalar conversion was fixed here (see "interpreter scalars").
+INTERPRETER_INDEX_FIXED = _interpreter_index_fix()
 
 TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
              torch.float64: tl.float64}

@@ -24,7 +24,7 @@ import torch
 import transformers
 
 from ..optim import SAM
-from ..optim.bn import freeze_bn_stats
+from . import unwrap
 
 __all__ = ["SAMTrainer"]
 
@@ -36,13 +36,11 @@ class SAMTrainer(transformers.Trainer):
 
     def sam_optimizer(self) -> SAM:
         """The SAM-family optimizer under the Trainer's wrappers (accelerate's)."""
-        optimizer = self.optimizer
-        while not isinstance(optimizer, SAM) and hasattr(optimizer, "optimizer"):
-            optimizer = optimizer.optimizer
-        if not isinstance(optimizer, SAM):
+        try:
+            return unwrap(self.optimizer)
+        except TypeError:
             raise TypeError("SAMTrainer: the optimizer must be a sam_kernels SAM-family optimizer; pass "
-                            "optimizers=(SAM(model.parameters(), torch.optim.AdamW, ...), None)")
-        return optimizer
+                            "optimizers=(SAM(model.parameters(), torch.optim.AdamW, ...), None)") from None
 
     def training_step(self, model: torch.nn.Module, inputs: dict[str, Any],
                       num_items_in_batch: Any = None) -> torch.Tensor:
@@ -55,6 +53,6 @@ class SAMTrainer(transformers.Trainer):
         sam.first_step(zero_grad=True, grad_scaler=scaler)
         if sam.needs_second_pass():
             # NOTE: an error in the second pass puts the weights back to w before it propagates.
-            with sam._restoring_on_error(), freeze_bn_stats():
+            with sam.second_pass():
                 super().training_step(model, inputs, num_items_in_batch)
         return loss

@@ -1,5 +1,6 @@
 """Optimizer classes: SAM (with ASAM, SSAM, USAM and the step schedules as options), ESAM, LookSAM and
-MomentumSAM, each a policy (``policy.Policy``) over one engine (``sam.SAM``), over the fused op layer."""
+MomentumSAM, each a policy (``policy.Policy``) over one engine (``sam.SAM``), over the fused op layer;
+schedulers of the radius."""
 
 from .bn import freeze_bn_stats
 from .esam import ESAM, ESAMPolicy, sample_losses_closure, selected_count

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from . import amp
+from .base import clear_grads
 from .workspace import Ascent, ascent_parts, select
 
 
@@ -40,7 +41,7 @@ def ascend(engine, run, scaler: Any, zero_grad: bool) -> None:
                                      plain=True)
         if zero_grad:  # a plain step: the gradients are put aside, not copied
             ascent.stashed = [param.grad for param in plan.params]
-            engine._clear_grads()
+            clear_grads(engine)
         return
     directions = None
     if policy.directs_ascent and grads:
@@ -70,7 +71,7 @@ def ascend(engine, run, scaler: Any, zero_grad: bool) -> None:
                         lambda group: policy.perturb_config(group, engine.eps, engine.seed), engine.backend)
     policy.after_ascent(engine._context(plan, grads, ascent))
     if zero_grad:
-        engine._clear_grads()
+        clear_grads(engine)
 
 
 def excluded(engine) -> list[torch.Tensor]:

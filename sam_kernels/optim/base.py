@@ -100,3 +100,11 @@ def run_step_hooks(optimizer: torch.optim.Optimizer, which: str) -> None:
         hooks = chain(optimizer._optimizer_step_post_hooks.values(), _global_optimizer_post_hooks.values())
     for hook in hooks:
         hook(optimizer, (optimizer,), {})
+
+
+def clear_grads(optimizer: torch.optim.Optimizer) -> None:
+    """``zero_grad()`` (gradients set to None) without torch.optim's profiler wrapper, which torch.compile
+    does not trace: a graph break inside first_step or second_step would split them."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            param.grad = None

@@ -9,7 +9,7 @@ from collections.abc import MutableMapping
 import torch
 
 from . import amp
-from .base import base_step, run_step_hooks
+from .base import base_step, clear_grads, run_step_hooks
 from .plan import StepPlan
 from .policy import StepContext
 
@@ -27,6 +27,7 @@ def run(engine, workspace, grad_scale: torch.Tensor | None, scaler_found_inf, ze
     with engine._restoring_on_error():
         context = descend(engine, workspace, ascent, grad_scale, scaler_found_inf)
     workspace.ascent = None
+    workspace.grad_marks = None  # NOTE: step(closure) records again once its descent is done
     workspace.advance()
     with engine._restoring_on_error():
         engine.policy.after_step(context)
@@ -36,7 +37,7 @@ def run(engine, workspace, grad_scale: torch.Tensor | None, scaler_found_inf, ze
     engine.base_optimizer._opt_called = True  # a scheduler may be attached to the base optimizer
     run_step_hooks(engine, "post")
     if zero_grad:
-        engine._clear_grads()
+        clear_grads(engine)
 
 
 def descend(engine, run, ascent, grad_scale: torch.Tensor | None,

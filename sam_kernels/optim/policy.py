@@ -244,3 +244,19 @@ def policy_options(kwargs: dict) -> dict:
     popped from a variant class's keyword arguments, as ``Policy``'s keywords."""
     return {"normalize": kwargs.pop("normalize_ascent", True),
             "renormalize": kwargs.pop("renormalize", False), "schedule": kwargs.pop("schedule", None)}
+
+
+_DEFAULTS = {"normalize_ascent": True, "renormalize": False, "schedule": None}
+
+
+def resolved_policy(policy: Policy | None, **given: Any) -> Policy:
+    """The policy of a ``SAM(..., policy=...)`` call: a plain-SAM ``Policy`` of SAM's own options
+    (``normalize_ascent``, ``renormalize``, ``schedule``) when none is given; a given one takes those
+    options itself, so they must then be left at their defaults."""
+    if policy is None:
+        return Policy(normalize=given["normalize_ascent"], renormalize=given["renormalize"],
+                      schedule=given["schedule"])
+    changed = [name for name, value in given.items() if value is not _DEFAULTS[name]]
+    if changed:
+        raise TypeError(f"{', '.join(changed)}: options of the policy; pass them to {type(policy).__name__}")
+    return policy

@@ -17,16 +17,15 @@ from typing import Any
 import torch
 
 from .. import backends
-from . import amp, combinations, descent, fused_steps, surface
+from . import amp, closure_convention, combinations, descent, fused_steps, surface
 from .ascent import ascend, ascent_pass
 from .base import make_base, run_step_hooks
+from .bn import freeze_bn_stats
 from .checks import adopt_group_options, check_distinct, check_engine_options, check_group
-from .policy import Policy, StepContext
+from .policy import Policy, StepContext, resolved_policy
 from .schedules import Schedule
-from .styles import closure_step, one_pass_step
+from .styles import closure_step, one_pass_step, scaler_step
 from .workspace import Ascent, Workspace, device_of
-
-_POLICY_OPTIONS = {"normalize_ascent": True, "renormalize": False, "schedule": None}
 
 
 class SAM(torch.optim.Optimizer):
@@ -67,12 +66,8 @@ class SAM(torch.optim.Optimizer):
                  capturable: bool = False, schedule: Schedule | None = None, policy: Policy | None = None,
                  **base_kwargs: Any) -> None:
         check_engine_options(rho, adaptive, adaptive_eta, sam_eps, fused, foreach, capturable, seed)
-        given = {"normalize_ascent": normalize_ascent, "renormalize": renormalize, "schedule": schedule}
-        if policy is None:
-            policy = Policy(normalize=normalize_ascent, renormalize=renormalize, schedule=schedule)
-        elif given != _POLICY_OPTIONS:
-            changed = ", ".join(name for name, value in given.items() if value != _POLICY_OPTIONS[name])
-            raise TypeError(f"{changed}: options of the policy; pass them to {type(policy).__name__}")
+        policy = resolved_policy(policy, normalize_ascent=normalize_ascent, renormalize=renormalize,
+                                 schedule=schedule)
         combinations.check(combinations.combination_of(policy, base_optimizer, fused, foreach, capturable))
         base = make_base(params, base_optimizer, base_kwargs, foreach)
         sam_defaults = {"sam_rho": rho, "sam_adaptive": adaptive, "sam_adaptive_eta": adaptive_eta}
@@ -93,6 +88,7 @@ class SAM(torch.optim.Optimizer):
         backends.resolve(device_of(self.param_groups), backend)
         if self._descent_kind() is None and capturable:
             raise ValueError(f"capturable=True: {fused_steps.unsupported_reason(base, policy)}")
+        self._run.grad_marks = closure_convention.record(self._params())
         if capturable:
             self._rng_step(device_of(self.param_groups))
 
@@ -149,11 +145,15 @@ class SAM(torch.optim.Optimizer):
     # ------------------------------------------------------------------------- training loops
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One SAM step with torch.optim's closure convention; returns the loss at w (first closure call).
+        """One SAM step driven by a closure; two forward/backward passes in either convention.
 
-        ``closure`` zeroes the gradients, computes the loss, calls backward and returns the loss; it runs
-        twice, at w and at w + e (the first call inside ``ascent_context`` when set). BatchNorm running
-        statistics are frozen during the second call.
+        torch.optim's convention: ``closure`` zeroes the gradients, computes the loss, calls backward and
+        returns the loss; it runs twice, at w and at w + e (the first call inside ``ascent_context`` when
+        set), and ``step`` returns the loss at w. The popular SAM convention: the loop has already run
+        the first forward and backward at w (since the last step or ``zero_grad()``) and the closure only
+        computes and backpropagates; those gradients are the ascent's, the closure runs once, at w + e,
+        and ``step`` returns None. See closure_convention.py for how the two are told apart. BatchNorm
+        running statistics are frozen during the call at w + e.
 
         Without a closure, between ``first_step()`` and the descent, ``step()`` is the descent: this is
         how ``torch.amp.GradScaler.step(optimizer)`` drives SAM, handing over its ``grad_scale`` (None
@@ -168,14 +168,25 @@ class SAM(torch.optim.Optimizer):
 
     def _step(self, closure: Callable[[], Any] | None) -> Any:
         """The body of ``step``, shared with subclasses."""
-        if closure is None:
-            if self._run.ascent is None:
-                raise TypeError("step(): SAM needs a closure (it evaluates the loss twice); or call "
-                                "first_step() and second_step() around your own backward passes")
-            self._descend(getattr(self, "grad_scale", None), getattr(self, "found_inf", None),
-                          from_step=True)
-            return None
-        return closure_step(self, closure)
+        if closure is not None:
+            return closure_step(self, self._run, closure)
+        scaler_step(self, self._run)
+        return None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch.optim's ``zero_grad``; also records that the gradients were cleared, so that a later
+        ``step(closure)`` can tell gradients computed since then (see ``step``)."""
+        super().zero_grad(set_to_none)
+        self._run.grad_marks = (closure_convention.CLEARED if set_to_none
+                                else closure_convention.record(self._params()))
+
+    @contextlib.contextmanager
+    def second_pass(self) -> Iterator[None]:
+        """The context of the second forward and backward, at w + e: gradients enabled, BatchNorm
+        running statistics frozen (they were updated at w), and the weights put back to w if the block
+        raises (so an error never leaves them perturbed)."""
+        with self._restoring_on_error(), torch.enable_grad(), freeze_bn_stats():
+            yield
 
     def needs_second_pass(self) -> bool:
         """After ``first_step``: whether this step is a SAM step, so the second forward and backward
@@ -187,10 +198,8 @@ class SAM(torch.optim.Optimizer):
         return not self._run.ascent.plain
 
     def planned_sam_step(self) -> bool | None:
-        """Whether the coming step is a SAM step, when that is known before its first backward (True
-        without a schedule; None for AE-SAM, which decides after it). A two-call loop under DDP with a
-        per-worker ascent wraps the first backward in ``no_sync`` only when this is True
-        (``sam_kernels.distributed.per_worker_ascent(model, optimizer)`` does that)."""
+        """Whether the coming step is a SAM step, when known before its first backward (True without a
+        schedule; None for AE-SAM). ``distributed.per_worker_ascent`` skips ``no_sync`` unless True."""
         return self._planned_sam_step()
 
     @torch.no_grad()
@@ -221,12 +230,7 @@ class SAM(torch.optim.Optimizer):
             raise RuntimeError("second_step(): the ascent ran under a GradScaler, so the descent must "
                                "go through scaler.step(optimizer), which unscales the second gradients; "
                                "the weights were restored and this step skipped")
-        self._descend(None, None, zero_grad=zero_grad)
-
-    def _descend(self, grad_scale: torch.Tensor | None, scaler_found_inf: torch.Tensor | None, *,
-                 zero_grad: bool = False, from_step: bool = False) -> None:
-        """The descent (``descent.run``); ``grad_scale`` and ``scaler_found_inf`` come from GradScaler."""
-        descent.run(self, self._run, grad_scale, scaler_found_inf, zero_grad, from_step)
+        descent.run(self, self._run, None, None, zero_grad, from_step=False)
 
     # ------------------------------------------------------------ for the variants' classes
 
@@ -250,15 +254,7 @@ class SAM(torch.optim.Optimizer):
 
     def _planned_sam_step(self) -> bool | None:
         """The policy's decision for this step when known before the first backward, made once."""
-        if not self.policy.decides_steps:
-            return True
-        run = self._run
-        if run.decision is None or run.decision[0] != run.step:
-            planned = self.policy.planned_sam_step(run.step, self.seed)
-            if planned is None:
-                return None
-            run.decision = (run.step, planned)
-        return run.decision[1]
+        return self._run.planned(self.policy, self.seed)
 
     def _check_not_perturbed(self, what: str) -> None:
         if self._run.ascent is not None:
@@ -274,15 +270,12 @@ class SAM(torch.optim.Optimizer):
         surface.reshare(self)
         return self._run.current_plan(self, self._descent_kind(), may_lack)
 
+    def _params(self) -> list[torch.Tensor]:
+        """Every parameter, in the param groups' order."""
+        return [param for group in self.param_groups for param in group["params"]]
+
     def _rng_step(self, device: torch.device) -> torch.Tensor:
         return self._run.rng_step(device)
-
-    def _clear_grads(self) -> None:
-        """``zero_grad()`` (gradients set to None) without torch.optim's profiler wrapper, which
-        torch.compile does not trace: a graph break inside first_step or second_step would split them."""
-        for group in self.param_groups:
-            for param in group["params"]:
-                param.grad = None
 
     def _abandon_ascent(self) -> None:
         """Put the perturbed weights back to w and forget the ascent (right at any point of the descent

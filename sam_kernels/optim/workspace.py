@@ -16,7 +16,7 @@ import torch.distributed as dist
 from .. import ops
 from ..backends.common import same_layout
 from ..distributed import all_reduce_norm, local_tensor, shard_group
-from . import fused_steps
+from . import closure_convention, fused_steps
 from .plan import StepPlan
 from .policy import StepContext
 
@@ -83,6 +83,10 @@ class Workspace:
         self.decision: tuple[int, bool] | None = None
         #: The backup buffer of each parameter (of its local shard), allocated once.
         self.backups: dict[torch.Tensor, torch.Tensor] = {}
+        #: The gradients as ``step(closure)`` or ``zero_grad()`` last left them, to tell a first pass the
+        #: loop ran itself (see closure_convention.py); None after any other descent.
+        self.grad_marks: Any = closure_convention.CLEARED
+        self.warned_ascent_context = False
 
     # ---------------------------------------------------------------------------- counters
 
@@ -91,6 +95,18 @@ class Workspace:
         if self.device_step is None or self.device_step.device != device:
             self.device_step = torch.tensor(self.step, dtype=torch.int64, device=device)
         return self.device_step
+
+    def planned(self, policy, seed: int) -> bool | None:
+        """``policy``'s decision for this step when known before the first backward (asked once per
+        step), None when it needs the first gradient."""
+        if not policy.decides_steps:
+            return True
+        if self.decision is None or self.decision[0] != self.step:
+            planned = policy.planned_sam_step(self.step, seed)
+            if planned is None:
+                return None
+            self.decision = (self.step, planned)
+        return self.decision[1]
 
     def advance(self) -> None:
         """One more iteration, on the host and on the device."""
