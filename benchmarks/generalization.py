@@ -681,7 +681,7 @@ def plot(results: dict[str, dict[str, dict]], path: Path, subtitle: str) -> bool
         return False
     names = list(next(iter(results.values())))
     markers = "osD^v<>pPX*h"
-    colors = [f"C{i}" for i in range(10)] + ["black"]
+    colors = [f"C{i}" for i in range(10)] + ["black", "olive", "teal", "maroon", "navy", "gold", "magenta"]
     figure = Figure(figsize=(6 * len(results), 5), layout="constrained")
     axes = figure.subplots(1, len(results), squeeze=False)[0]
     for ax, (kind, summary) in zip(axes, results.items()):
@@ -705,7 +705,7 @@ def plot(results: dict[str, dict[str, dict]], path: Path, subtitle: str) -> bool
         ax.set_ylabel("clean test accuracy (%), mean ± std over seeds")
         ax.set_title(f"{kind} (dotted: SGD, dashed: SAM)")
         ax.grid(alpha=0.3)
-    axes[-1].legend(fontsize="x-small", loc="best")
+    axes[-1].legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     figure.suptitle(f"digits, {subtitle}")
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=130)
@@ -713,7 +713,8 @@ def plot(results: dict[str, dict[str, dict]], path: Path, subtitle: str) -> bool
 
 
 def _subtitle(noise: float, seeds: int, epochs: int) -> str:
-    return f"{noise:.0%} label noise, {seeds} seed(s), {epochs} epochs, settings chosen on validation"
+    return (f"{noise:.0%} label noise, {seeds} seed(s), {epochs} epochs;\n"
+            "each setting chosen on the validation split")
 
 
 def _describe(scale: Scale) -> str:
