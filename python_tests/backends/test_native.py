@@ -3,8 +3,8 @@ Philox, thread-count determinism, ResNet-50's full size, opcheck and tracing, CU
 against the reference runs for every backend in python_tests/test_ops.py.
 
 Every test runs on the CPU (the C++ kernels run for real here) and again on CUDA when a GPU is present;
-CUDA cases skip cleanly without one. Without the extension every test skips with the reason, unless
-``SAM_KERNELS_EXPECT_NATIVE=1``, which turns a missing extension into a failure (CI sets it after building).
+CUDA cases skip cleanly without one. A missing extension (or CUDA part) skips or fails as targets.py says:
+``SAM_KERNELS_EXPECT_NATIVE=1`` turns a missing extension into a failure (CI sets it after building),
 ``SAM_KERNELS_EXPECT_CUDA=1`` additionally requires the extension's CUDA part (sm_80 and sm_90), and
 ``SAM_KERNELS_EXPECT_BUILD_TOOL=cmake`` (or ``setuptools``) the build system that made it.
 
@@ -14,11 +14,12 @@ not correctly rounded), the norm to summation order. CUDA kernels contract into 
 """
 
 import math
-import os
 
 import pytest
 import torch
 from known_answers import PHILOX_KAT
+from targets import EXPECT_BUILD_TOOL, EXPECT_CUDA, NATIVE_CHUNK, require
+from tensors import clones, make_tensors, randn64
 from tolerance import assert_bitwise_equal, assert_close
 
 from benchmarks.shapes import resnet50_shapes
@@ -26,50 +27,27 @@ from sam_kernels import backends, ops
 from sam_kernels.backends import native_backend, reference
 from sam_kernels.backends.common import AdamConfig, SgdConfig, mask_threshold
 
-EXPECT_NATIVE = os.environ.get("SAM_KERNELS_EXPECT_NATIVE") == "1"
-EXPECT_CUDA = os.environ.get("SAM_KERNELS_EXPECT_CUDA") == "1"
-EXPECT_BUILD_TOOL = os.environ.get("SAM_KERNELS_EXPECT_BUILD_TOOL", "")
 BUILT = native_backend.is_built()
 INFO = native_backend.build_info()
-CHUNK = 65536  # csrc/include/sam_kernels/elementwise.h: kChunkSize (checked against the build below)
+CHUNK = NATIVE_CHUNK  # csrc/include/sam_kernels/elementwise.h: kChunkSize (checked against the build below)
 
 MULTI_CHUNK = CHUNK + 3
-# Tensor counts 1, 3 and 300; sizes 0, 1, 7, 1000 and more than one chunk.
-def _require_native(cuda: bool = False) -> None:
-    if not BUILT:
-        if EXPECT_NATIVE:
-            pytest.fail(f"SAM_KERNELS_EXPECT_NATIVE=1 but {INFO['error']}")
-        pytest.skip(f"native extension unavailable: {INFO['error']}")
-    if cuda and not INFO["cuda"]:
-        if EXPECT_CUDA:
-            pytest.fail("SAM_KERNELS_EXPECT_CUDA=1 but sam_kernels._C was built without its CUDA part")
-        pytest.skip("sam_kernels._C was built without its CUDA part")
 
 
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no CUDA device"))])
 def device(request):
-    _require_native(cuda=request.param == "cuda")
-    return torch.device(request.param)
+    return require("native", request.param)
 
 
 @pytest.fixture
 def native():
-    _require_native()
+    require("native")
 
 
 def exact(device) -> bool:
     """Whether the native kernels match the reference bit for bit on this device (no FMA contraction)."""
     return device.type == "cpu"
-
-
-def make_tensors(shapes, dtype, seed=0, scale=1.0, device="cpu"):
-    generator = torch.Generator().manual_seed(seed)
-    return [(torch.randn(s, generator=generator) * scale).to(dtype).to(device) for s in shapes]
-
-
-def clones(tensors):
-    return [t.clone() for t in tensors]
 
 
 # ------------------------------------------------------------------------------------ build and registry
@@ -164,6 +142,7 @@ def test_grad_norm_is_deterministic_across_thread_counts(device):
 # ------------------------------------------------------------------------------------------ large case
 
 
+@pytest.mark.slow  # 25.6M parameters through both backends, several seconds
 def test_resnet50_sam_iteration_matches_reference(device):
     shapes = resnet50_shapes()
     assert len(shapes) == 161 and sum(math.prod(s) for s in shapes) == 25_557_032
@@ -275,7 +254,7 @@ def test_torch_compile_traces_the_ops(device):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_cuda_ops_run_on_the_current_stream_of_the_tensors_device():
     """Kernels follow the tensors' device (device guard) and the current stream (no default-stream work)."""
-    _require_native(cuda=True)
+    require("native", "cuda")
     device = torch.device("cuda", torch.cuda.device_count() - 1)
     params = make_tensors([(MULTI_CHUNK,), (9,)], torch.float32, 1, device=device)
     grads = make_tensors([(MULTI_CHUNK,), (9,)], torch.float32, 2, device=device)
@@ -307,12 +286,6 @@ SHAPES = [(MULTI_CHUNK,), (33,), (7, 5)]
 
 def _sam_ops():
     return torch.ops.sam_kernels
-
-
-def randn64(shapes, seed, scale=1.0):
-    """float64 values that float32 cannot hold (so fp32 math anywhere would show)."""
-    generator = torch.Generator().manual_seed(seed)
-    return [torch.randn(s, generator=generator, dtype=torch.float64) * scale for s in shapes]
 
 
 def memory_order(tensor):
