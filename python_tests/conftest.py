@@ -2,6 +2,11 @@
 
 NOTE: TRITON_INTERPRET must be set before any module with ``@triton.jit`` is imported, so it is set here,
 at collection time, ahead of every test module.
+
+The default run leaves out the tests marked ``slow`` (pyproject.toml's addopts): the rest of the cross
+products beyond their covering sets (cases.py), the fuzzing beyond the default run's share of the examples
+(fuzz_profile.py), and a few long cases (machine code, ResNet-50, a reproduction script). ``pytest -m
+slow`` runs just those, ``pytest -m ""`` everything.
 """
 
 import os
@@ -9,10 +14,11 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
-sys.path.insert(0, str(Path(__file__).parent))  # the shared helpers (tolerance.py) import from anywhere
+sys.path.insert(0, str(Path(__file__).parent))  # the shared helpers (tolerance.py, ...) import from anywhere
 
 import pytest
 import torch
+from targets import KERNELS, OPTIMIZER_BACKENDS, REFERENCE, Target, require
 
 
 @pytest.fixture(autouse=True)
@@ -25,21 +31,20 @@ def single_thread():
     torch.set_num_threads(threads)
 
 
-def _optimizer_backends() -> list[str]:
-    """The torch reference, the Triton kernels (interpreter on CPU) and, when it is built, the native
-    extension (the backend ``auto`` picks in practice)."""
-    from sam_kernels.backends import native_status
-
-    return ["torch", "triton"] + (["native"] if native_status("cpu")[0] else [])
+@pytest.fixture(params=KERNELS, ids=str)
+def kernel(request) -> Target:
+    """Each kernel backend on each device of this machine (targets.py; absent ones skip or fail there)."""
+    return request.param.require()
 
 
-@pytest.fixture(params=_optimizer_backends())
+@pytest.fixture(params=[*KERNELS, REFERENCE], ids=str)
+def any_backend(request) -> Target:
+    """Every kernel backend and the torch reference itself (for contracts that hold on their own)."""
+    return request.param.require()
+
+
+@pytest.fixture(params=OPTIMIZER_BACKENDS)
 def backend(request) -> str:
-    """Optimizer-level tests run on every backend present (the triton one must be)."""
-    if request.param == "triton":
-        from sam_kernels.backends import triton_status
-
-        available, why = triton_status("cpu")
-        if not available:
-            pytest.fail(f"the triton backend must run in the tests: {why}")
+    """Optimizer-level tests run on every op backend (targets.py; absent ones skip or fail there)."""
+    require(request.param)
     return request.param

@@ -131,7 +131,12 @@ def test_training_sam_variant_takes_the_same_step_as_eager_sam():
     from benchmarks import training
     from benchmarks.models import ResNet18
 
-    inputs, targets = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    # NOTE: fixed inputs, not the global generator's next ones (which depend on the tests run before): for
+    # some draws (2 of 300 seeds, the same ones on torch 2.11 and 2.14) one step amplifies the two
+    # implementations' last-bit differences past the tolerance.
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(8, 3, 32, 32, generator=generator)
+    targets = torch.randint(0, 10, (8,), generator=generator)
     weights = {}
     for variant in ("eager SAM", "sam_kernels SAM"):
         torch.manual_seed(0)

@@ -433,6 +433,7 @@ def test_plot_writes_a_png(tmp_path):
 # ------------------------------------------------------------------------------------------ reproduction
 
 
+@pytest.mark.slow  # a subprocess that trains two runs and draws the figure
 def test_reproduction_script_smoke(tmp_path):
     pytest.importorskip("sklearn")
     pytest.importorskip("matplotlib")

@@ -2,27 +2,27 @@
 pure-torch reference backend, over random tensor lists (counts, shapes, dtypes, missing gradients),
 options, seeds and RNG steps, with NaN, inf and fp32-overflowing values injected into the gradients.
 
-Kernel backends: native CPU and Triton (under the interpreter) here, native CUDA and Triton on a GPU when
-one exists; absent ones skip with the reason. Values are compared at the dtype tolerances of
-``tolerance.py``; restores, backups, masks, skipped steps and non-finite flags must match exactly. The
-example counts come from ``fuzz_profile.py``.
+Kernel backends: the ``kernel`` fixture of conftest.py (the list of targets.py): native CPU and Triton
+(under the interpreter) here, native CUDA and Triton on a GPU when one exists. Values are compared at the
+dtype tolerances of ``tolerance.py``; restores, backups, masks, skipped steps and non-finite flags must
+match exactly. The example counts come from ``fuzz_profile.py``.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import pytest
 import torch
-from fuzz_profile import fuzz_settings
-from hypothesis import event, given
+from fuzz_profile import fuzz_tests
+from hypothesis import event
 from hypothesis import strategies as st
+from targets import require
+from tensors import clones
 from tolerance import TOLERANCES, assert_bitwise_equal, assert_close
 
 from sam_kernels import ops
-from sam_kernels.backends import native_status, triton_status
 
 # NOTE: the injected NaN/inf make the Triton interpreter's numpy overflow and divide by zero; expected.
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
@@ -37,27 +37,6 @@ BAD_VALUES = (math.nan, math.inf, -math.inf, 1e25, -1e25)
 #: the profile's draws as they were when the Triton interpreter mis-cast smaller Python floats (see
 #: test_triton_interpreter_bf16_with_a_tiny_rho below, now a regression test).
 FP32_TINY = 2.0**-126
-
-TARGETS = (("native", "cpu"), ("triton", "cpu"), ("native", "cuda"), ("triton", "cuda"))
-
-
-@pytest.fixture(params=TARGETS, ids=[f"{name}-{device}" for name, device in TARGETS])
-def target(request) -> tuple[str, torch.device]:
-    """(backend, device) of one kernel backend; one that is absent here skips with the reason.
-
-    SAM_KERNELS_EXPECT_NATIVE=1 (SAM_KERNELS_EXPECT_CUDA=1 on a GPU) turns a missing native backend into
-    a failure, as in backends/test_native.py.
-    """
-    name, device_type = request.param
-    if device_type == "cuda" and not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
-    available, why = (native_status if name == "native" else triton_status)(device_type)
-    if not available:
-        expect = "SAM_KERNELS_EXPECT_NATIVE" if device_type == "cpu" else "SAM_KERNELS_EXPECT_CUDA"
-        if name == "native" and os.environ.get(expect) == "1":
-            pytest.fail(f"{expect}=1 but {why}")
-        pytest.skip(why)
-    return name, torch.device(device_type)
 
 
 # --------------------------------------------------------------------------------------- strategies
@@ -139,10 +118,6 @@ def tensor_lists(draw, allow_bad: bool = True) -> Tensors:
 # ---------------------------------------------------------------------------------------- helpers
 
 
-def clones(tensors):
-    return [t.clone() if t is not None else None for t in tensors]
-
-
 def scalar(value: float | None, shape, device, dtype=torch.float32) -> torch.Tensor | None:
     return None if value is None else torch.full(shape, value, dtype=dtype, device=device)
 
@@ -178,11 +153,8 @@ def assert_unchanged(actual, before, msg: str) -> None:
 # ------------------------------------------------------------------------------------------- norm
 
 
-@fuzz_settings(weight=2)
-@given(tensors=tensor_lists(), adaptive=st.booleans(),
-       eta=st.one_of(st.sampled_from([0.0, 0.01]), reals(0.0, 1.0)))
-def test_grad_norm_matches_reference(target, tensors, adaptive, eta):
-    backend, device = target
+def grad_norm_matches_reference(kernel, tensors, adaptive, eta):
+    backend, device = kernel.backend, kernel.device
     params, grads = tensors.params(device), tensors.grads(device)
     params_before, grads_before = clones(params), clones(grads)
     norm, flag = ops.grad_norm(params, grads, adaptive=adaptive, adaptive_eta=eta, backend=backend)
@@ -197,6 +169,11 @@ def test_grad_norm_matches_reference(target, tensors, adaptive, eta):
         assert_close(norm, ref_norm, torch.float32, scale=10, msg="norm (summation order differs)")
     assert_unchanged(params, params_before, "params must be left as they are")
     assert_unchanged(grads, grads_before, "grads must be left as they are")
+
+
+test_grad_norm_matches_reference, test_grad_norm_matches_reference_full = fuzz_tests(
+    grad_norm_matches_reference, weight=2, tensors=tensor_lists(), adaptive=st.booleans(),
+    eta=st.one_of(st.sampled_from([0.0, 0.01]), reals(0.0, 1.0)))
 
 
 # ---------------------------------------------------------------------------------------- perturb
@@ -245,10 +222,8 @@ def perturb_cases(draw) -> PerturbCase:
         step_shape=draw(st.sampled_from([(), (), (1,), None])), tensor_indices=indices)
 
 
-@fuzz_settings(weight=2)
-@given(case=perturb_cases())
-def test_perturb_matches_reference(target, case):
-    backend, device = target
+def perturb_matches_reference(kernel, case):
+    backend, device = kernel.backend, kernel.device
     params, grads = case.tensors.params(device), case.tensors.grads(device)
     if case.norm == "grads":
         norm = ops.grad_norm(params, grads, adaptive=case.adaptive, adaptive_eta=case.eta,
@@ -290,13 +265,14 @@ def test_perturb_matches_reference(target, case):
     assert_bitwise_equal(norm, norm_before, "norm must be left as it is")
 
 
-@fuzz_settings(weight=2)
-@given(layout=st.lists(st.tuples(shapes, st.sampled_from(DTYPES)), min_size=1, max_size=6),
-       keep_prob=keep_probs, seed=seeds, step=steps, offset=st.integers(0, 2**32 - 7))
-def test_masks_match_reference_and_contract(target, layout, keep_prob, seed, step, offset):
+test_perturb_matches_reference, test_perturb_matches_reference_full = fuzz_tests(
+    perturb_matches_reference, weight=2, case=perturb_cases())
+
+
+def masks_match_reference_and_contract(kernel, layout, keep_prob, seed, step, offset):
     """The mask, read off w = 0 moved by g = 1, is the reference's bit for bit and the contract's
     Philox stream (backends/common.py) at the given global tensor indices."""
-    backend, device = target
+    backend, device = kernel.backend, kernel.device
     indices = [offset + i for i in range(len(layout))]
     masks = {}
     for name in (backend, "torch"):
@@ -314,6 +290,12 @@ def test_masks_match_reference_and_contract(target, layout, keep_prob, seed, ste
         assert_bitwise_equal(mask, expected, f"tensor index {index}: mask differs from the contract")
 
 
+test_masks_match_reference_and_contract, test_masks_match_reference_and_contract_full = fuzz_tests(
+    masks_match_reference_and_contract, weight=2,
+    layout=st.lists(st.tuples(shapes, st.sampled_from(DTYPES)), min_size=1, max_size=6),
+    keep_prob=keep_probs, seed=seeds, step=steps, offset=st.integers(0, 2**32 - 7))
+
+
 # ---------------------------------------------------------------------------------------- restore
 
 #: Bit patterns of NaNs (quiet and signalling, both signs, with payloads) per dtype, as signed ints.
@@ -328,12 +310,9 @@ INT_VIEWS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloa
              torch.float64: torch.int64}
 
 
-@fuzz_settings(weight=2)
-@given(tensors=tensor_lists(allow_bad=False),
-       specials=st.lists(st.tuples(st.integers(0, 5), unit, st.integers(0, 7)), max_size=4))
-def test_restore_is_bitwise(target, tensors, specials):
+def restore_is_bitwise(kernel, tensors, specials):
     """w = backup bit for bit, NaN payloads (signalling ones included), infinities and -0.0 too."""
-    backend, device = target
+    backend, device = kernel.backend, kernel.device
     backups, params = tensors.values(2, device), tensors.params(device)
     for index, where, kind in specials:
         backup = backups[index % len(backups)]
@@ -349,6 +328,11 @@ def test_restore_is_bitwise(target, tensors, specials):
     ops.restore_(params, backups, backend=backend)
     assert_bitwise_equal(params, before, "restore must copy the backups bit for bit")
     assert_bitwise_equal(backups, before, "the backups must be left as they are")
+
+
+test_restore_is_bitwise, test_restore_is_bitwise_full = fuzz_tests(
+    restore_is_bitwise, weight=2, tensors=tensor_lists(allow_bad=False),
+    specials=st.lists(st.tuples(st.integers(0, 5), unit, st.integers(0, 7)), max_size=4))
 
 
 # ------------------------------------------------------------------------------- restore and step
@@ -415,10 +399,8 @@ def sgd_cases(draw) -> SgdCase:
         multiplier=draw(multipliers), found_inf=draw(found_infs), scalar_shape=draw(scalar_shapes))
 
 
-@fuzz_settings(weight=2)
-@given(case=sgd_cases())
-def test_restore_sgd_step_matches_reference(target, case):
-    backend, device = target
+def restore_sgd_step_matches_reference(kernel, case):
+    backend, device = kernel.backend, kernel.device
     tensors = case.tensors
     params, backups, grads, restored = case.inputs(device)
     buffers = [b if has else None for b, has in zip(tensors.values(3, device), case.buffers, strict=True)]
@@ -458,6 +440,10 @@ def test_restore_sgd_step_matches_reference(target, case):
     assert_unchanged(grads, grads_before, "grads must be left as they are")
 
 
+test_restore_sgd_step_matches_reference, test_restore_sgd_step_matches_reference_full = fuzz_tests(
+    restore_sgd_step_matches_reference, weight=2, case=sgd_cases())
+
+
 @dataclass(frozen=True)
 class AdamCase(DescentCase):
     """Options and state of one restore_adam_step_ call; ``steps``: each parameter's step counter before
@@ -493,10 +479,8 @@ def adam_cases(draw) -> AdamCase:
         scalar_shape=draw(scalar_shapes))
 
 
-@fuzz_settings(weight=2)
-@given(case=adam_cases())
-def test_restore_adam_step_matches_reference(target, case):
-    backend, device = target
+def restore_adam_step_matches_reference(kernel, case):
+    backend, device = kernel.backend, kernel.device
     tensors = case.tensors
     params, backups, grads, restored = case.inputs(device)
     exp_avgs = tensors.values(3, device, scale=0.1)
@@ -541,19 +525,17 @@ def test_restore_adam_step_matches_reference(target, case):
     assert_unchanged(grads, grads_before, "grads must be left as they are")
 
 
+test_restore_adam_step_matches_reference, test_restore_adam_step_matches_reference_full = fuzz_tests(
+    restore_adam_step_matches_reference, weight=2, case=adam_cases())
+
+
 # ------------------------------------------- mismatches the fuzzing found (regressions) and a known one
-
-
-def _require_triton_cpu() -> None:
-    available, why = triton_status("cpu")
-    if not available:
-        pytest.skip(why)
 
 
 def test_triton_amsgrad_max_keeps_nan():
     """amsgrad's running max propagates a NaN, as torch.maximum, torch.optim.Adam and native do (a
     plain tl.maximum drops it)."""
-    _require_triton_cpu()
+    require("triton")
     max_sqs = [torch.tensor([0.01])]
     ops.restore_adam_step_([torch.zeros(1)], [torch.zeros(1)], [torch.zeros(1)], [torch.zeros(1)], max_sqs,
                            [torch.tensor(0.0)], grads=[torch.tensor([math.nan])], lr=0.01, amsgrad=True,
@@ -566,12 +548,11 @@ def test_triton_interpreter_bf16_with_a_tiny_rho():
     once took such a Python-float scalar as an fp64 constant and cast fp64 to bf16 by integer
     conversion, giving 9.2e-41; the kernels now round every float argument to its compute dtype with
     tl.full first.)"""
-    _require_triton_cpu()
+    require("triton")
     params = [torch.ones(1, dtype=torch.bfloat16)]
     ops.perturb_(params, [torch.empty_like(params[0])], torch.tensor(0.0),
                  grads=[torch.zeros(1, dtype=torch.bfloat16)], rho=1e-39, normalize=False, backend="triton")
     assert params[0].item() == 1.0
-
 
 
 def test_adam_found_inf_of_two_leaves_step_counters_unchanged():

@@ -7,69 +7,28 @@ Triton. The native CPU kernels compute in the reference's operation order withou
 perturb, the SGD step and restore match the reference bit for bit there; elsewhere (the interpreter's
 vectorized math, FMA contraction on a GPU, Adam's sqrt) results match to the dtype's tolerance. Backend
 specifics (build facts, the C++ Philox, opcheck, launch counts) are in ``backends/``.
+
+Each op's comparison runs, on every kernel, a pairwise covering set of dtype x shapes x options (every
+two values of any two of them together) by default, and the rest of the product under ``-m slow``
+(cases.py).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import pytest
 import torch
+from cases import pairwise
+from targets import Target
+from tensors import clones, make_tensors
 from tolerance import assert_bitwise_equal, assert_close
 
 from sam_kernels import ops
-from sam_kernels.backends import native_backend, native_status, reference, triton_backend, triton_status
+from sam_kernels.backends import reference
 from sam_kernels.backends.common import mask_threshold
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
-
-
-@dataclass(frozen=True)
-class Kernel:
-    """A kernel backend on a device."""
-
-    backend: str
-    device: torch.device
-    #: Elements per work item of the backend (the multi-chunk cases straddle two of them).
-    chunk: int
-    #: Whether results equal the reference bit for bit.
-    exact: bool
-
-    def __str__(self) -> str:
-        return f"{self.backend}-{self.device.type}"
-
-
-def _kernels() -> list[Kernel]:
-    found = []
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    native_chunk = native_backend.build_info().get("built") and native_backend._C.CHUNK_SIZE
-    if triton_status("cpu")[0]:
-        found.append(Kernel("triton", cpu, triton_backend.CHUNK, False))
-    if native_status("cpu")[0]:
-        found.append(Kernel("native", cpu, native_chunk, True))
-    if torch.cuda.is_available():
-        if native_status("cuda")[0]:
-            found.append(Kernel("native", cuda, native_chunk, False))
-        if triton_status("cuda")[0]:
-            found.append(Kernel("triton", cuda, triton_backend.CHUNK, False))
-    return found
-
-
-KERNELS = _kernels()
-REFERENCE = Kernel("torch", torch.device("cpu"), triton_backend.CHUNK, True)
-
-
-@pytest.fixture(params=KERNELS, ids=str)
-def kernel(request) -> Kernel:
-    return request.param
-
-
-@pytest.fixture(params=[*KERNELS, REFERENCE], ids=str)
-def any_backend(request) -> Kernel:
-    """Every kernel backend and the reference itself (for contracts that hold on their own)."""
-    return request.param
-
 
 # Parameter shapes per case: tensor counts 1 and 3 (300 in the many-tensor tests); sizes 0, 1, 7, 1000 and
 # more than one chunk of the backend under test ("chunk+").
@@ -83,21 +42,12 @@ SHAPE_SETS = {
 MANY_SHAPES = [((i * 37) % 50,) for i in range(300)]
 
 
-def shapes_for(shapes, target: Kernel) -> list[tuple]:
+def shapes_for(shapes, target: Target) -> list[tuple]:
     """``shapes`` with "chunk+" replaced by two chunks and three elements of ``target``'s backend."""
     return [tuple(2 * target.chunk + 3 if d == "chunk+" else d for d in s) for s in shapes]
 
 
-def make_tensors(shapes, dtype, seed=0, scale=1.0, device="cpu"):
-    generator = torch.Generator().manual_seed(seed)
-    return [(torch.randn(s, generator=generator) * scale).to(dtype).to(device) for s in shapes]
-
-
-def clones(tensors):
-    return [t.clone() for t in tensors]
-
-
-def run_both(target: Kernel, fn, *tensor_lists):
+def run_both(target: Target, fn, *tensor_lists):
     """Run ``fn(backend, *lists)`` on fresh clones for ``target`` and the reference; return both."""
     kernel_lists = [clones(ts) for ts in tensor_lists]
     reference_lists = [clones(ts) for ts in tensor_lists]
@@ -106,7 +56,7 @@ def run_both(target: Kernel, fn, *tensor_lists):
     return (kernel_lists, kernel_out), (reference_lists, reference_out)
 
 
-def assert_matches(actual, expected, dtype, target: Kernel, msg=""):
+def assert_matches(actual, expected, dtype, target: Target, msg=""):
     """Bit for bit where the backend is exact, else to the dtype's tolerance."""
     if target.exact:
         assert_bitwise_equal(actual, expected, msg)
@@ -114,16 +64,14 @@ def assert_matches(actual, expected, dtype, target: Kernel, msg=""):
         assert_close(actual, expected, dtype, msg=msg)
 
 
-def scalar(value, target: Kernel, dtype=torch.float32):
+def scalar(value, target: Target, dtype=torch.float32):
     return torch.tensor(value, dtype=dtype, device=target.device)
 
 
 # ------------------------------------------------------------------------------------------------ norm
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shapes", SHAPE_SETS.values(), ids=SHAPE_SETS.keys())
-@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize(*pairwise(dtype=DTYPES, shapes=SHAPE_SETS, adaptive=[False, True]))
 def test_grad_norm_matches_reference(kernel, dtype, shapes, adaptive):
     shapes = shapes_for(shapes, kernel)
     params = make_tensors(shapes, dtype, 1, device=kernel.device)
@@ -195,9 +143,7 @@ PERTURB_OPTIONS = {
 }
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shapes", SHAPE_SETS.values(), ids=SHAPE_SETS.keys())
-@pytest.mark.parametrize("options", PERTURB_OPTIONS.values(), ids=PERTURB_OPTIONS.keys())
+@pytest.mark.parametrize(*pairwise(dtype=DTYPES, shapes=SHAPE_SETS, options=PERTURB_OPTIONS))
 def test_perturb_matches_reference(kernel, dtype, shapes, options):
     shapes = shapes_for(shapes, kernel)
     params = make_tensors(shapes, dtype, 1, device=kernel.device)
@@ -220,7 +166,7 @@ def test_perturb_many_tensors(kernel):
     assert_bitwise_equal(out[2], params)
 
 
-def keep_mask_of(target: Kernel, shapes, dtype=torch.float32, **options):
+def keep_mask_of(target: Target, shapes, dtype=torch.float32, **options):
     """The mask a backend applies, read off a perturbation of w = 0 by g = 1 (every e is then nonzero)."""
     params = [torch.zeros(s, dtype=dtype, device=target.device) for s in shapes]
     grads = [torch.ones_like(p) for p in params]
@@ -324,10 +270,8 @@ SGD_OPTIONS = {
 }
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shapes", SHAPE_SETS.values(), ids=SHAPE_SETS.keys())
-@pytest.mark.parametrize("options", SGD_OPTIONS.values(), ids=SGD_OPTIONS.keys())
-@pytest.mark.parametrize("first_step", [True, False])
+@pytest.mark.parametrize(*pairwise(dtype=DTYPES, shapes=SHAPE_SETS, options=SGD_OPTIONS,
+                                   first_step=[True, False]))
 def test_restore_sgd_step_matches_reference(kernel, dtype, shapes, options, first_step):
     shapes = shapes_for(shapes, kernel)
     backups = make_tensors(shapes, dtype, 1, device=kernel.device)
@@ -363,10 +307,7 @@ def _adam(backend, params, backups, grads, exp_avgs, exp_avg_sqs, max_sqs, steps
                            grad_multiplier=multiplier, found_inf=found_inf, backend=backend, **options)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shapes", SHAPE_SETS.values(), ids=SHAPE_SETS.keys())
-@pytest.mark.parametrize("options", ADAM_OPTIONS.values(), ids=ADAM_OPTIONS.keys())
-@pytest.mark.parametrize("step", [0, 9])
+@pytest.mark.parametrize(*pairwise(dtype=DTYPES, shapes=SHAPE_SETS, options=ADAM_OPTIONS, step=[0, 9]))
 def test_restore_adam_step_matches_reference(kernel, dtype, shapes, options, step):
     shapes = shapes_for(shapes, kernel)
     backups = make_tensors(shapes, dtype, 1, device=kernel.device)

@@ -19,6 +19,9 @@ dirs, and no fast-math.
 
 Run as a script (``python python_tests/backends/test_cuda_sass.py [csrc dir]``) it prints, per kernel,
 the static counts of vector (128-bit) and scalar global loads and stores.
+
+The checks of the machine code are marked slow (``pytest -m slow``): nvcc compiles the whole kernel file
+twice (about 15 s on two cores).
 """
 
 from __future__ import annotations
@@ -256,20 +259,24 @@ CUOBJDUMP = find_tool("cuobjdump")
 def compiled():
     """Both architectures' kernels, compiled once for the module (about 15 s on two cores)."""
     if NVCC is None or CUOBJDUMP is None:
+        from targets import EXPECT_CUDA  # here, not at the top: the file also runs as a plain script
+
         why = (f"needs the CUDA toolkit's nvcc and cuobjdump (nvcc: {NVCC or 'not found'}, cuobjdump: "
                f"{CUOBJDUMP or 'not found'}); set CUDA_HOME to the toolkit")
-        if os.environ.get("SAM_KERNELS_EXPECT_CUDA") == "1":
+        if EXPECT_CUDA:
             pytest.fail(f"SAM_KERNELS_EXPECT_CUDA=1 but the SASS checks cannot run: {why}")
         pytest.skip(why)
     with tempfile.TemporaryDirectory() as workdir:
         yield compile_all(CSRC, Path(workdir), NVCC, CUOBJDUMP)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ARCHS)
 def test_every_instantiation_is_compiled(compiled, arch):
     assert sorted(compiled[arch]) == sorted(expected_labels())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("arch", "label"), list(itertools.product(ARCHS, expected_labels())))
 def test_kernel_machine_code(compiled, arch, label):
     code = compiled[arch].get(label)

@@ -3,8 +3,8 @@ Philox, thread-count determinism, ResNet-50's full size, opcheck and tracing, CU
 against the reference runs for every backend in python_tests/test_ops.py.
 
 Every test runs on the CPU (the C++ kernels run for real here) and again on CUDA when a GPU is present;
-CUDA cases skip cleanly without one. Without the extension every test skips with the reason, unless
-``SAM_KERNELS_EXPECT_NATIVE=1``, which turns a missing extension into a failure (CI sets it after building).
+CUDA cases skip cleanly without one. A missing extension (or CUDA part) skips or fails as targets.py says:
+``SAM_KERNELS_EXPECT_NATIVE=1`` turns a missing extension into a failure (CI sets it after building),
 ``SAM_KERNELS_EXPECT_CUDA=1`` additionally requires the extension's CUDA part (sm_80 and sm_90), and
 ``SAM_KERNELS_EXPECT_BUILD_TOOL=cmake`` (or ``setuptools``) the build system that made it.
 
@@ -14,62 +14,40 @@ not correctly rounded), the norm to summation order. CUDA kernels contract into 
 """
 
 import math
-import os
 
 import pytest
 import torch
 from known_answers import PHILOX_KAT
+from targets import EXPECT_BUILD_TOOL, EXPECT_CUDA, NATIVE_CHUNK, require
+from tensors import clones, make_tensors, randn64
 from tolerance import assert_bitwise_equal, assert_close
 
 from benchmarks.shapes import resnet50_shapes
 from sam_kernels import backends, ops
 from sam_kernels.backends import native_backend, reference
-from sam_kernels.backends.common import mask_threshold
+from sam_kernels.backends.common import AdamConfig, SgdConfig, mask_threshold
 
-EXPECT_NATIVE = os.environ.get("SAM_KERNELS_EXPECT_NATIVE") == "1"
-EXPECT_CUDA = os.environ.get("SAM_KERNELS_EXPECT_CUDA") == "1"
-EXPECT_BUILD_TOOL = os.environ.get("SAM_KERNELS_EXPECT_BUILD_TOOL", "")
 BUILT = native_backend.is_built()
 INFO = native_backend.build_info()
-CHUNK = 65536  # csrc/include/sam_kernels/elementwise.h: kChunkSize (checked against the build below)
+CHUNK = NATIVE_CHUNK  # csrc/include/sam_kernels/elementwise.h: kChunkSize (checked against the build below)
 
 MULTI_CHUNK = CHUNK + 3
-# Tensor counts 1, 3 and 300; sizes 0, 1, 7, 1000 and more than one chunk.
-def _require_native(cuda: bool = False) -> None:
-    if not BUILT:
-        if EXPECT_NATIVE:
-            pytest.fail(f"SAM_KERNELS_EXPECT_NATIVE=1 but {INFO['error']}")
-        pytest.skip(f"native extension unavailable: {INFO['error']}")
-    if cuda and not INFO["cuda"]:
-        if EXPECT_CUDA:
-            pytest.fail("SAM_KERNELS_EXPECT_CUDA=1 but sam_kernels._C was built without its CUDA part")
-        pytest.skip("sam_kernels._C was built without its CUDA part")
 
 
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no CUDA device"))])
 def device(request):
-    _require_native(cuda=request.param == "cuda")
-    return torch.device(request.param)
+    return require("native", request.param)
 
 
 @pytest.fixture
 def native():
-    _require_native()
+    require("native")
 
 
 def exact(device) -> bool:
     """Whether the native kernels match the reference bit for bit on this device (no FMA contraction)."""
     return device.type == "cpu"
-
-
-def make_tensors(shapes, dtype, seed=0, scale=1.0, device="cpu"):
-    generator = torch.Generator().manual_seed(seed)
-    return [(torch.randn(s, generator=generator) * scale).to(dtype).to(device) for s in shapes]
-
-
-def clones(tensors):
-    return [t.clone() for t in tensors]
 
 
 # ------------------------------------------------------------------------------------ build and registry
@@ -164,6 +142,7 @@ def test_grad_norm_is_deterministic_across_thread_counts(device):
 # ------------------------------------------------------------------------------------------ large case
 
 
+@pytest.mark.slow  # 25.6M parameters through both backends, several seconds
 def test_resnet50_sam_iteration_matches_reference(device):
     shapes = resnet50_shapes()
     assert len(shapes) == 161 and sum(math.prod(s) for s in shapes) == 25_557_032
@@ -217,16 +196,16 @@ def _opcheck_cases(device):
                                                   1e-12, 1 << 24, 1.0, False, False, 0.0, 0, 0)),
         "restore_": (ops_.restore_.default, (p, b)),
         "restore_sgd_step_": (ops_.restore_sgd_step_.default,
-                              (p, b, g, clones(g), [1, 0, 0], 0.1, 0.9, 0.0, 1e-4, True, False, scalar,
+                              (p, b, g, clones(g), [1, 0, 0], [0.1, 0.9, 0.0, 1e-4, 1.0, 0.0], scalar,
                                torch.tensor(0.0, device=device))),
         "restore_sgd_step_plain": (ops_.restore_sgd_step_.default,
-                                   (p, b, g, [], [0, 0, 0], 0.1, 0.0, 0.0, 0.0, False, True, None, None)),
+                                   (p, b, g, [], [0, 0, 0], [0.1, 0.0, 0.0, 0.0, 0.0, 1.0], None, None)),
         "restore_adam_step_": (ops_.restore_adam_step_.default,
-                               (p, b, g, clones(g), [x.abs() for x in g], [x.abs() for x in g], steps, 1e-3,
-                                0.9, 0.999, 1e-8, 0.01, True, True, False, scalar, None)),
+                               (p, b, g, clones(g), [x.abs() for x in g], [x.abs() for x in g], steps,
+                                [1e-3, 0.9, 0.999, 1e-8, 0.01, 1.0, 1.0, 0.0], scalar, None)),
         "restore_adam_step_plain": (ops_.restore_adam_step_.default,
-                                    (p, b, g, clones(g), [x.abs() for x in g], [], steps, 1e-3, 0.9, 0.999,
-                                     1e-8, 0.0, False, False, True, None, None)),
+                                    (p, b, g, clones(g), [x.abs() for x in g], [], steps,
+                                     [1e-3, 0.9, 0.999, 1e-8, 0.0, 0.0, 0.0, 1.0], None, None)),
         "philox4x32_10": (ops_.philox4x32_10.default,
                           (torch.randint(0, 2**32, (16, 4), dtype=torch.int64), 3, 4)),
     }
@@ -275,7 +254,7 @@ def test_torch_compile_traces_the_ops(device):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_cuda_ops_run_on_the_current_stream_of_the_tensors_device():
     """Kernels follow the tensors' device (device guard) and the current stream (no default-stream work)."""
-    _require_native(cuda=True)
+    require("native", "cuda")
     device = torch.device("cuda", torch.cuda.device_count() - 1)
     params = make_tensors([(MULTI_CHUNK,), (9,)], torch.float32, 1, device=device)
     grads = make_tensors([(MULTI_CHUNK,), (9,)], torch.float32, 2, device=device)
@@ -307,12 +286,6 @@ SHAPES = [(MULTI_CHUNK,), (33,), (7, 5)]
 
 def _sam_ops():
     return torch.ops.sam_kernels
-
-
-def randn64(shapes, seed, scale=1.0):
-    """float64 values that float32 cannot hold (so fp32 math anywhere would show)."""
-    generator = torch.Generator().manual_seed(seed)
-    return [torch.randn(s, generator=generator, dtype=torch.float64) * scale for s in shapes]
 
 
 def memory_order(tensor):
@@ -399,8 +372,8 @@ def test_fp64_restore_and_skipped_steps_keep_every_bit(native):
     grads, buffers = randn64(SHAPES, 2), randn64(SHAPES, 3)
     before = clones(buffers)
     weights = randn64(SHAPES, 5)
-    _sam_ops().restore_sgd_step_(weights, backups, grads, buffers, [0, 0, 0], 0.1, 0.9, 0.0, 0.0, False,
-                                 False, None, torch.tensor(1.0))
+    _sam_ops().restore_sgd_step_(weights, backups, grads, buffers, [0, 0, 0],
+                                 [0.1, 0.9, 0.0, 0.0, 0.0, 0.0], None, torch.tensor(1.0))
     assert_bitwise_equal(weights, params)
     assert_bitwise_equal(buffers, before)
 
@@ -443,9 +416,8 @@ def test_fp64_sgd_step_is_torch_optim_sgd(native, case):
         backups = _native_ascent(weights, first[s])
         factor = torch.tensor(multiplier) if multiplier is not None else None
         _sam_ops().restore_sgd_step_(weights, backups, second[s], buffers if options["momentum"] else [],
-                                     [int(s == 0)] * len(params), lr, options["momentum"],
-                                     options["dampening"], options["weight_decay"], options["nesterov"],
-                                     options["maximize"], factor, torch.tensor(0.0))
+                                     [int(s == 0)] * len(params),
+                                     SgdConfig(lr, **options).values(), factor, torch.tensor(0.0))
         for p, g in zip(expected, second[s], strict=True):
             p.grad = g * multiplier if multiplier is not None else g.clone()
         optimizer.step()
@@ -483,8 +455,9 @@ def test_fp64_adam_step_is_torch_optim_adam(native, case):
             counter.add_(1)
         factor = torch.tensor(multiplier) if multiplier is not None else None
         _sam_ops().restore_adam_step_(weights, backups, second[s], exp_avgs, exp_avg_sqs, max_sqs, counters,
-                                      lr, betas[0], betas[1], eps, options["weight_decay"], decoupled,
-                                      options["amsgrad"], options["maximize"], factor, None)
+                                      AdamConfig(lr, *betas, eps, options["weight_decay"], decoupled,
+                                                 options["amsgrad"], options["maximize"]).values(),
+                                      factor, None)
         for p, g in zip(expected, second[s], strict=True):
             p.grad = g * multiplier if multiplier is not None else g.clone()
         optimizer.step()
@@ -510,8 +483,8 @@ def test_fp64_and_other_dtypes_in_one_call(native):
         weights, backups, buffers = clones(ps), [torch.empty_like(p) for p in ps], clones(g2s)
         call_perturb(weights, gs, backups, indices, norm, keep_prob=0.5, seed=3, step=4)
         perturbed = clones(weights)
-        _sam_ops().restore_sgd_step_(weights, backups, g2s, buffers, [0] * len(ps), 0.1, 0.9, 0.0, 1e-3, True,
-                                     False, None, None)
+        _sam_ops().restore_sgd_step_(weights, backups, g2s, buffers, [0] * len(ps),
+                                     [0.1, 0.9, 0.0, 1e-3, 1.0, 0.0], None, None)
         return perturbed, weights, buffers
 
     together = sam_step(params, grads, second, [0, 1, 2])
@@ -582,13 +555,13 @@ def test_strided_layouts_run_as_their_memory_order(native, layout, dtype):
         restored = clones(w)
         ops_.restore_(restored, b)
         buffers = clones(g2s)
-        ops_.restore_sgd_step_(w, b, g2s, buffers, [0, 1], 0.1, 0.9, 0.1, 1e-3, True, False,
+        ops_.restore_sgd_step_(w, b, g2s, buffers, [0, 1], [0.1, 0.9, 0.1, 1e-3, 1.0, 0.0],
                                torch.tensor(0.5), None)
         sgd_weights = clones(w)
         w = clones(perturbed)
         m, v, vmax = clones(gs), [x.abs() for x in g2s], [x.abs() * 2 for x in g2s]
-        ops_.restore_adam_step_(w, b, g2s, m, v, vmax, [torch.full((1,), 3.0)] * 2, 1e-3, 0.9, 0.999, 1e-8,
-                                1e-2, True, True, False, None, None)
+        ops_.restore_adam_step_(w, b, g2s, m, v, vmax, [torch.full((1,), 3.0)] * 2,
+                                [1e-3, 0.9, 0.999, 1e-8, 1e-2, 1.0, 1.0, 0.0], None, None)
         for t in [*w, *m, *v, *vmax, *perturbed, *b]:
             assert t.stride() == ps[0].stride()  # the kernels never change a layout
         runs[name] = dict(perturbed=perturbed, backups=b, restored=restored, sgd=sgd_weights, buffers=buffers,
@@ -632,11 +605,11 @@ def test_companion_with_another_layout_is_a_clear_error(native):
     with pytest.raises(RuntimeError, match=r"backups\[0\]: .*memory layout of params\[0\].*" + fix):
         call_perturb([param], [other_cl], [torch.empty(2, 3, 5, 7)], [0], norm)
     with pytest.raises(RuntimeError, match=r"momentum_buffers\[0\]: .*memory layout of params\[0\]"):
-        ops_.restore_sgd_step_([param], [other_cl], [other_cl], [contiguous], [0], 0.1, 0.9, 0.0, 0.0, False,
-                               False, None, None)
+        ops_.restore_sgd_step_([param], [other_cl], [other_cl], [contiguous], [0],
+                               [0.1, 0.9, 0.0, 0.0, 0.0, 0.0], None, None)
     with pytest.raises(RuntimeError, match=r"exp_avg_sqs\[0\]: .*memory layout of params\[0\]"):
         ops_.restore_adam_step_([param], [other_cl], [other_cl], [other_cl.clone()], [contiguous], [],
-                                [torch.ones(1)], 1e-3, 0.9, 0.999, 1e-8, 0.0, False, False, False, None, None)
+                                [torch.ones(1)], [1e-3, 0.9, 0.999, 1e-8, 0.0, 0.0, 0.0, 0.0], None, None)
     with pytest.raises(RuntimeError, match=r"weights\[0\]: .*memory layout of grads\[0\].*empty_like\(grads"):
         ops_.grad_norm([param], [contiguous], 0.0)
     # A contiguous 1-D view of a contiguous parameter still pairs by element count (the rule before).

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference import EagerSAM
+from eager_reference import ReferenceSAM
 from tolerance import assert_bitwise_equal, assert_close
 
 from sam_kernels.optim import SAM, Interval
@@ -66,7 +66,7 @@ def test_sam_trainer_runs_two_passes_like_eager_sam(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(forwards[0::2], forwards[1::2], strict=True))
 
     expected = tiny_model()
-    ref = EagerSAM.of_model(expected, torch.optim.SGD(expected.parameters(), lr=0.05, momentum=0.9),
+    ref = ReferenceSAM.of_model(expected, torch.optim.SGD(expected.parameters(), lr=0.05, momentum=0.9),
                             rho=0.05, loss=trainer_loss)
     for batch in forwards[0::2]:  # the batches the Trainer drew, in its order
         ref.step([(batch, batch)])

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference import EagerSAM, batch_loss, make_batches, make_mlp
+from eager_reference import ReferenceSAM, batch_loss, make_batches, make_mlp
 from tolerance import assert_bitwise_equal, assert_close
 
 from sam_kernels.optim import SAM
@@ -65,7 +65,7 @@ def trainer(tmp_path, steps, **kwargs):
 
 def eager_run(batches) -> list[torch.Tensor]:
     model = make_mlp()
-    ref = EagerSAM.of_model(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), rho=0.05)
+    ref = ReferenceSAM.of_model(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), rho=0.05)
     for x, y in batches:
         ref.step([(x, y)])
     return [p.detach() for p in model.parameters()]

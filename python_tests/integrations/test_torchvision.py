@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference import EagerSAM, assert_models_close, batch_loss, clone_model, eager_sam_step
+from eager_reference import ReferenceSAM, assert_models_close, batch_loss, clone_model, eager_sam_step
 
 from sam_kernels.optim import SAM, freeze_bn_stats
 
@@ -33,7 +33,7 @@ def test_resnet18_channels_last_matches_eager_sam(base):
     base_cls, options = {"sgd": (torch.optim.SGD, {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4}),
                          "adamw": (torch.optim.AdamW, {"lr": 1e-3, "weight_decay": 0.05})}[base]
     sam = SAM(model.parameters(), base_cls, rho=0.05, **options)
-    reference = EagerSAM.of_model(reference_model, base_cls(reference_model.parameters(), **options),
+    reference = ReferenceSAM.of_model(reference_model, base_cls(reference_model.parameters(), **options),
                                   rho=0.05)
     assert sam.uses_fused_step
     for x, y in batches(STEPS):

@@ -6,7 +6,8 @@ import copy
 
 import pytest
 import torch
-from reference import batch_loss, make_batches, make_model
+from cases import pairwise_over_backends
+from eager_reference import batch_loss, make_batches, make_model
 from torch import nn
 
 from sam_kernels.optim import ESAM, SAM
@@ -171,9 +172,8 @@ def assert_unchanged(model, sam, saved):
             assert torch.equal(current[index][key], value), (index, key)
 
 
-@pytest.mark.parametrize("bad_pass", ["ascent", "descent"])
-@pytest.mark.parametrize("value", [float("nan"), float("inf")])
-@pytest.mark.parametrize("base_name", BASES)
+@pairwise_over_backends(base_name=list(BASES), value=[float("nan"), float("inf")],
+                        bad_pass=["ascent", "descent"])
 def test_non_finite_gradient_skips_the_step(backend, base_name, value, bad_pass):
     base_cls, base_options = BASES[base_name]
     model = make_model()

@@ -1,39 +1,37 @@
 """Property-based fuzzing of the optimizers of ``sam_kernels.optim`` against the independent eager
-implementation of reference.py, over short random runs of the tiny model.
+implementation of eager_reference.py, over short random runs of the tiny model.
 
 Variants: SAM with any mix of ``adaptive`` (ASAM), ``renormalize`` (SSAM) and ``normalize_ascent=False``
 (USAM), and ESAM with ``swp="element"`` and ``gamma=1`` through ``step(closure)``; bases: SGD, Adam and
-AdamW (fused descent) and RMSprop (generic descent); op backends: torch, triton and native. NaN or inf is
-written into a random gradient of either pass at random steps. The contract checked: a non-finite
-gradient in either pass skips the step, with the weights restored bit for bit and the base optimizer's
-state unchanged; the eager reference takes the same decision from its own gradients. Example counts come
-from ``fuzz_profile.py``.
+AdamW (fused descent) and RMSprop (generic descent); op backends: the ``backend`` fixture of conftest.py
+(torch, triton and native). NaN or inf is written into a random gradient of either pass at random steps.
+The contract checked: a non-finite gradient in either pass skips the step, with the weights restored bit
+for bit and the base optimizer's state unchanged; the eager reference takes the same decision from its
+own gradients. Example counts come from ``fuzz_profile.py``.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-import os
 from dataclasses import dataclass
 
 import pytest
 import torch
-from fuzz_profile import fuzz_settings
-from hypothesis import event, given
-from hypothesis import strategies as st
-from reference import (
-    EagerSAM,
+from eager_reference import (
     FrozenBatchNorm,
+    ReferenceSAM,
     assert_models_close,
     batch_loss,
     clone_model,
     make_batches,
     make_model,
 )
+from fuzz_profile import fuzz_tests
+from hypothesis import event
+from hypothesis import strategies as st
 from tolerance import assert_bitwise_equal
 
-from sam_kernels.backends import native_status, triton_status
 from sam_kernels.backends.common import mask_threshold
 from sam_kernels.backends.reference import keep_mask
 from sam_kernels.optim import ESAM, SAM, freeze_bn_stats
@@ -45,20 +43,6 @@ BASES = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.
          "rmsprop": torch.optim.RMSprop}
 #: Parameters of eager.make_model (two weight matrices, BatchNorm's weight and bias, the last bias).
 PARAMS = 5
-
-
-@pytest.fixture(params=["torch", "triton", "native"])
-def op_backend(request) -> str:
-    """The op backend of the optimizer under test; an absent one skips with the reason
-    (SAM_KERNELS_EXPECT_NATIVE=1 makes a missing native backend a failure)."""
-    name = request.param
-    if name != "torch":
-        available, why = (native_status if name == "native" else triton_status)("cpu")
-        if not available:
-            if name == "native" and os.environ.get("SAM_KERNELS_EXPECT_NATIVE") == "1":
-                pytest.fail(f"SAM_KERNELS_EXPECT_NATIVE=1 but {why}")
-            pytest.skip(why)
-    return name
 
 
 # --------------------------------------------------------------------------------------- strategies
@@ -99,11 +83,11 @@ class Run:
             return ESAM(params, base, beta=self.beta, gamma=1.0, swp="element", **options)
         return SAM(params, base, **options)
 
-    def reference(self, model) -> EagerSAM:
+    def reference(self, model) -> ReferenceSAM:
         group = {"params": list(model.parameters()), "rho": self.rho, "adaptive": self.adaptive,
                  "eta": self.adaptive_eta}
         base = BASES[self.base](model.parameters(), **dict(self.base_options))
-        return EagerSAM([group], base, normalize=self.normalize_ascent, renormalize=self.renormalize)
+        return ReferenceSAM([group], base, normalize=self.normalize_ascent, renormalize=self.renormalize)
 
 
 #: eps of Adam, AdamW and RMSprop. NOTE: large enough that a near-zero gradient element is not normalized
@@ -198,7 +182,7 @@ def optimizer_step(optimizer: SAM, model, x, y, bad, closure: bool) -> float:
     return loss.item()
 
 
-def eager_step(reference: EagerSAM, model, x, y, bad, masks, divisor: float) -> tuple[float, bool]:
+def eager_step(reference: ReferenceSAM, model, x, y, bad, masks, divisor: float) -> tuple[float, bool]:
     """One eager SAM (ESAM) step with the same injection; returns the loss at w and whether the step was
     skipped, decided here from the eager model's own gradients of each pass."""
     reference.base.zero_grad()
@@ -278,12 +262,10 @@ def assert_states_match(actual: SAM, expected: torch.optim.Optimizer, base: str)
 # --------------------------------------------------------------------------------------------- test
 
 
-@fuzz_settings()
-@given(run=runs())
-def test_optimizer_matches_eager_and_skips_non_finite_steps(op_backend, run):
+def optimizer_matches_eager_and_skips_non_finite_steps(backend, run):
     model = make_model()
     reference_model = clone_model(model)
-    optimizer = run.optimizer(model, op_backend)
+    optimizer = run.optimizer(model, backend)
     reference = run.reference(reference_model)
     assert optimizer.uses_fused_step == (run.base != "rmsprop")
     event(f"base: {run.base}")
@@ -312,3 +294,8 @@ def test_optimizer_matches_eager_and_skips_non_finite_steps(op_backend, run):
     event(f"skipped steps: {skips} of {len(run.bad)}")
     assert all(bool(torch.isfinite(p).all()) for p in params)
     assert_states_match(optimizer, reference.base, run.base)
+
+
+(test_optimizer_matches_eager_and_skips_non_finite_steps,
+ test_optimizer_matches_eager_and_skips_non_finite_steps_full) = fuzz_tests(
+    optimizer_matches_eager_and_skips_non_finite_steps, run=runs())

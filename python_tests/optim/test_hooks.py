@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference import batch_loss, closure_step, make_batches, make_model
+from eager_reference import batch_loss, closure_step, make_batches, make_model
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from sam_kernels.optim import ESAM, SAM, sample_losses_closure

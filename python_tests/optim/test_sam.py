@@ -1,5 +1,5 @@
-"""SAM, ASAM, SSAM and USAM against the plain eager implementation of reference.py, over several steps of a
-small model with BatchNorm, on both loop styles, the fused and the generic descent."""
+"""SAM, ASAM, SSAM and USAM against the plain eager implementation of eager_reference.py, over several steps
+of a small model with BatchNorm, on both loop styles, the fused and the generic descent."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import warnings
 
 import pytest
 import torch
-from reference import (
-    EagerSAM,
+from cases import pairwise_over_backends
+from eager_reference import (
+    ReferenceSAM,
     assert_models_close,
     assert_models_equal,
     batch_loss,
@@ -39,10 +40,10 @@ VARIANTS = {
 }
 
 
-def eager_for(model, base_cls, base_options, options) -> EagerSAM:
+def eager_for(model, base_cls, base_options, options) -> ReferenceSAM:
     group = {"params": list(model.parameters()), "rho": options["rho"],
              "adaptive": options.get("adaptive", False), "eta": options.get("adaptive_eta", 0.0)}
-    return EagerSAM([group], base_cls(model.parameters(), **base_options),
+    return ReferenceSAM([group], base_cls(model.parameters(), **base_options),
                     normalize=options.get("normalize_ascent", True),
                     renormalize=options.get("renormalize", False))
 
@@ -78,8 +79,7 @@ def assert_states_close(actual: torch.optim.Optimizer, expected: torch.optim.Opt
             torch.testing.assert_close(actual_state[index][key], value, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("base_name", BASES)
+@pairwise_over_backends(base_name=list(BASES), variant=list(VARIANTS))
 def test_fused_path_matches_eager(backend, base_name, variant):
     base_cls, base_options = BASES[base_name]
     options = VARIANTS[variant]
@@ -175,7 +175,7 @@ def test_param_groups_with_their_own_rho_adaptive_and_lr(backend):
     eager_groups = groups(reference_model, eager=True)
     base = torch.optim.SGD([{"params": eager_groups[0]["params"], "lr": 0.02},
                             {"params": eager_groups[1]["params"]}], lr=0.05, momentum=0.9)
-    reference = EagerSAM(eager_groups, base)
+    reference = ReferenceSAM(eager_groups, base)
     for x, y in make_batches(STEPS):
         two_call_step(sam, model, x, y)
         eager_sam_step(reference, reference_model, x, y)
@@ -188,7 +188,7 @@ def test_add_param_group_mid_training():
     params, reference_params = list(model.parameters()), list(reference_model.parameters())
     sam = SAM(params[:2], torch.optim.AdamW, lr=0.01, backend="torch")
     base = torch.optim.AdamW(reference_params[:2], lr=0.01)
-    reference = EagerSAM([{"params": reference_params[:2], "rho": 0.05, "adaptive": False, "eta": 0.0}],
+    reference = ReferenceSAM([{"params": reference_params[:2], "rho": 0.05, "adaptive": False, "eta": 0.0}],
                          base)
     for step, (x, y) in enumerate(make_batches(4)):
         if step == 2:
@@ -244,12 +244,11 @@ def conv_batches(count: int, dtype=torch.float32, memory_format=torch.contiguous
              torch.randint(0, 3, (6,), generator=generator)) for _ in range(count)]
 
 
-@pytest.mark.parametrize(("dtype", "memory_format"), [(torch.float32, torch.channels_last),
-                                                      (torch.float64, torch.contiguous_format),
-                                                      (torch.float64, torch.channels_last)],
-                         ids=["channels_last", "float64", "float64-channels_last"])
-@pytest.mark.parametrize("base_name", BASES)
-def test_channels_last_and_float64_models_match_eager(backend, base_name, dtype, memory_format):
+@pairwise_over_backends(base_name=list(BASES), layout={
+    "channels_last": (torch.float32, torch.channels_last),
+    "float64": (torch.float64, torch.contiguous_format),
+    "float64-channels_last": (torch.float64, torch.channels_last)})
+def test_channels_last_and_float64_models_match_eager(backend, base_name, layout):
     """A channels_last or float64 model trains in the kernels (no copies: the weights, gradients,
     backups and state keep the model's layout) and follows the eager SAM over torch.optim, which computes
     in the model's dtype.
@@ -258,6 +257,7 @@ def test_channels_last_and_float64_models_match_eager(backend, base_name, dtype,
     and so the perturbation's scale, is fp32 by design (backends/common.py, "fp64"): the second gradient
     is taken at a point 1e-8 (relative to e) away from the eager one's, which the steps carry into the
     weights at about 1e-6 relative."""
+    dtype, memory_format = layout
     base_cls, base_options = BASES[base_name]
     model = make_conv_model().to(dtype=dtype, memory_format=memory_format)
     reference_model = clone_model(model)

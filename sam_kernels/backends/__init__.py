@@ -25,11 +25,14 @@ import torch
 BACKEND_ENV = "SAM_KERNELS_BACKEND"
 BACKEND_NAMES = ("native", "triton", "torch")
 _MODULES = {"native": "native_backend", "triton": "triton_backend", "torch": "reference"}
+#: Whether the triton package is installed, looked up once. NOTE: not at each call: torch.compile traces
+#: the ops' choice of a backend, and dynamo refuses to trace importlib.util.find_spec (torch 2.11 does).
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
 def triton_status(device_type: str) -> tuple[bool, str]:
     """Whether the Triton backend can run on this device type, and why (not)."""
-    if importlib.util.find_spec("triton") is None:
+    if not TRITON_INSTALLED:
         return False, "the triton package is not installed"
     if device_type == "cuda":
         return True, "triton is installed and the tensors are on a CUDA device"

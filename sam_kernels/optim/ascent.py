@@ -11,6 +11,7 @@ import torch
 
 from . import amp
 from .base import clear_grads
+from .policy import Policy
 from .workspace import Ascent, ascent_parts, select
 
 
@@ -69,7 +70,8 @@ def ascend(engine, run, scaler: Any, zero_grad: bool) -> None:
             parts = ascent_parts(plan, grads if directions is None else directions, kept)
             run.perturb(ascent, parts, norm,
                         lambda group: policy.perturb_config(group, engine.eps, engine.seed), engine.backend)
-    policy.after_ascent(engine._context(plan, grads, ascent))
+    if type(policy).after_ascent is not Policy.after_ascent:  # NOTE: no context to build for SAM itself
+        policy.after_ascent(engine._context(plan, grads, ascent))
     if zero_grad:
         clear_grads(engine)
 

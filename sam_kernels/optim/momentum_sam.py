@@ -77,11 +77,11 @@ class MomentumSAM(SAM):
     same ``w~`` comes back, bit for bit), or call ``unperturb()`` at the end of training. After loading a
     checkpoint (model first, then this optimizer) call ``perturb()`` before the next forward to resume
     exactly. ``first_step``/``second_step`` do not apply (there is no second pass). GradScaler is not
-    supported (use bf16 autocast).
+    supported (use bf16 autocast). SGD's other options (weight decay, damping, Nesterov) and SAM's
+    (``seed``, ``fused``, ``backend``, ...) are keyword arguments.
     """
 
     def __init__(self, params, lr: float = 0.1, *, momentum: float = 0.9, rho: float = 0.3,
-                 dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False,
                  **kwargs: Any) -> None:
         if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 < momentum < 1:
             raise ValueError(f"momentum: MomentumSAM perturbs along the momentum buffer, so it must be "
@@ -91,8 +91,7 @@ class MomentumSAM(SAM):
                 raise ValueError(f"{name}: not an option of MomentumSAM")
         base = kwargs.pop("base_optimizer", torch.optim.SGD)
         super().__init__(params, base, rho=rho, policy=MomentumSAMPolicy(**policy_options(kwargs)), lr=lr,
-                         momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                         nesterov=nesterov, **kwargs)
+                         momentum=momentum, **kwargs)
 
     # ------------------------------------------------------------------------- training loops
 

@@ -26,7 +26,7 @@ CUDA graphs and schedules run is declared in ``combinations.py``.
 from __future__ import annotations
 
 from collections.abc import Callable, MutableMapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -36,7 +36,7 @@ from .checks import check_bool
 from .schedules import Schedule, check_schedule
 
 
-@dataclass
+@dataclass(eq=False)
 class StepContext:
     """What a policy sees of one step (built by the engine for each call)."""
 
@@ -50,17 +50,11 @@ class StepContext:
     #: parameter, with or without a gradient, and the group options).
     state: MutableMapping
     param_groups: list
-    #: The optimizer's seed.
+    #: The optimizer's seed, ``sam_eps`` (of the ascent scale and of ratios of norms) and ``backend``
+    #: option (for calls into ``sam_kernels.ops``).
     seed: int
-    #: ``sam_eps``: of the ascent scale and of ratios of norms.
     eps: float
-    #: ``norm(tensors)``: (global L2 norm, non-finite flag), 0-d fp32 device tensors; all-reduced over
-    #: the shards of FSDP2 parameters, so every rank must call it with its own shards.
-    norm: Callable[[list[torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
-    #: The ``backend`` option (for calls into ``sam_kernels.ops``) and ``backup(param)``: a parameter's
-    #: backup buffer (the engine's, allocated once).
     backend: str | None
-    backup: Callable[[torch.Tensor], torch.Tensor]
     #: Norm of the plain (unweighted, unscaled) ascent gradient; on a plain step, of the step's gradient.
     ascent_norm: torch.Tensor | None = None
     #: A plain step of a schedule (nothing was perturbed; the descent uses the first gradients).
@@ -74,13 +68,8 @@ class StepContext:
     #: Whether the base step ran, when the host knows it (the generic path reads the flag); None on the
     #: fused path, which skips on the device (``found_inf``).
     stepped: bool | None = None
-    #: ``step_of()``: the SAM iteration (the host counter; see ``step``).
-    step_of: Callable[[], int] | None = None
-    #: ``perturb(plan, parts, norm, config_of)``: move to w + e now and record it as the pending ascent,
-    #: for a policy whose ascent is not along the gradient (MomentumSAM); ``parts`` holds (params,
-    #: directions, backups, positions, group) per call, ``config_of(group)`` the ``PerturbConfig``; with
-    #: ``plan`` None the calls go through ``sam_kernels.ops`` (outside a step).
-    perturb: Callable | None = None
+    #: The engine's working state, reached only through the methods below.
+    _workspace: Any = field(default=None, repr=False)
 
     @property
     def step(self) -> int:
@@ -88,7 +77,23 @@ class StepContext:
 
         NOTE (compile guards): read on demand, so that a compiled step which never asks does not guard on
         (and recompile for) the counter's value."""
-        return self.step_of()
+        return self._workspace.step
+
+    def norm(self, tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(global L2 norm, non-finite flag) of ``tensors``, 0-d fp32 device tensors; all-reduced over the
+        shards of FSDP2 parameters, so every rank must call it with its own shards."""
+        return self._workspace.norm(self.plan, tensors)
+
+    def backup(self, param: torch.Tensor) -> torch.Tensor:
+        """The backup buffer of ``param`` (the engine's, allocated once)."""
+        return self._workspace.backup(param)
+
+    def perturb(self, plan, parts: list[tuple], norm: torch.Tensor, config_of: Callable) -> None:
+        """Move to w + e now and record it as the pending ascent, for a policy whose ascent is not along
+        the gradient (MomentumSAM). ``parts``: (params, directions, backups, positions, group) per call;
+        ``config_of(group)``: its ``PerturbConfig``; ``plan`` None: through ``sam_kernels.ops`` (outside a
+        step)."""
+        self._workspace.perturb_along(plan, parts, norm, config_of, self.backend)
 
 
 class Policy:

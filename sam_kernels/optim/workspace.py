@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from .. import ops
+from ..backends import entry
 from ..backends.common import same_layout
 from ..distributed import all_reduce_norm, local_tensor, shard_group
 from . import closure_convention, fused_steps
@@ -166,7 +167,7 @@ class Workspace:
         """Global norm and non-finite flag of ``grads`` (zeros on the device when empty); over the
         local shards and all-reduced when the parameters are sharded (FSDP2)."""
         if grads:
-            norm, nonfinite = plan.backend.grad_norm(grads, weights, adaptive_eta)
+            norm, nonfinite = entry.grad_norm(plan.backend, grads, weights, adaptive_eta)
         else:
             norm = torch.zeros((), dtype=torch.float32, device=plan.device)
             nonfinite = norm.clone()
@@ -205,16 +206,16 @@ class Workspace:
     def context(self, optimizer, plan: StepPlan | None, grads: list | None,
                 ascent: Ascent | None) -> StepContext:
         """A policy's view of a step of ``optimizer`` (``policy.StepContext``)."""
-        backend = optimizer.backend
-
-        def perturb(plan, parts, norm, config_of):
-            self.ascent = Ascent(plan, None, norm, torch.zeros_like(norm))
-            self.perturb(self.ascent, parts, norm, config_of, backend)
-
         return StepContext(plan, grads, optimizer.state, optimizer.param_groups, optimizer.seed,
-                           optimizer.eps, lambda tensors: self.norm(plan, tensors), backend, self.backup,
+                           optimizer.eps, optimizer.backend,
                            ascent.grad_norm if ascent is not None else None,
-                           ascent is not None and ascent.plain, step_of=lambda: self.step, perturb=perturb)
+                           ascent is not None and ascent.plain, _workspace=self)
+
+    def perturb_along(self, plan: StepPlan | None, parts, norm: torch.Tensor, config_of,
+                      backend: str | None) -> None:
+        """``StepContext.perturb``: a new pending ascent along ``parts``' directions."""
+        self.ascent = Ascent(plan, None, norm, torch.zeros_like(norm))
+        self.perturb(self.ascent, parts, norm, config_of, backend)
 
     def perturb(self, ascent: Ascent, parts, norm: torch.Tensor, config_of, backend: str | None) -> None:
         """w += e for each (params, directions, backups, positions, group) of ``parts`` with the
@@ -225,7 +226,7 @@ class Workspace:
         for params, directions, backups, positions, group in parts:
             config = config_of(group)
             if plan is not None:
-                plan.backend.perturb_(params, directions, backups, positions, norm, step, config)
+                entry.perturb_(plan.backend, params, directions, backups, positions, norm, step, config)
             else:
                 ops.perturb_(params, backups, norm, grads=directions, rho=config.rho, eps=config.eps,
                              keep_prob=config.keep_prob, scale_factor=config.scale_factor,
@@ -239,7 +240,7 @@ class Workspace:
         next ascent)."""
         for params, backups in ascent.perturbed:
             if ascent.plan is not None:
-                ascent.plan.backend.restore_(params, backups)
+                entry.restore_(ascent.plan.backend, params, backups)
             else:  # perturbed outside a step: through the op layer
                 ops.restore_(params, backups, backend=backend)
 

@@ -1,22 +1,17 @@
 """torch.compile: the ops trace into one graph (custom ops with fake implementations, no graph break inside
-them), and a compiled SAM training step matches eager SAM of reference.py. CPU, the aot_eager backend
-(dynamo tracing, fake tensors and functionalization, without a C++ compile)."""
+them), and a compiled SAM training step matches eager SAM of eager_reference.py. CPU, the aot_eager
+backend (dynamo tracing, fake tensors and functionalization, without a C++ compile)."""
 
 from __future__ import annotations
 
 import copy
 
-import pytest
 import torch
-from reference import EagerSAM, batch_loss, make_batches, make_mlp
+from eager_reference import ReferenceSAM, batch_loss, make_batches, make_mlp
 from tolerance import assert_close
 
 from sam_kernels import backends, ops
-from sam_kernels.backends import native_status
 from sam_kernels.optim import SAM
-
-NATIVE = pytest.param("native", marks=pytest.mark.skipif(not native_status("cpu")[0],
-                                                         reason="sam_kernels._C is not built"))
 
 
 def tensors(seed: int = 0):
@@ -36,7 +31,6 @@ def sam_ops(params, grads, backups, buffers, step, backend):
     return norm, nonfinite
 
 
-@pytest.mark.parametrize("backend", [NATIVE, "torch", "triton"])
 def test_ops_trace_in_one_graph(backend):
     """fullgraph=True: any graph break inside the ops fails; results equal the eager torch reference.
     (A backend module is imported on first use, which dynamo cannot trace: imported first here.)"""
@@ -71,42 +65,33 @@ def compiled_step(model, sam, compiler):
     return train_step
 
 
-@pytest.mark.parametrize("backend", [NATIVE, "torch", "triton"])
-def test_compiled_training_step_matches_eager(backend):
-    """A whole two-pass step under torch.compile (graph breaks allowed outside the ops: backward,
-    zero_grad) against eager SAM."""
+def test_compiled_training_step_matches_eager_and_compiles_once(backend):
+    """The README's two-pass step under torch.compile (graph breaks allowed outside the ops: backward,
+    zero_grad), compiled once for both checks: its first three steps match eager SAM, and over 20 steps no
+    graph is compiled after those three (they create the optimizer state and the step plan), so dynamo's
+    recompile limit is never reached."""
     torch._dynamo.reset()
+    graphs = []
+    aot_eager = torch._dynamo.lookup_backend("aot_eager")
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return aot_eager(graph_module, example_inputs)
+
     model = make_mlp()
     ref_model = copy.deepcopy(model)
     sam = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9, backend=backend)
     base = torch.optim.SGD(ref_model.parameters(), lr=0.1, momentum=0.9)
-    ref = EagerSAM.of_model(ref_model, base, rho=0.05)
-
-    train_step = compiled_step(model, sam, "aot_eager")
-    for x, y in make_batches(3, size=8):
-        train_step(x, y)
-        ref.step([(x, y)])
-    for a, b in zip(model.parameters(), ref_model.parameters(), strict=True):
-        assert_close(a.detach(), b.detach(), scale=10)
-
-
-@pytest.mark.parametrize("backend", [NATIVE, "torch", "triton"])
-def test_compiled_training_step_compiles_once(backend):
-    """The README's compiled step over 20 steps: no graph is compiled after the first three (they create
-    the optimizer state and the step plan), so dynamo's recompile limit is never reached."""
-    torch._dynamo.reset()
-    graphs = []
-
-    def counting_backend(graph_module, example_inputs):
-        graphs.append(graph_module)
-        return graph_module.forward
-
-    model = make_mlp()
-    sam = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9, backend=backend)
+    ref = ReferenceSAM.of_model(ref_model, base, rho=0.05)
 
     train_step = compiled_step(model, sam, counting_backend)
     counts = []
-    for x, y in make_batches(20, size=8):
+    for step, (x, y) in enumerate(make_batches(20, size=8)):
         train_step(x, y)
         counts.append(len(graphs))
+        if step < 3:
+            ref.step([(x, y)])
+        if step == 2:
+            for a, b in zip(model.parameters(), ref_model.parameters(), strict=True):
+                assert_close(a.detach(), b.detach(), scale=10)
     assert counts[3:] == [counts[2]] * 17, counts

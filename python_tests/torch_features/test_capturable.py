@@ -8,29 +8,27 @@ import copy
 
 import pytest
 import torch
-from reference import EagerSAM, HostSyncCounter, batch_loss, make_batches, make_mlp
+from eager_reference import HostSyncCounter, ReferenceSAM, batch_loss, make_batches, make_mlp
+from targets import CPU_KERNEL_BACKENDS, require
 from tolerance import assert_close
 
-from sam_kernels.backends import native_status
 from sam_kernels.optim import ESAM, SAM
 
 BASES = {"sgd": (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}), "adam": (torch.optim.Adam, {"lr": 0.01})}
 
 
-KERNEL_BACKENDS = ["triton"] + (["native"] if native_status("cpu")[0] else [])
-
-
 @pytest.mark.parametrize("capturable", [True, False])
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
 @pytest.mark.parametrize("base", BASES)
 def test_fused_step_makes_no_host_sync(base, backend, capturable):
     """From the very first step on (step plan and state creation included), on each kernel backend, with
     and without capturable=True; the trajectory still matches an eager SAM over the same base
     optimizer."""
+    require(backend)
     base_cls, options = BASES[base]
     model, ref_model = make_mlp(), make_mlp()
     sam = SAM(model.parameters(), base_cls, rho=0.05, backend=backend, capturable=capturable, **options)
-    ref = EagerSAM.of_model(ref_model, base_cls(ref_model.parameters(), **options), rho=0.05)
+    ref = ReferenceSAM.of_model(ref_model, base_cls(ref_model.parameters(), **options), rho=0.05)
     for x, y in make_batches(3, size=8):
         with HostSyncCounter() as counter:
             sam.zero_grad(set_to_none=False)
@@ -80,7 +78,7 @@ def test_capturable_rejects_host_paths():
 @pytest.mark.parametrize("backend", ["triton", "native"])
 def test_cuda_graph_capture_and_replay(backend):
     """A whole SAM step (both forwards and backwards, first_step, second_step) captured once and
-    replayed, against the independent eager SAM of reference.py."""
+    replayed, against the independent eager SAM of eager_reference.py."""
     from sam_kernels.backends import resolve
     try:
         resolve(torch.device("cuda"), backend)
@@ -92,7 +90,7 @@ def test_cuda_graph_capture_and_replay(backend):
     sam = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9, backend=backend,
               capturable=True)
     base = torch.optim.SGD(ref_model.parameters(), lr=0.1, momentum=0.9)
-    ref = EagerSAM.of_model(ref_model, base, rho=0.05)
+    ref = ReferenceSAM.of_model(ref_model, base, rho=0.05)
     data = [(x.to(device), y.to(device)) for x, y in make_batches(6, size=8)]
     static_x, static_y = data[0][0].clone(), data[0][1].clone()
 

@@ -1,6 +1,6 @@
 """AMP: torch.amp.GradScaler driving SAM's two passes (fp16 autocast and plain fp32 with a loss scale),
 bf16 autocast, non-finite gradients injected into each pass, and the scaler's state afterwards; compared
-with the eager SAM of reference.py."""
+with the eager SAM of eager_reference.py."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import math
 
 import pytest
 import torch
-from reference import EagerSAM, HostSyncCounter, batch_loss, make_batches, make_mlp, per_worker_step
+from cases import pairwise_over_backends
+from eager_reference import HostSyncCounter, ReferenceSAM, batch_loss, make_batches, make_mlp, per_worker_step
 from tolerance import assert_bitwise_equal, assert_close
 
 from sam_kernels.optim import SAM
@@ -56,14 +57,13 @@ def pair(base: str, variant: str, backend: str, *, fused=None):
     base_cls, base_options = BASES[base]
     options = VARIANTS[variant]
     sam = SAM(model.parameters(), base_cls, backend=backend, fused=fused, **options, **base_options)
-    ref = EagerSAM.of_model(ref_model, base_cls(ref_model.parameters(), **base_options), rho=options["rho"],
-                            normalize=options.get("normalize_ascent", True),
-                            renormalize=options.get("renormalize", False))
+    ref = ReferenceSAM.of_model(ref_model, base_cls(ref_model.parameters(), **base_options),
+                                rho=options["rho"], normalize=options.get("normalize_ascent", True),
+                                renormalize=options.get("renormalize", False))
     return model, sam, ref_model, ref
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
-@pytest.mark.parametrize("base", list(BASES))
+@pairwise_over_backends(base=list(BASES), variant=list(VARIANTS))
 def test_scaled_fp32_matches_eager(backend, base, variant):
     """A loss scale of 2**12 on fp32: both passes unscaled on the device, same trajectory as unscaled
     eager SAM; the scaler's scale grows on schedule (no step was skipped)."""
@@ -117,10 +117,8 @@ def _corrupt(value: float):
     return corrupt
 
 
-@pytest.mark.parametrize("fused", [None, False], ids=["fused", "generic"])
-@pytest.mark.parametrize("value", [math.inf, math.nan], ids=["inf", "nan"])
-@pytest.mark.parametrize("where", ["ascent", "descent"])
-@pytest.mark.parametrize("base", list(BASES))
+@pairwise_over_backends(base=list(BASES), where=["ascent", "descent"],
+                        value={"inf": math.inf, "nan": math.nan}, fused={"fused": None, "generic": False})
 def test_nonfinite_in_either_pass_skips(backend, base, where, value, fused):
     """inf or nan injected into one pass at the second step: weights and base state are bit for bit the
     pre-step ones, the scaler backs off once and its growth tracker restarts; the next step is normal
@@ -239,8 +237,8 @@ def test_fused_amp_path_makes_no_host_sync(base):
 @pytest.mark.parametrize("corrupt", [False, True])
 def test_esam_sds_step_with_grad_scaler(backend, corrupt):
     """ESAM.sds_step(grad_scaler=...): per-tensor SWP and SDS with both passes scaled, against the eager
-    single-worker ESAM of reference.py with the same dropped tensors; an inf in the first pass skips the
-    step and backs the scale off."""
+    single-worker ESAM of eager_reference.py with the same dropped tensors; an inf in the first pass skips
+    the step and backs the scale off."""
     from sam_kernels.optim import ESAM, sample_losses_closure
 
     model = make_mlp()

@@ -9,7 +9,7 @@ import sys
 
 import torch
 import torch.distributed as dist
-from reference import batch_loss, make_batches, make_mlp
+from eager_reference import batch_loss, make_batches, make_mlp
 from torch.nn.parallel import DistributedDataParallel
 
 from sam_kernels.clip import clip_grad_norm_
@@ -56,8 +56,17 @@ def gathered(model: torch.nn.Module) -> list[list[torch.Tensor]]:
     return result
 
 
-def ddp_run(rank: int, port: int, out: str, backends: list[str]) -> None:
+def run(rank: int, port: int, ddp_out: str, fsdp_out: str | None, backends: list[str]) -> None:
+    """Both runs in one pair of processes (one start-up): DDP's, then FSDP2's unless ``fsdp_out`` is
+    None; each saves its results from rank 0."""
     init(rank, port)
+    ddp_run(rank, ddp_out, backends)
+    if fsdp_out is not None:
+        fsdp_run(rank, fsdp_out, backends)
+    finish()
+
+
+def ddp_run(rank: int, out: str, backends: list[str]) -> None:
     results = {}
     for backend in backends:
         for mode in ("per_worker", "per_worker_closure", "synced", "averaged", "interval_per_worker",
@@ -122,15 +131,13 @@ def ddp_run(rank: int, port: int, out: str, backends: list[str]) -> None:
             results[(backend, f"{key}_dropped")] = everyone
     if rank == 0:
         torch.save(results, out)
-    finish()
 
 
-def fsdp_run(rank: int, port: int, out: str, backends: list[str]) -> None:
+def fsdp_run(rank: int, out: str, backends: list[str]) -> None:
     """FSDP2 (fully_shard) on a 1-D mesh of the 2 CPU processes: SAM with a globally synced ascent."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    init(rank, port)
     mesh = init_device_mesh("cpu", (WORLD,))
     results = {}
     for backend, clip in [(backend, None) for backend in backends] + [(backends[0], 0.05)]:
@@ -158,4 +165,3 @@ def fsdp_run(rank: int, port: int, out: str, backends: list[str]) -> None:
     dist.all_gather_object(everyone, results)
     if rank == 0:
         torch.save(everyone, out)
-    finish()

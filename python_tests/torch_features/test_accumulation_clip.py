@@ -7,7 +7,8 @@ import copy
 
 import pytest
 import torch
-from reference import EagerSAM, batch_loss, make_batches, make_mlp
+from cases import pairwise_over_backends
+from eager_reference import ReferenceSAM, batch_loss, make_batches, make_mlp
 from tolerance import assert_close
 
 from sam_kernels.clip import clip_grad_norm_, grad_norm
@@ -24,12 +25,11 @@ def pair(base: str, backend: str, rho: float = 0.05):
     ref_model = copy.deepcopy(model)
     base_cls, options = BASES[base]
     sam = SAM(model.parameters(), base_cls, rho=rho, backend=backend, **options)
-    ref = EagerSAM.of_model(ref_model, base_cls(ref_model.parameters(), **options), rho=rho)
+    ref = ReferenceSAM.of_model(ref_model, base_cls(ref_model.parameters(), **options), rho=rho)
     return model, sam, ref_model, ref
 
 
-@pytest.mark.parametrize("micro", [1, 2, 4])
-@pytest.mark.parametrize("base", list(BASES))
+@pairwise_over_backends(base=list(BASES), micro=[1, 2, 4])
 def test_accumulation_equals_large_batch(backend, base, micro):
     """The documented recipe: each pass accumulates loss / n_micro over the micro-batches; equals eager SAM
     on the whole batch at once."""
@@ -66,8 +66,7 @@ def test_accumulation_with_grad_scaler(backend):
         assert_close(a.detach(), b.detach(), scale=10)
 
 
-@pytest.mark.parametrize("max_norm", [1e-3, 0.3, 1e3])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pairwise_over_backends(dtype=[torch.float32, torch.float16, torch.bfloat16], max_norm=[1e-3, 0.3, 1e3])
 def test_clip_matches_torch(backend, dtype, max_norm):
     generator = torch.Generator().manual_seed(0)
     shapes = [(7,), (3, 5), (1,), (40, 3)]
@@ -85,8 +84,8 @@ def test_clip_matches_torch(backend, dtype, max_norm):
     assert_close([p.grad for p in params], [e.grad for e in expected])
 
 
-@pytest.mark.parametrize("norm_type", [2.0, float("inf"), 1.0, 3.0])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pairwise_over_backends(dtype=[torch.float32, torch.float64, torch.bfloat16],
+                        norm_type=[2.0, float("inf"), 1.0, 3.0])
 def test_clip_norm_types_and_float64_match_torch(backend, dtype, norm_type):
     generator = torch.Generator().manual_seed(1)
     shapes = [(7,), (3, 5), (40, 3)]

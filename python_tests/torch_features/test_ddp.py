@@ -3,6 +3,7 @@ global batch: the per-worker ascent, the synced ascent, and ESAM's SWP and SDS u
 
 from __future__ import annotations
 
+import importlib.util
 import socket
 import sys
 import time
@@ -11,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from reference import EagerSAM, batch_loss, make_batches, make_mlp, per_worker_step
+from eager_reference import ReferenceSAM, batch_loss, make_batches, make_mlp, per_worker_step
+from targets import require
 from tolerance import assert_bitwise_equal, assert_close
 
 HERE = Path(__file__).parent
@@ -28,7 +30,7 @@ def spawn(function_name: str, *args) -> None:
     """Run ``dist_worker.<function_name>(rank, port, *args)`` on 2 processes; fail after TIMEOUT_S."""
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("torch.distributed with gloo is unavailable")
-    # NOTE (spawn): the workers import dist_worker (here) and reference (python_tests) by name; spawned
+    # NOTE (spawn): the workers import dist_worker (here) and eager_reference (python_tests) by name; spawned
     # processes start with this process's sys.path.
     for folder in (HERE.parent, HERE):
         if str(folder) not in sys.path:
@@ -47,19 +49,37 @@ def spawn(function_name: str, *args) -> None:
                 process.terminate()
 
 
+def distributed_backends() -> list[str]:
+    """The op backends the workers run: the reference and the Triton kernels (the distributed logic is the
+    optimizer's, the same over any backend)."""
+    require("triton")
+    return ["torch", "triton"]
+
+
 @pytest.fixture(scope="module")
-def ddp_results(tmp_path_factory):
-    from sam_kernels.backends import triton_status
-    backends = ["torch"] + (["triton"] if triton_status("cpu")[0] else [])
-    out = tmp_path_factory.mktemp("ddp") / "results.pt"
-    spawn("ddp_run", str(out), backends)
-    return torch.load(out, weights_only=False), backends
+def distributed_results(tmp_path_factory):
+    """The DDP and the FSDP2 runs, made by one pair of processes: {"ddp": results, "fsdp": results of each
+    rank, or None without FSDP2}, and the backends."""
+    backends = distributed_backends()
+    folder = tmp_path_factory.mktemp("distributed")
+    ddp_out, fsdp_out = folder / "ddp.pt", folder / "fsdp.pt"
+    with_fsdp = importlib.util.find_spec("torch.distributed.fsdp") is not None
+    spawn("run", str(ddp_out), str(fsdp_out) if with_fsdp else None, backends)
+    results = {"ddp": torch.load(ddp_out, weights_only=False),
+               "fsdp": torch.load(fsdp_out, weights_only=False) if with_fsdp else None}
+    return results, backends
+
+
+@pytest.fixture(scope="module")
+def ddp_results(distributed_results):
+    results, backends = distributed_results
+    return results["ddp"], backends
 
 
 def expected_params(mode: str, clip: float | None = None) -> list[torch.Tensor]:
     model = make_mlp()
     base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    eager = EagerSAM.of_model(model, base, rho=0.05)
+    eager = ReferenceSAM.of_model(model, base, rho=0.05)
     for step, (x, y) in enumerate(make_batches(3, size=16)):
         if mode == "interval" and step % 2 == 1:  # a plain step with the full batch's (synced) gradient
             base.zero_grad()
@@ -116,16 +136,14 @@ def test_ddp_esam(ddp_results):
         assert_bitwise_equal(first0, rank0, f"{backend}: construction order changes the result")
 
 
-def test_fsdp2_matches_single_process(tmp_path):
+def test_fsdp2_matches_single_process(distributed_results):
     """FSDP2 on 2 CPU processes: the norm all-reduced over the shards, perturb and restore in place on
     the local shards (the shards' storage never changes), against eager SAM on the global batch; and
     clipping with the norm all-reduced over the shards."""
-    pytest.importorskip("torch.distributed.fsdp")
-    from sam_kernels.backends import triton_status
-    backends = ["torch"] + (["triton"] if triton_status("cpu")[0] else [])
-    out = tmp_path / "fsdp.pt"
-    spawn("fsdp_run", str(out), backends)
-    ranks = torch.load(out, weights_only=False)
+    results, backends = distributed_results
+    ranks = results["fsdp"]
+    if ranks is None:
+        pytest.skip("torch.distributed.fsdp is unavailable")
     expected = expected_params("synced")
     for backend in backends:
         for rank, results in enumerate(ranks):
