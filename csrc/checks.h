@@ -19,6 +19,7 @@
 #include <optional>
 #include <vector>
 
+#include "sam_kernels/elementwise.h"
 #include "sam_kernels/philox.h"
 
 namespace sam_kernels {
@@ -151,6 +152,20 @@ inline void check_adam_args(at::TensorList params, at::TensorList backups, at::T
     TORCH_CHECK(steps[k].numel() == 1 && steps[k].scalar_type() == at::kFloat && steps[k].device() == device,
                 "steps[", k, "]: expected a one-element float32 tensor on ", device);
   }
+}
+
+// A fused step's options as its schema takes them (`float[] config`: the values of its Python config),
+// checked for their count and read by the struct's builder (elementwise.h).
+inline SgdConfigT<double> checked_sgd_config(at::ArrayRef<double> values) {
+  TORCH_CHECK(values.size() == kSgdConfigValues, "restore_sgd_step_: config: expected ", kSgdConfigValues,
+              " values (SgdConfig.values()), got ", values.size());
+  return sgd_config(values.data());
+}
+
+inline AdamConfigT<double> checked_adam_config(at::ArrayRef<double> values) {
+  TORCH_CHECK(values.size() == kAdamConfigValues, "restore_adam_step_: config: expected ", kAdamConfigValues,
+              " values (AdamConfig.values()), got ", values.size());
+  return adam_config(values.data());
 }
 
 }  // namespace sam_kernels

@@ -29,7 +29,8 @@ TORCH_LIBRARY(sam_kernels, m) {
   // RNG step, gradient multiplier, found_inf, Adam's step counters) are tensors, so no op reads them on
   // the host. An empty `weights` list means a plain (non-adaptive) norm; an empty `momentum_buffers` or
   // `max_exp_avg_sqs` list means no momentum or no AMSGrad. The 64-bit seed is passed as two 32-bit
-  // words because schema ints are signed 64-bit.
+  // words because schema ints are signed 64-bit. A fused step's options are one `float[] config`: the
+  // values of its Python config, read by sgd_config and adam_config (elementwise.h).
   m.def("grad_norm(Tensor[] grads, Tensor[] weights, float adaptive_eta) -> (Tensor, Tensor)", tags);
   m.def(
       "perturb_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] backups, int[] tensor_indices, "
@@ -39,13 +40,12 @@ TORCH_LIBRARY(sam_kernels, m) {
   m.def("restore_(Tensor(a!)[] params, Tensor[] backups) -> ()", tags);
   m.def(
       "restore_sgd_step_(Tensor(a!)[] params, Tensor[] backups, Tensor[] grads, "
-      "Tensor(b!)[] momentum_buffers, int[] first_step, float lr, float momentum, float dampening, "
-      "float weight_decay, bool nesterov, bool maximize, Tensor? grad_multiplier, Tensor? found_inf) -> ()",
+      "Tensor(b!)[] momentum_buffers, int[] first_step, float[] config, Tensor? grad_multiplier, "
+      "Tensor? found_inf) -> ()",
       tags);
   m.def(
       "restore_adam_step_(Tensor(a!)[] params, Tensor[] backups, Tensor[] grads, Tensor(b!)[] exp_avgs, "
-      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor[] steps, float lr, float beta1, "
-      "float beta2, float eps, float weight_decay, bool decoupled, bool amsgrad, bool maximize, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor[] steps, float[] config, "
       "Tensor? grad_multiplier, Tensor? found_inf) -> ()",
       tags);
   // Philox4x32-10 on an int64 (N, 4) tensor of counter words (values in [0, 2**32)): the (N, 4) output

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from . import backends
+from .backends import entry
 from .backends.common import (
     SUPPORTED_DTYPE_NAMES,
     SUPPORTED_DTYPES,
@@ -158,7 +159,7 @@ def grad_norm(params: Tensors, grads: OptionalTensors | None = None, *, adaptive
         device = params[0].device if len(params) else torch.device("cpu")
         zero = torch.zeros((), dtype=torch.float32, device=device)
         return zero, zero.clone()
-    return _backend(params, backend).grad_norm(_pick(grads, kept), weights, adaptive_eta)
+    return entry.grad_norm(_backend(params, backend), _pick(grads, kept), weights, adaptive_eta)
 
 
 def perturb_(params: Tensors, backups: Tensors, norm: torch.Tensor, *, rho: float,
@@ -205,9 +206,8 @@ def perturb_(params: Tensors, backups: Tensors, norm: torch.Tensor, *, rho: floa
     config = PerturbConfig(rho=float(rho), eps=float(eps), keep_prob=float(keep_prob),
                            scale_factor=float(scale_factor), normalize=bool(normalize),
                            adaptive=bool(adaptive), adaptive_eta=float(adaptive_eta), seed=int(seed))
-    _backend(params, backend).perturb_(
-        _pick(params, kept), _pick(grads, kept), _pick(backups, kept),
-        [int(t) for t in _pick(tensor_indices, kept)], norm.reshape(()).float(), step, config)
+    entry.perturb_(_backend(params, backend), _pick(params, kept), _pick(grads, kept), _pick(backups, kept),
+                   [int(t) for t in _pick(tensor_indices, kept)], norm.reshape(()).float(), step, config)
 
 
 def _device_step(step: int | torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -233,7 +233,7 @@ def restore_(params: Tensors, backups: Tensors, *, backend: str | None = None) -
     for i, backup in enumerate(backups):
         _check_like("backups", backup, params[i], i)
     if len(params):
-        _backend(params, backend).restore_(list(params), list(backups))
+        entry.restore_(_backend(params, backend), list(params), list(backups))
 
 
 def _split_restore(params, backups, grads, backend):
@@ -272,10 +272,9 @@ def restore_sgd_step_(params: Tensors, backups: Tensors, momentum_buffers: Optio
     gradient are only restored. ``backups[i]`` may be ``params[i]`` itself (a parameter that was not
     perturbed): every element is read before it is written.
     """
-    if momentum < 0 or dampening < 0 or weight_decay < 0 or lr < 0:
-        raise ValueError("lr, momentum, dampening and weight_decay must be non-negative")
-    if nesterov and (momentum <= 0 or dampening != 0):
-        raise ValueError("nesterov: requires a momentum > 0 and zero dampening")
+    config = SgdConfig(lr=float(lr), momentum=float(momentum), dampening=float(dampening),
+                       weight_decay=float(weight_decay), nesterov=bool(nesterov), maximize=bool(maximize))
+    config.check()
     kept = _split_restore(params, backups, grads, backend)
     grads = _resolve_grads(params, grads)
     _check_list("momentum_buffers", momentum_buffers, len(params))
@@ -288,12 +287,9 @@ def restore_sgd_step_(params: Tensors, backups: Tensors, momentum_buffers: Optio
             _check_like("momentum_buffers", buffers[i], params[i], i)
     grad_multiplier, found_inf = _check_step_scalars(params, grad_multiplier, found_inf)
     if kept:
-        config = SgdConfig(lr=float(lr), momentum=float(momentum), dampening=float(dampening),
-                           weight_decay=float(weight_decay), nesterov=bool(nesterov),
-                           maximize=bool(maximize))
-        _backend(params, backend).restore_sgd_step_(
-            _pick(params, kept), _pick(backups, kept), _pick(grads, kept), _pick(buffers, kept),
-            [int(first_step[i]) for i in kept], config, grad_multiplier, found_inf)
+        entry.restore_sgd_step_(_backend(params, backend), _pick(params, kept), _pick(backups, kept),
+                                _pick(grads, kept), _pick(buffers, kept), [int(first_step[i]) for i in kept],
+                                config, grad_multiplier, found_inf)
     return buffers
 
 
@@ -313,8 +309,10 @@ def restore_adam_step_(params: Tensors, backups: Tensors, exp_avgs: Tensors, exp
     beta1, beta2 = betas
     if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
         raise ValueError(f"betas: each must be in [0, 1), got {betas}")
-    if lr < 0 or eps < 0 or weight_decay < 0:
-        raise ValueError("lr, eps and weight_decay must be non-negative")
+    config = AdamConfig(lr=float(lr), beta1=float(beta1), beta2=float(beta2), eps=float(eps),
+                        weight_decay=float(weight_decay), decoupled=bool(decoupled_weight_decay),
+                        amsgrad=bool(amsgrad), maximize=bool(maximize))
+    config.check()
     kept = _split_restore(params, backups, grads, backend)
     grads = _resolve_grads(params, grads)
     state_lists = {"exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs}
@@ -335,23 +333,12 @@ def restore_adam_step_(params: Tensors, backups: Tensors, exp_avgs: Tensors, exp
     grad_multiplier, found_inf = _check_step_scalars(params, grad_multiplier, found_inf)
     if not kept:
         return
-    kept_steps = _pick(steps, kept)
-    advance_adam_steps_(kept_steps, found_inf)
-    config = AdamConfig(lr=float(lr), beta1=float(beta1), beta2=float(beta2), eps=float(eps),
-                        weight_decay=float(weight_decay), decoupled=bool(decoupled_weight_decay),
-                        amsgrad=bool(amsgrad), maximize=bool(maximize))
-    _backend(params, backend).restore_adam_step_(
-        _pick(params, kept), _pick(backups, kept), _pick(grads, kept), _pick(exp_avgs, kept),
-        _pick(exp_avg_sqs, kept), _pick(max_exp_avg_sqs, kept) if amsgrad else None, kept_steps,
-        config, grad_multiplier, found_inf)
+    entry.restore_adam_step_(
+        _backend(params, backend), _pick(params, kept), _pick(backups, kept), _pick(grads, kept),
+        _pick(exp_avgs, kept), _pick(exp_avg_sqs, kept), _pick(max_exp_avg_sqs, kept) if amsgrad else None,
+        _pick(steps, kept), config, grad_multiplier, found_inf)
 
 
-def advance_adam_steps_(steps: Tensors, found_inf: torch.Tensor | None) -> None:
-    """Add 1 to Adam's per-parameter step counters, 0 when ``found_inf`` is nonzero, on the device."""
-    if found_inf is None:
-        torch._foreach_add_(steps, 1.0)
-    else:
-        # NOTE: a tensor list, not a 0-d tensor operand: the CPU kernel of the scalar-tensor overload
-        # reads the scalar on the host, which would break CUDA-graph capture and compiled steps.
-        increment = (found_inf == 0).float()  # any nonzero flag skips (GradScaler's may exceed 1)
-        torch._foreach_add_(steps, [increment] * len(steps))
+#: Add 1 to Adam's per-parameter step counters (0 where ``found_inf`` is set); kept here for callers of
+#: the op layer, the optimizers and ``restore_adam_step_`` advance them through ``backends.entry``.
+advance_adam_steps_ = entry.advance_adam_steps_

@@ -314,20 +314,21 @@ SAMK_CPU_LOOP void sgd_range(T* param, const T* backup, const T* __restrict grad
 }
 
 void restore_sgd_step_cpu(at::TensorList params, at::TensorList backups, at::TensorList grads,
-                          at::TensorList momentum_buffers, at::IntArrayRef first_step, double lr,
-                          double momentum, double dampening, double weight_decay, bool nesterov,
-                          bool maximize, const std::optional<at::Tensor>& grad_multiplier,
+                          at::TensorList momentum_buffers, at::IntArrayRef first_step,
+                          at::ArrayRef<double> config_values,
+                          const std::optional<at::Tensor>& grad_multiplier,
                           const std::optional<at::Tensor>& found_inf) {
   const at::Device device = device_of(params);
-  const bool has_momentum = momentum != 0.0;
+  const SgdConfigT<double> config = checked_sgd_config(config_values);
+  const bool has_momentum = config.has_momentum;
   check_sgd_args(params, backups, grads, momentum_buffers, first_step, has_momentum);
   const auto multiplier_t = optional_scalar("grad_multiplier", grad_multiplier, device);
   const auto found_inf_t = optional_scalar("found_inf", found_inf, device);
   const bool skip = found_inf_t ? *data<float>(*found_inf_t) != 0.0f : false;
   // NOTE: maximize folds into the multiplier: -(g * m) == g * (-m) exactly (rounding is sign-symmetric).
   // The fp32 multiplier converts to double exactly, so the float64 loops fold it the same way.
-  const float multiplier = (multiplier_t ? *data<float>(*multiplier_t) : 1.0f) * (maximize ? -1.0f : 1.0f);
-  const SgdConfigT<double> config = sgd_config(lr, momentum, dampening, weight_decay, nesterov, maximize);
+  const float sign = config.maximize ? -1.0f : 1.0f;
+  const float multiplier = (multiplier_t ? *data<float>(*multiplier_t) : 1.0f) * sign;
 
   int64_t total_elements = 0;
   const auto items = work_items(params, &total_elements);
@@ -345,7 +346,7 @@ void restore_sgd_step_cpu(at::TensorList params, at::TensorList backups, at::Ten
       T* buf = has_momentum ? data<T>(momentum_buffers[k]) : nullptr;
       with_flag(has_momentum, [&](auto momentum_) {
         with_flag(has_momentum && first_step[k] != 0, [&](auto first_) {
-          with_flag(has_momentum && nesterov, [&](auto nesterov_) {
+          with_flag(has_momentum && config.nesterov, [&](auto nesterov_) {
             with_flag(c.weight_decay != C(0), [&](auto decay_) {
               sgd_range<T, momentum_, first_, nesterov_, decay_>(data<T>(params[k]), data<T>(backups[k]),
                                                                  data<T>(grads[k]), buf, item.begin,
@@ -387,15 +388,14 @@ SAMK_CPU_LOOP void adam_range(T* param, const T* backup, const T* __restrict gra
 
 void restore_adam_step_cpu(at::TensorList params, at::TensorList backups, at::TensorList grads,
                            at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                           at::TensorList max_exp_avg_sqs, at::TensorList steps, double lr, double beta1,
-                           double beta2, double eps, double weight_decay, bool decoupled, bool amsgrad,
-                           bool maximize, const std::optional<at::Tensor>& grad_multiplier,
+                           at::TensorList max_exp_avg_sqs, at::TensorList steps,
+                           at::ArrayRef<double> config_values,
+                           const std::optional<at::Tensor>& grad_multiplier,
                            const std::optional<at::Tensor>& found_inf) {
   const at::Device device = device_of(params);
   const size_t n = params.size();
-  check_adam_args(params, backups, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, amsgrad);
-  const AdamConfigT<double> config =
-      adam_config(lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize);
+  const AdamConfigT<double> config = checked_adam_config(config_values);
+  check_adam_args(params, backups, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, config.amsgrad);
   // The step counters (float32, already advanced), read once; each work item computes its tensor's bias
   // terms in its math type (two pow calls per chunk).
   std::vector<float> step_values(n);
@@ -404,7 +404,8 @@ void restore_adam_step_cpu(at::TensorList params, at::TensorList backups, at::Te
   const auto found_inf_t = optional_scalar("found_inf", found_inf, device);
   const bool skip = found_inf_t ? *data<float>(*found_inf_t) != 0.0f : false;
   // NOTE: maximize folds into the multiplier, as in restore_sgd_step_cpu.
-  const float multiplier = (multiplier_t ? *data<float>(*multiplier_t) : 1.0f) * (maximize ? -1.0f : 1.0f);
+  const float sign = config.maximize ? -1.0f : 1.0f;
+  const float multiplier = (multiplier_t ? *data<float>(*multiplier_t) : 1.0f) * sign;
 
   int64_t total_elements = 0;
   const auto items = work_items(params, &total_elements);
@@ -420,9 +421,9 @@ void restore_adam_step_cpu(at::TensorList params, at::TensorList backups, at::Te
       using C = math_t<T>;
       const AdamConfigT<C> c = config_as<C>(config);
       const AdamBiasT<C> bias = adam_bias(c, step_values[k]);
-      T* max_sq = amsgrad ? data<T>(max_exp_avg_sqs[k]) : nullptr;
-      with_flag(amsgrad, [&](auto amsgrad_) {
-        with_flag(decoupled && c.weight_decay != C(0), [&](auto decoupled_) {
+      T* max_sq = config.amsgrad ? data<T>(max_exp_avg_sqs[k]) : nullptr;
+      with_flag(config.amsgrad, [&](auto amsgrad_) {
+        with_flag(config.decoupled && c.weight_decay != C(0), [&](auto decoupled_) {
           with_flag(c.weight_decay != C(0), [&](auto decay_) {
             adam_range<T, amsgrad_, decoupled_, decay_>(
                 data<T>(params[k]), data<T>(backups[k]), data<T>(grads[k]), data<T>(exp_avgs[k]),

@@ -157,20 +157,20 @@ void restore_cuda(at::TensorList params, at::TensorList backups) {
 }
 
 void restore_sgd_step_cuda(at::TensorList params, at::TensorList backups, at::TensorList grads,
-                           at::TensorList momentum_buffers, at::IntArrayRef first_step, double lr,
-                           double momentum, double dampening, double weight_decay, bool nesterov,
-                           bool maximize, const std::optional<at::Tensor>& grad_multiplier,
+                           at::TensorList momentum_buffers, at::IntArrayRef first_step,
+                          at::ArrayRef<double> config_values,
+                           const std::optional<at::Tensor>& grad_multiplier,
                            const std::optional<at::Tensor>& found_inf) {
   const at::Device device = device_of(params);
   const size_t n = params.size();
-  const bool has_momentum = momentum != 0.0;
+  const SgdConfigT<double> config = checked_sgd_config(config_values);
+  const bool has_momentum = config.has_momentum;
   check_sgd_args(params, backups, grads, momentum_buffers, first_step, has_momentum);
   if (n == 0) return;
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = current_stream(device);
   const auto multiplier = optional_scalar("grad_multiplier", grad_multiplier, device);
   const auto found = optional_scalar("found_inf", found_inf, device);
-  const SgdConfigT<double> config = sgd_config(lr, momentum, dampening, weight_decay, nesterov, maximize);
   for (const auto& group : dtype_groups(params)) {
     std::vector<at::TensorList> lists = {params, backups, grads};
     if (has_momentum) lists.push_back(momentum_buffers);
@@ -183,23 +183,22 @@ void restore_sgd_step_cuda(at::TensorList params, at::TensorList backups, at::Te
 
 void restore_adam_step_cuda(at::TensorList params, at::TensorList backups, at::TensorList grads,
                             at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                            at::TensorList max_exp_avg_sqs, at::TensorList steps, double lr, double beta1,
-                            double beta2, double eps, double weight_decay, bool decoupled, bool amsgrad,
-                            bool maximize, const std::optional<at::Tensor>& grad_multiplier,
+                            at::TensorList max_exp_avg_sqs, at::TensorList steps,
+                           at::ArrayRef<double> config_values,
+                            const std::optional<at::Tensor>& grad_multiplier,
                             const std::optional<at::Tensor>& found_inf) {
   const at::Device device = device_of(params);
   const size_t n = params.size();
-  check_adam_args(params, backups, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, amsgrad);
+  const AdamConfigT<double> config = checked_adam_config(config_values);
+  check_adam_args(params, backups, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, config.amsgrad);
   if (n == 0) return;
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = current_stream(device);
   const auto multiplier = optional_scalar("grad_multiplier", grad_multiplier, device);
   const auto found = optional_scalar("found_inf", found_inf, device);
-  const AdamConfigT<double> config =
-      adam_config(lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize);
   for (const auto& group : dtype_groups(params)) {
     std::vector<at::TensorList> lists = {params, backups, grads, exp_avgs, exp_avg_sqs};
-    if (amsgrad) lists.push_back(max_exp_avg_sqs);
+    if (config.amsgrad) lists.push_back(max_exp_avg_sqs);
     HostLists host(lists, group);
     for (const size_t k : group) host.scalars.push_back(steps[k].data_ptr());
     C10_CUDA_CHECK(launch_adam(device_dtype(params[group[0]].scalar_type()), host.view(), config,

@@ -25,7 +25,7 @@ from tolerance import assert_bitwise_equal, assert_close
 from benchmarks.shapes import resnet50_shapes
 from sam_kernels import backends, ops
 from sam_kernels.backends import native_backend, reference
-from sam_kernels.backends.common import mask_threshold
+from sam_kernels.backends.common import AdamConfig, SgdConfig, mask_threshold
 
 BUILT = native_backend.is_built()
 INFO = native_backend.build_info()
@@ -196,16 +196,16 @@ def _opcheck_cases(device):
                                                   1e-12, 1 << 24, 1.0, False, False, 0.0, 0, 0)),
         "restore_": (ops_.restore_.default, (p, b)),
         "restore_sgd_step_": (ops_.restore_sgd_step_.default,
-                              (p, b, g, clones(g), [1, 0, 0], 0.1, 0.9, 0.0, 1e-4, True, False, scalar,
+                              (p, b, g, clones(g), [1, 0, 0], [0.1, 0.9, 0.0, 1e-4, 1.0, 0.0], scalar,
                                torch.tensor(0.0, device=device))),
         "restore_sgd_step_plain": (ops_.restore_sgd_step_.default,
-                                   (p, b, g, [], [0, 0, 0], 0.1, 0.0, 0.0, 0.0, False, True, None, None)),
+                                   (p, b, g, [], [0, 0, 0], [0.1, 0.0, 0.0, 0.0, 0.0, 1.0], None, None)),
         "restore_adam_step_": (ops_.restore_adam_step_.default,
-                               (p, b, g, clones(g), [x.abs() for x in g], [x.abs() for x in g], steps, 1e-3,
-                                0.9, 0.999, 1e-8, 0.01, True, True, False, scalar, None)),
+                               (p, b, g, clones(g), [x.abs() for x in g], [x.abs() for x in g], steps,
+                                [1e-3, 0.9, 0.999, 1e-8, 0.01, 1.0, 1.0, 0.0], scalar, None)),
         "restore_adam_step_plain": (ops_.restore_adam_step_.default,
-                                    (p, b, g, clones(g), [x.abs() for x in g], [], steps, 1e-3, 0.9, 0.999,
-                                     1e-8, 0.0, False, False, True, None, None)),
+                                    (p, b, g, clones(g), [x.abs() for x in g], [], steps,
+                                     [1e-3, 0.9, 0.999, 1e-8, 0.0, 0.0, 0.0, 1.0], None, None)),
         "philox4x32_10": (ops_.philox4x32_10.default,
                           (torch.randint(0, 2**32, (16, 4), dtype=torch.int64), 3, 4)),
     }
@@ -372,8 +372,8 @@ def test_fp64_restore_and_skipped_steps_keep_every_bit(native):
     grads, buffers = randn64(SHAPES, 2), randn64(SHAPES, 3)
     before = clones(buffers)
     weights = randn64(SHAPES, 5)
-    _sam_ops().restore_sgd_step_(weights, backups, grads, buffers, [0, 0, 0], 0.1, 0.9, 0.0, 0.0, False,
-                                 False, None, torch.tensor(1.0))
+    _sam_ops().restore_sgd_step_(weights, backups, grads, buffers, [0, 0, 0],
+                                 [0.1, 0.9, 0.0, 0.0, 0.0, 0.0], None, torch.tensor(1.0))
     assert_bitwise_equal(weights, params)
     assert_bitwise_equal(buffers, before)
 
@@ -416,9 +416,8 @@ def test_fp64_sgd_step_is_torch_optim_sgd(native, case):
         backups = _native_ascent(weights, first[s])
         factor = torch.tensor(multiplier) if multiplier is not None else None
         _sam_ops().restore_sgd_step_(weights, backups, second[s], buffers if options["momentum"] else [],
-                                     [int(s == 0)] * len(params), lr, options["momentum"],
-                                     options["dampening"], options["weight_decay"], options["nesterov"],
-                                     options["maximize"], factor, torch.tensor(0.0))
+                                     [int(s == 0)] * len(params),
+                                     SgdConfig(lr, **options).values(), factor, torch.tensor(0.0))
         for p, g in zip(expected, second[s], strict=True):
             p.grad = g * multiplier if multiplier is not None else g.clone()
         optimizer.step()
@@ -456,8 +455,9 @@ def test_fp64_adam_step_is_torch_optim_adam(native, case):
             counter.add_(1)
         factor = torch.tensor(multiplier) if multiplier is not None else None
         _sam_ops().restore_adam_step_(weights, backups, second[s], exp_avgs, exp_avg_sqs, max_sqs, counters,
-                                      lr, betas[0], betas[1], eps, options["weight_decay"], decoupled,
-                                      options["amsgrad"], options["maximize"], factor, None)
+                                      AdamConfig(lr, *betas, eps, options["weight_decay"], decoupled,
+                                                 options["amsgrad"], options["maximize"]).values(),
+                                      factor, None)
         for p, g in zip(expected, second[s], strict=True):
             p.grad = g * multiplier if multiplier is not None else g.clone()
         optimizer.step()
@@ -483,8 +483,8 @@ def test_fp64_and_other_dtypes_in_one_call(native):
         weights, backups, buffers = clones(ps), [torch.empty_like(p) for p in ps], clones(g2s)
         call_perturb(weights, gs, backups, indices, norm, keep_prob=0.5, seed=3, step=4)
         perturbed = clones(weights)
-        _sam_ops().restore_sgd_step_(weights, backups, g2s, buffers, [0] * len(ps), 0.1, 0.9, 0.0, 1e-3, True,
-                                     False, None, None)
+        _sam_ops().restore_sgd_step_(weights, backups, g2s, buffers, [0] * len(ps),
+                                     [0.1, 0.9, 0.0, 1e-3, 1.0, 0.0], None, None)
         return perturbed, weights, buffers
 
     together = sam_step(params, grads, second, [0, 1, 2])
@@ -555,13 +555,13 @@ def test_strided_layouts_run_as_their_memory_order(native, layout, dtype):
         restored = clones(w)
         ops_.restore_(restored, b)
         buffers = clones(g2s)
-        ops_.restore_sgd_step_(w, b, g2s, buffers, [0, 1], 0.1, 0.9, 0.1, 1e-3, True, False,
+        ops_.restore_sgd_step_(w, b, g2s, buffers, [0, 1], [0.1, 0.9, 0.1, 1e-3, 1.0, 0.0],
                                torch.tensor(0.5), None)
         sgd_weights = clones(w)
         w = clones(perturbed)
         m, v, vmax = clones(gs), [x.abs() for x in g2s], [x.abs() * 2 for x in g2s]
-        ops_.restore_adam_step_(w, b, g2s, m, v, vmax, [torch.full((1,), 3.0)] * 2, 1e-3, 0.9, 0.999, 1e-8,
-                                1e-2, True, True, False, None, None)
+        ops_.restore_adam_step_(w, b, g2s, m, v, vmax, [torch.full((1,), 3.0)] * 2,
+                                [1e-3, 0.9, 0.999, 1e-8, 1e-2, 1.0, 1.0, 0.0], None, None)
         for t in [*w, *m, *v, *vmax, *perturbed, *b]:
             assert t.stride() == ps[0].stride()  # the kernels never change a layout
         runs[name] = dict(perturbed=perturbed, backups=b, restored=restored, sgd=sgd_weights, buffers=buffers,
@@ -605,11 +605,11 @@ def test_companion_with_another_layout_is_a_clear_error(native):
     with pytest.raises(RuntimeError, match=r"backups\[0\]: .*memory layout of params\[0\].*" + fix):
         call_perturb([param], [other_cl], [torch.empty(2, 3, 5, 7)], [0], norm)
     with pytest.raises(RuntimeError, match=r"momentum_buffers\[0\]: .*memory layout of params\[0\]"):
-        ops_.restore_sgd_step_([param], [other_cl], [other_cl], [contiguous], [0], 0.1, 0.9, 0.0, 0.0, False,
-                               False, None, None)
+        ops_.restore_sgd_step_([param], [other_cl], [other_cl], [contiguous], [0],
+                               [0.1, 0.9, 0.0, 0.0, 0.0, 0.0], None, None)
     with pytest.raises(RuntimeError, match=r"exp_avg_sqs\[0\]: .*memory layout of params\[0\]"):
         ops_.restore_adam_step_([param], [other_cl], [other_cl], [other_cl.clone()], [contiguous], [],
-                                [torch.ones(1)], 1e-3, 0.9, 0.999, 1e-8, 0.0, False, False, False, None, None)
+                                [torch.ones(1)], [1e-3, 0.9, 0.999, 1e-8, 0.0, 0.0, 0.0, 0.0], None, None)
     with pytest.raises(RuntimeError, match=r"weights\[0\]: .*memory layout of grads\[0\].*empty_like\(grads"):
         ops_.grad_norm([param], [contiguous], 0.0)
     # A contiguous 1-D view of a contiguous parameter still pairs by element count (the rule before).

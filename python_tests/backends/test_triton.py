@@ -252,10 +252,10 @@ def _opcheck_cases():
                                              True, 0.0, 1, 2, 0)),
         "restore_": (ops_.restore_.default, (p, b, 0)),
         "restore_sgd_step_": (ops_.restore_sgd_step_.default,
-                              (p, b, g, [x.clone() for x in g], [1, 0, 0], 0.1, 0.9, 0.0, 1e-4, True, False,
+                              (p, b, g, [x.clone() for x in g], [1, 0, 0], [0.1, 0.9, 0.0, 1e-4, 1.0, 0.0],
                                scalar, torch.tensor(0.0), 0)),
         "restore_adam_step_": (ops_.restore_adam_step_.default,
-                               (p, b, g, *state, steps, 1e-3, 0.9, 0.999, 1e-8, 0.01, True, True, False,
+                               (p, b, g, *state, steps, [1e-3, 0.9, 0.999, 1e-8, 0.01, 1.0, 1.0, 0.0],
                                 scalar, None, 0)),
     }
 

@@ -16,10 +16,11 @@ differently, so the same seed and step give the same mask bit for bit everywhere
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Protocol
 
 import torch
@@ -87,7 +88,8 @@ class PerturbConfig:
 
 @dataclass(frozen=True)
 class SgdConfig:
-    """One ``torch.optim.SGD`` step."""
+    """One ``torch.optim.SGD`` step; the fields are SGD's param-group options, in the order of the values
+    the kernels take (``values``; C++: ``sgd_config`` in elementwise.h)."""
 
     lr: float
     momentum: float = 0.0
@@ -96,10 +98,38 @@ class SgdConfig:
     nesterov: bool = False
     maximize: bool = False
 
+    @classmethod
+    def of_group(cls, group: dict) -> SgdConfig:
+        """The step of a ``torch.optim.SGD`` param group (its options under the fields' names)."""
+        return cls(float(group["lr"]), float(group["momentum"]), float(group["dampening"]),
+                   float(group["weight_decay"]), bool(group["nesterov"]), bool(group["maximize"]))
+
+    def check(self) -> None:
+        """The values ``torch.optim.SGD`` accepts (the op layer checks; a param group was checked by
+        torch's constructor)."""
+        if min(self.lr, self.momentum, self.dampening, self.weight_decay) < 0:
+            raise ValueError("lr, momentum, dampening and weight_decay must be non-negative")
+        if self.nesterov and (self.momentum <= 0 or self.dampening != 0):
+            raise ValueError("nesterov: requires a momentum > 0 and zero dampening")
+
+    def values(self) -> list[float]:
+        """The fields as floats, in order (how the compiled ops take a config)."""
+        return [float(value) for value in self.__dict__.values()]
+
+    def kernel_scalars(self) -> tuple[float, ...]:
+        """lr, momentum, 1 - dampening, weight_decay: the scalars of the fused SGD kernels."""
+        return float(self.lr), float(self.momentum), 1.0 - float(self.dampening), float(self.weight_decay)
+
+    def kernel_switches(self) -> dict[str, bool]:
+        """The compile-time switches of the fused SGD kernels."""
+        return {"HAS_MOMENTUM": self.momentum != 0, "HAS_WEIGHT_DECAY": self.weight_decay != 0,
+                "NESTEROV": bool(self.nesterov), "MAXIMIZE": bool(self.maximize)}
+
 
 @dataclass(frozen=True)
 class AdamConfig:
-    """One ``torch.optim.Adam`` step (``AdamW`` with ``decoupled``)."""
+    """One ``torch.optim.Adam`` step (``AdamW`` with ``decoupled``), in the order of the values the kernels
+    take (``values``; C++: ``adam_config`` in elementwise.h)."""
 
     lr: float
     beta1: float = 0.9
@@ -109,6 +139,56 @@ class AdamConfig:
     decoupled: bool = False
     amsgrad: bool = False
     maximize: bool = False
+
+    @classmethod
+    def of_group(cls, group: dict) -> AdamConfig:
+        """The step of a ``torch.optim.Adam``/``AdamW`` param group."""
+        beta1, beta2 = group["betas"]
+        return cls(float(group["lr"]), float(beta1), float(beta2), float(group["eps"]),
+                   float(group["weight_decay"]), bool(group.get("decoupled_weight_decay", False)),
+                   bool(group["amsgrad"]), bool(group["maximize"]))
+
+    def check(self) -> None:
+        """The values ``torch.optim.Adam`` accepts."""
+        if not (0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0):
+            raise ValueError(f"betas: each must be in [0, 1), got {(self.beta1, self.beta2)}")
+        if min(self.lr, self.eps, self.weight_decay) < 0:
+            raise ValueError("lr, eps and weight_decay must be non-negative")
+
+    def values(self) -> list[float]:
+        """The fields as floats, in order (how the compiled ops take a config)."""
+        return [float(value) for value in self.__dict__.values()]
+
+    def kernel_scalars(self) -> tuple[float, ...]:
+        """lr, beta1, beta2, 1 - beta1, 1 - beta2, eps, weight_decay, 1 - lr * weight_decay: the scalars of
+        the fused Adam kernels."""
+        lr, beta1, beta2 = float(self.lr), float(self.beta1), float(self.beta2)
+        decay = float(self.weight_decay)
+        return lr, beta1, beta2, 1.0 - beta1, 1.0 - beta2, float(self.eps), decay, 1.0 - lr * decay
+
+    def kernel_switches(self) -> dict[str, bool]:
+        """The compile-time switches of the fused Adam kernels."""
+        return {"HAS_WEIGHT_DECAY": self.weight_decay != 0, "DECOUPLED": bool(self.decoupled),
+                "AMSGRAD": bool(self.amsgrad), "MAXIMIZE": bool(self.maximize)}
+
+
+@functools.cache
+def _converters(cls: type) -> tuple:
+    """(name, float or bool) of each field of a config class, in order."""
+    return tuple((item.name, bool if item.type == "bool" else float) for item in fields(cls))
+
+
+def config_from_values(cls: type, values: Sequence[float]):
+    """The config whose ``values()`` are ``values`` (the compiled ops' side of the same order)."""
+    return cls(*(convert(value) for (_, convert), value in zip(_converters(cls), values, strict=True)))
+
+
+@functools.cache
+def number_options(cls: type) -> tuple[str, ...]:
+    """The options of a param group that the config of ``cls`` reads as numbers."""
+    if cls is AdamConfig:
+        return ("lr", "betas", "eps", "weight_decay")
+    return tuple(name for name, convert in _converters(cls) if convert is float)
 
 
 class Backend(Protocol):

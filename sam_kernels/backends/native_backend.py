@@ -113,18 +113,15 @@ def restore_(params, backups) -> None:
 def restore_sgd_step_(params, backups, grads, momentum_buffers, first_step, config: SgdConfig,
                       grad_multiplier, found_inf) -> None:
     buffers = momentum_buffers if config.momentum != 0 else ()
-    _ops().restore_sgd_step_(params, backups, grads, buffers, first_step, config.lr, config.momentum,
-                             config.dampening, config.weight_decay, config.nesterov, config.maximize,
-                             grad_multiplier, found_inf)
+    _ops().restore_sgd_step_(params, backups, grads, buffers, first_step, config.values(), grad_multiplier,
+                             found_inf)
 
 
 def restore_adam_step_(params, backups, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
                        config: AdamConfig, grad_multiplier, found_inf) -> None:
     max_sqs = max_exp_avg_sqs if config.amsgrad else ()
-    _ops().restore_adam_step_(params, backups, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, config.lr,
-                              config.beta1, config.beta2, config.eps, config.weight_decay,
-                              config.decoupled, config.amsgrad, config.maximize, grad_multiplier,
-                              found_inf)
+    _ops().restore_adam_step_(params, backups, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, config.values(),
+                              grad_multiplier, found_inf)
 
 
 def philox4x32_10(counters: torch.Tensor, key: tuple[int, int]) -> torch.Tensor:
@@ -152,13 +149,12 @@ if _C is not None:
         return None
 
     @torch.library.register_fake("sam_kernels::restore_sgd_step_")
-    def _restore_sgd_step_fake(params, backups, grads, momentum_buffers, first_step, lr, momentum,
-                               dampening, weight_decay, nesterov, maximize, grad_multiplier, found_inf):
+    def _restore_sgd_step_fake(params, backups, grads, momentum_buffers, first_step, config, grad_multiplier,
+                               found_inf):
         return None
 
     @torch.library.register_fake("sam_kernels::restore_adam_step_")
-    def _restore_adam_step_fake(params, backups, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr,
-                                beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize,
+    def _restore_adam_step_fake(params, backups, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, config,
                                 grad_multiplier, found_inf):
         return None
 

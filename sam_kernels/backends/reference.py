@@ -3,7 +3,8 @@
 Written for reading, not for speed: one tensor at a time, no fusion; fp32 math (fp64 for float64
 tensors, see "fp64" in ``common.py``), each tensor taken as a flat array in memory order (see "layout"
 there). It runs on any device and makes no host sync. The op layer (``sam_kernels.ops``) has already
-validated the inputs, dropped tensors without a gradient and advanced Adam's step counters.
+validated the inputs and dropped tensors without a gradient, and the entry point (``entry.py``) has
+advanced Adam's step counters.
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ from .common import (
     PerturbConfig,
     SgdConfig,
     compute_dtype,
+    config_from_values,
     group_by_dtype,
     split_u64,
 )
@@ -323,13 +324,9 @@ def _launch_sgd(params, backups, grads, momentum_buffers, first_step, config: Sg
             pointers = meta.pointers + ([] if has_momentum else [meta.pointers[0]])
             kernels.restore_sgd_kernel[(meta.n_chunks,)](
                 *pointers, meta.numels, meta.extra[0], meta.chunk_tensor, meta.chunk_start,
-                *_optional_scalars(meta, grad_multiplier, found_inf),
-                float(config.lr), float(config.momentum), 1.0 - float(config.dampening),
-                float(config.weight_decay),
+                *_optional_scalars(meta, grad_multiplier, found_inf), *config.kernel_scalars(),
                 PARAM_DTYPE=TL_DTYPES[group_params[0].dtype], GRAD_DTYPE=TL_DTYPES[grads[group[0]].dtype],
-                COMPUTE=_compute(group_params[0].dtype), HAS_MOMENTUM=has_momentum,
-                HAS_WEIGHT_DECAY=config.weight_decay != 0, NESTEROV=config.nesterov,
-                MAXIMIZE=config.maximize,
+                COMPUTE=_compute(group_params[0].dtype), **config.kernel_switches(),
                 HAS_MULTIPLIER=grad_multiplier is not None, HAS_FOUND_INF=found_inf is not None,
                 CHUNK=CHUNK, BLOCK=BLOCK, ALIGNED=meta.aligned,
                 num_warps=num_warps(group_params[0].dtype),
@@ -338,26 +335,21 @@ def _launch_sgd(params, backups, grads, momentum_buffers, first_step, config: Sg
 
 def _launch_adam(params, backups, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, config: AdamConfig,
                  grad_multiplier, found_inf, tables: LaunchTables | None = None) -> None:
-    amsgrad, beta1, beta2 = config.amsgrad, config.beta1, config.beta2
     with _device_guard(params[0].device):
         for group in group_by_dtype(params):
             group_params = _pick(params, group)
-            max_sqs = _pick(max_exp_avg_sqs, group) if amsgrad else _pick(exp_avg_sqs, group)
+            max_sqs = _pick(max_exp_avg_sqs, group) if config.amsgrad else _pick(exp_avg_sqs, group)
             meta = _metadata([group_params, _pick(backups, group), _pick(grads, group),
                               _pick(exp_avgs, group), _pick(exp_avg_sqs, group), max_sqs,
                               _pick(steps, group)], tables=tables)
             if meta.n_chunks == 0:
                 continue
             dtype = group_params[0].dtype
-            lr, weight_decay = float(config.lr), float(config.weight_decay)
             kernels.restore_adam_kernel[(meta.n_chunks,)](
                 *meta.pointers, meta.numels, meta.chunk_tensor, meta.chunk_start,
-                *_optional_scalars(meta, grad_multiplier, found_inf),
-                lr, float(beta1), float(beta2), 1.0 - beta1, 1.0 - beta2, float(config.eps), weight_decay,
-                1.0 - lr * weight_decay,
+                *_optional_scalars(meta, grad_multiplier, found_inf), *config.kernel_scalars(),
                 PARAM_DTYPE=TL_DTYPES[dtype], GRAD_DTYPE=TL_DTYPES[grads[group[0]].dtype],
-                COMPUTE=_compute(dtype), HAS_WEIGHT_DECAY=weight_decay != 0, DECOUPLED=config.decoupled,
-                AMSGRAD=amsgrad, MAXIMIZE=config.maximize,
+                COMPUTE=_compute(dtype), **config.kernel_switches(),
                 HAS_MULTIPLIER=grad_multiplier is not None, HAS_FOUND_INF=found_inf is not None,
                 CHUNK=CHUNK, BLOCK=BLOCK, ALIGNED=meta.aligned,
                 num_warps=num_warps(group_params[0].dtype), maxnreg=ADAM_MAX_REGISTERS,
@@ -409,28 +401,22 @@ def _restore_op(params: list[torch.Tensor], backups: list[torch.Tensor], table_s
 
 @torch.library.custom_op("sam_kernels_triton::restore_sgd_step_", mutates_args=("params", "momentum_buffers"))
 def _restore_sgd_step_op(params: list[torch.Tensor], backups: list[torch.Tensor], grads: list[torch.Tensor],
-                         momentum_buffers: list[torch.Tensor], first_step: list[int], lr: float,
-                         momentum: float, dampening: float, weight_decay: float, nesterov: bool,
-                         maximize: bool, grad_multiplier: torch.Tensor | None, found_inf: torch.Tensor | None,
+                         momentum_buffers: list[torch.Tensor], first_step: list[int], config: list[float],
+                         grad_multiplier: torch.Tensor | None, found_inf: torch.Tensor | None,
                          table_set: int) -> None:
-    config = SgdConfig(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                       nesterov=nesterov, maximize=maximize)
-    _launch_sgd(params, backups, grads, momentum_buffers, first_step, config, grad_multiplier, found_inf,
-                _tables(table_set))
+    _launch_sgd(params, backups, grads, momentum_buffers, first_step, config_from_values(SgdConfig, config),
+                grad_multiplier, found_inf, _tables(table_set))
 
 
 @torch.library.custom_op("sam_kernels_triton::restore_adam_step_",
                          mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"))
 def _restore_adam_step_op(params: list[torch.Tensor], backups: list[torch.Tensor], grads: list[torch.Tensor],
                           exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor],
-                          max_exp_avg_sqs: list[torch.Tensor], steps: list[torch.Tensor], lr: float,
-                          beta1: float, beta2: float, eps: float, weight_decay: float, decoupled: bool,
-                          amsgrad: bool, maximize: bool, grad_multiplier: torch.Tensor | None,
-                          found_inf: torch.Tensor | None, table_set: int) -> None:
-    config = AdamConfig(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-                        decoupled=decoupled, amsgrad=amsgrad, maximize=maximize)
-    _launch_adam(params, backups, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs or None, steps, config,
-                 grad_multiplier, found_inf, _tables(table_set))
+                          max_exp_avg_sqs: list[torch.Tensor], steps: list[torch.Tensor], config: list[float],
+                          grad_multiplier: torch.Tensor | None, found_inf: torch.Tensor | None,
+                          table_set: int) -> None:
+    _launch_adam(params, backups, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs or None, steps,
+                 config_from_values(AdamConfig, config), grad_multiplier, found_inf, _tables(table_set))
 
 
 @_grad_norm_op.register_fake
@@ -468,18 +454,16 @@ def restore_(params, backups, table_set: int = 0) -> None:
 def restore_sgd_step_(params, backups, grads, momentum_buffers, first_step, config: SgdConfig,
                       grad_multiplier, found_inf, table_set: int = 0) -> None:
     buffers = momentum_buffers if config.momentum != 0 else []
-    torch.ops.sam_kernels_triton.restore_sgd_step_(
-        params, backups, grads, buffers, first_step, config.lr, config.momentum, config.dampening,
-        config.weight_decay, config.nesterov, config.maximize, grad_multiplier, found_inf, table_set)
+    torch.ops.sam_kernels_triton.restore_sgd_step_(params, backups, grads, buffers, first_step,
+                                                   config.values(), grad_multiplier, found_inf, table_set)
 
 
 def restore_adam_step_(params, backups, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
                        config: AdamConfig, grad_multiplier, found_inf, table_set: int = 0) -> None:
     max_sqs = max_exp_avg_sqs if config.amsgrad else []
-    torch.ops.sam_kernels_triton.restore_adam_step_(
-        params, backups, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, config.lr, config.beta1,
-        config.beta2, config.eps, config.weight_decay, config.decoupled, config.amsgrad, config.maximize,
-        grad_multiplier, found_inf, table_set)
+    torch.ops.sam_kernels_triton.restore_adam_step_(params, backups, grads, exp_avgs, exp_avg_sqs, max_sqs,
+                                                    steps, config.values(), grad_multiplier, found_inf,
+                                                    table_set)
 
 
 class PlanBackend:

@@ -3,7 +3,10 @@ drive it, and stepped with its own hooks."""
 
 from __future__ import annotations
 
+from itertools import chain
+
 import torch
+from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
 #: Base optimizers SAM cannot drive: their step needs what a SAM step cannot give.
 REFUSED_BASES = {
@@ -82,3 +85,26 @@ def base_step(base: torch.optim.Optimizer) -> None:
     getattr(step, "__wrapped__", step)(base)
     for hook in list(base._optimizer_step_post_hooks.values()):
         hook(base, (base,), {})
+
+
+def run_step_hooks(optimizer: torch.optim.Optimizer, which: str) -> None:
+    """torch.optim's step pre- or post-hooks of ``optimizer`` (global ones included).
+
+    NOTE (step hooks): the engine runs the pre-hooks in ``first_step`` and the post-hooks in the descent
+    (``second_step``, or ``step()`` from GradScaler), so each runs once per SAM step in every calling
+    style. A pre-hook's returned arguments have nothing to replace and are ignored.
+    """
+    if which == "pre":
+        hooks = chain(_global_optimizer_pre_hooks.values(), optimizer._optimizer_step_pre_hooks.values())
+    else:
+        hooks = chain(optimizer._optimizer_step_post_hooks.values(), _global_optimizer_post_hooks.values())
+    for hook in hooks:
+        hook(optimizer, (optimizer,), {})
+
+
+def clear_grads(optimizer: torch.optim.Optimizer) -> None:
+    """``zero_grad()`` (gradients set to None) without torch.optim's profiler wrapper, which torch.compile
+    does not trace: a graph break inside first_step or second_step would split them."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            param.grad = None

@@ -52,6 +52,20 @@ def check_optional_bool(name: str, value: Any) -> None:
         raise TypeError(f"{name}: must be None, True or False, got {value!r}")
 
 
+def check_engine_options(rho: Any, adaptive: Any, adaptive_eta: Any, sam_eps: Any, fused: Any, foreach: Any,
+                         capturable: Any, seed: Any) -> None:
+    """The optimizer-wide arguments every SAM-family optimizer takes (``sam.SAM``)."""
+    check_non_negative("rho", rho)
+    check_bool("adaptive", adaptive)
+    check_non_negative("adaptive_eta", adaptive_eta)
+    check_positive("sam_eps", sam_eps)
+    check_optional_bool("fused", fused)
+    check_optional_bool("foreach", foreach)
+    check_bool("capturable", capturable)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64):
+        raise ValueError(f"seed: must be an int in [0, 2**64), got {seed!r}")
+
+
 def check_group(group: dict, index: int) -> None:
     """The SAM options and the parameters of ``param_groups[index]``."""
     where = f"param_groups[{index}]"

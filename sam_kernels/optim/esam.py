@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -14,8 +14,10 @@ import torch
 from ..backends.common import U32, mask_threshold, split_u64
 from ..backends.reference import philox4x32_10
 from . import amp
+from .ascent import excluded, exclusion_pass
 from .bn import freeze_bn_stats
 from .checks import check_probability
+from .policy import Policy, policy_options
 from .sam import SAM
 
 #: Philox "tensor index" of the per-tensor SWP draw. NOTE: parameter positions are below 2**32 - 1, so
@@ -73,6 +75,71 @@ def _per_sample(losses: Any, expected: int | None = None) -> torch.Tensor:
     return losses
 
 
+class ESAMPolicy(Policy):
+    """ESAM's ascent: per-tensor SWP drops tensors from the ascent (``excluded``), elementwise SWP masks
+    it; both scale the kept perturbation by ``1 / beta``. SAM's options (``normalize``, ``renormalize``,
+    a host ``schedule``) apply as for SAM."""
+
+    name = "ESAM"
+
+    def __init__(self, beta: float = 0.6, swp: str = "tensor", **options: Any) -> None:
+        check_probability("beta", beta)
+        if swp not in ("tensor", "element"):
+            raise ValueError(f"swp: must be 'tensor' or 'element', got {swp!r}")
+        super().__init__(**options)
+        self.beta = float(beta)
+        self.swp = swp
+        self._swp_block: tuple | None = None
+
+    @property
+    def drops_tensors(self) -> bool:
+        return self.swp == "tensor" and self.beta < 1.0
+
+    def ascent_mask(self, group: dict) -> tuple[float, float]:
+        # NOTE (scale factor): per-tensor SWP masks nothing elementwise (the dropped tensors sit out
+        # the call), element SWP masks at beta; both scale the kept perturbation by 1 / beta.
+        return 1.0 if self.swp == "tensor" else self.beta, 1.0 / self.beta
+
+    def excluded(self, params: list[torch.Tensor], step: int, seed: int) -> list[torch.Tensor]:
+        """The tensors per-tensor SWP drops from this step's ascent.
+
+        NOTE (draw rule): tensor t of the global parameter order is kept iff element t of the mask
+        contract's stream (backends/common.py) with tensor index ``SWP_TENSOR_STREAM``, this optimizer's
+        seed and the current RNG step is kept at probability beta: a function of (seed, step) only, so a
+        resumed run and every DDP rank draw the same tensors. Only tensors that require grad take part
+        (user-frozen ones stay as they are). If every one would be dropped, the one at position
+        ``step % count`` of them is kept, so that the ascent backward has something to differentiate.
+        """
+        if not self.drops_tensors:
+            return []
+        eligible = [i for i, param in enumerate(params) if param.requires_grad]
+        if not eligible:
+            return []
+        keep = self._swp_keep(len(params), step, seed)
+        dropped = [i for i in eligible if not keep[i]]
+        if len(dropped) == len(eligible):
+            dropped.remove(eligible[step % len(eligible)])
+        return [params[i] for i in dropped]
+
+    def _swp_keep(self, count: int, step: int, seed: int) -> list[bool]:
+        """Row ``step`` of the per-tensor keep draws (the rule of ``excluded``).
+
+        NOTE (draw block): the Philox reference costs about a hundred small torch ops per call whatever
+        the tensor count, so the draws of ``SWP_BLOCK`` consecutive steps are made in one call and kept;
+        a new seed, beta or tensor count, or a step outside the block, draws a new block.
+        """
+        key = (seed, count, self.beta)
+        cached = self._swp_block
+        if cached is None or cached[0] != key or not cached[1] <= step < cached[1] + SWP_BLOCK:
+            steps = torch.arange(step, step + SWP_BLOCK, dtype=torch.int64).unsqueeze(1)
+            elements = torch.arange(count, dtype=torch.int64)
+            word0 = philox4x32_10((elements, SWP_TENSOR_STREAM, steps & U32, steps >> 32),
+                                  split_u64(seed))[0]
+            rows = ((word0 >> 8) < mask_threshold(self.beta)).tolist()
+            cached = self._swp_block = (key, step, rows)
+        return cached[2][step - cached[1]]
+
+
 class ESAM(SAM):
     """Efficient SAM: SWP keeps each parameter tensor in the ascent with probability ``beta``; SDS runs
     the descent on the ``gamma`` fraction of the batch with the largest sharpness.
@@ -91,32 +158,21 @@ class ESAM(SAM):
 
     def __init__(self, params, base_optimizer, *, rho: float = 0.05, beta: float = 0.6,
                  gamma: float = 0.5, swp: str = "tensor", **kwargs: Any) -> None:
-        check_probability("beta", beta)
+        policy = ESAMPolicy(beta, swp, **policy_options(kwargs))
         check_probability("gamma", gamma)
-        if swp not in ("tensor", "element"):
-            raise ValueError(f"swp: must be 'tensor' or 'element', got {swp!r}")
-        if kwargs.get("capturable") and swp == "tensor" and beta < 1:
-            raise ValueError("capturable=True: per-tensor SWP switches requires_grad on the host every "
-                             "step, which a captured graph cannot replay; use swp='element' or beta=1")
-        self.beta = float(beta)
         self.gamma = float(gamma)
-        self.swp = swp
         self._selecting = False
-        self._swp_block: tuple | None = None
-        schedule = kwargs.get("schedule")
-        if schedule is not None and getattr(schedule, "needs_grad_norm", False):
-            raise ValueError(f"schedule: {type(schedule).__name__} decides after the first backward, "
-                             "which SWP has already pruned (a plain step would lack the dropped tensors' "
-                             "gradients); use a host schedule (Interval, Randomized, LatePhase) with ESAM")
-        super().__init__(params, base_optimizer, rho=rho, **kwargs)
+        super().__init__(params, base_optimizer, rho=rho, policy=policy, **kwargs)
+
+    beta = property(lambda self: self.policy.beta, lambda self, value: setattr(self.policy, "beta", value))
+    swp = property(lambda self: self.policy.swp, lambda self, value: setattr(self.policy, "swp", value))
 
     @property
     def dropped_tensors(self) -> tuple[torch.Tensor, ...]:
         """The parameter tensors that per-tensor SWP leaves out of the next ascent."""
-        return tuple(self._draw_dropped())
+        return tuple(excluded(self))
 
-    @contextlib.contextmanager
-    def ascent_pass(self) -> Iterator[None]:
+    def ascent_pass(self) -> contextlib.AbstractContextManager:
         """Wrap the first (ascent) forward and backward: the dropped tensors' ``requires_grad`` is off
         inside, so autograd skips their weight gradients, and back on at exit (even on an error).
 
@@ -124,14 +180,7 @@ class ESAM(SAM):
         backward in it to save the same compute (without it the dropped tensors' gradients are computed
         and left unused). User-frozen tensors are never touched.
         """
-        dropped = self._draw_dropped()
-        for param in dropped:
-            param.requires_grad_(False)
-        try:
-            yield
-        finally:
-            for param in dropped:
-                param.requires_grad_(True)
+        return exclusion_pass(self)
 
     # ------------------------------------------------------------------------- training loops
 
@@ -212,62 +261,3 @@ class ESAM(SAM):
         sharpness = (loss_after.detach() - loss_before.detach()).reshape(-1)
         count = selected_count(self.gamma, sharpness.numel())
         return torch.topk(sharpness, count, sorted=False).indices.sort().values
-
-    # ----------------------------------------------------------------------- SAM hooks
-
-    @contextlib.contextmanager
-    def _ascent_pass(self) -> Iterator[None]:
-        with super()._ascent_pass(), self.ascent_pass():
-            yield
-
-    def _excluded_from_ascent(self) -> set[torch.Tensor]:
-        return set(self._draw_dropped())
-
-    def _perturb_options(self, group: dict) -> dict[str, Any]:
-        # NOTE (scale factor): per-tensor SWP masks nothing elementwise (the dropped tensors sit out
-        # the call), element SWP masks at beta; both scale the kept perturbation by 1 / beta.
-        keep_prob = 1.0 if self.swp == "tensor" else self.beta
-        return {"rho": group["sam_rho"], "keep_prob": keep_prob, "scale_factor": 1.0 / self.beta}
-
-    # ------------------------------------------------------------------------------ SWP
-
-    def _draw_dropped(self) -> list[torch.Tensor]:
-        """The tensors per-tensor SWP drops from this step's ascent.
-
-        NOTE (draw rule): tensor t of the global parameter order is kept iff element t of the mask
-        contract's stream (backends/common.py) with tensor index ``SWP_TENSOR_STREAM``, this optimizer's
-        seed and the current RNG step is kept at probability beta: a function of (seed, step) only, so a
-        resumed run and every DDP rank draw the same tensors. Only tensors that require grad take part
-        (user-frozen ones stay as they are). If every one would be dropped, the one at position
-        ``step % count`` of them is kept, so that the ascent backward has something to differentiate.
-        """
-        if self.swp != "tensor" or self.beta == 1.0 or not self._planned_sam_step():
-            return []  # a plain step of a schedule needs every gradient
-        params = [param for group in self.param_groups for param in group["params"]]
-        eligible = [i for i, param in enumerate(params) if param.requires_grad]
-        if not eligible:
-            return []
-        step = self._run.step
-        keep = self._swp_keep(len(params), step)
-        dropped = [i for i in eligible if not keep[i]]
-        if len(dropped) == len(eligible):
-            dropped.remove(eligible[step % len(eligible)])
-        return [params[i] for i in dropped]
-
-    def _swp_keep(self, count: int, step: int) -> list[bool]:
-        """Row ``step`` of the per-tensor keep draws (the rule of ``_draw_dropped``).
-
-        NOTE (draw block): the Philox reference costs about a hundred small torch ops per call whatever
-        the tensor count, so the draws of ``SWP_BLOCK`` consecutive steps are made in one call and kept;
-        a new seed, beta or tensor count, or a step outside the block, draws a new block.
-        """
-        key = (self.seed, count, self.beta)
-        cached = self._swp_block
-        if cached is None or cached[0] != key or not cached[1] <= step < cached[1] + SWP_BLOCK:
-            steps = torch.arange(step, step + SWP_BLOCK, dtype=torch.int64).unsqueeze(1)
-            elements = torch.arange(count, dtype=torch.int64)
-            word0 = philox4x32_10((elements, SWP_TENSOR_STREAM, steps & U32, steps >> 32),
-                                  split_u64(self.seed))[0]
-            rows = ((word0 >> 8) < mask_threshold(self.beta)).tolist()
-            cached = self._swp_block = (key, step, rows)
-        return cached[2][step - cached[1]]

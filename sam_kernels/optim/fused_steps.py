@@ -12,19 +12,25 @@ from collections.abc import Sequence
 
 import torch
 
-from .. import ops
-from ..backends.common import AdamConfig, SgdConfig, same_layout
+from ..backends import entry
+from ..backends.common import AdamConfig, SgdConfig, number_options, same_layout
+from ..distributed import shard_group
 
-#: Options whose value must be a Python number for the fused step (torch also accepts tensors).
-_NUMBER_OPTIONS = {"sgd": ("lr", "momentum", "dampening", "weight_decay"),
-                   "adam": ("lr", "betas", "eps", "weight_decay")}
+#: The config of each fused step; the options it reads as numbers must be Python numbers (torch also
+#: accepts tensors).
+_CONFIGS = {"sgd": SgdConfig, "adam": AdamConfig}
 
 
 def fused_kind(base: torch.optim.Optimizer) -> str | None:
     """``"sgd"`` or ``"adam"`` when ``base``'s class has a fused restore-and-step, else None."""
-    if type(base) is torch.optim.SGD:
+    return class_kind(type(base))
+
+
+def class_kind(cls: type) -> str | None:
+    """``"sgd"`` or ``"adam"`` for exactly the classes with a fused restore-and-step, else None."""
+    if cls is torch.optim.SGD:
         return "sgd"
-    if type(base) in (torch.optim.Adam, torch.optim.AdamW):
+    if cls in (torch.optim.Adam, torch.optim.AdamW):
         return "adam"
     return None
 
@@ -35,20 +41,38 @@ def _holds_tensor(value) -> bool:
     return isinstance(value, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in value)
 
 
-def unsupported_reason(base: torch.optim.Optimizer) -> str | None:
+def unsupported_reason(base: torch.optim.Optimizer, policy=None) -> str | None:
     """Why the fused step cannot run ``base`` exactly (naming the argument), or None when it can."""
     kind = fused_kind(base)
     if kind is None:
         return (f"base_optimizer: {type(base).__name__} has no fused restore-and-step "
                 "(torch.optim.SGD, Adam and AdamW have)")
+    if policy is not None and kind not in policy.fused_ops:
+        return f"{policy.name} has no fused {kind} step (it has {', '.join(policy.fused_ops) or 'none'})"
     for index, group in enumerate(base.param_groups):
         if group.get("differentiable", False):
             return (f"param_groups[{index}]['differentiable']=True: the fused step is not "
                     "differentiable")
-        for name in _NUMBER_OPTIONS[kind]:
+        for name in number_options(_CONFIGS[kind]):
             if _holds_tensor(group.get(name)):
                 return (f"param_groups[{index}]['{name}'] is a tensor: the fused step takes Python "
                         "numbers (a tensor value would need a host sync)")
+    if shard_group(p for group in base.param_groups for p in group["params"]) is not None:
+        return "the parameters are sharded DTensors (FSDP2); the base optimizer's own step updates them"
+    return None
+
+
+def descent_kind(base: torch.optim.Optimizer, policy, fused: bool | None, foreach: bool | None) -> str | None:
+    """``"sgd"``/``"adam"`` for the fully fused descent, None for the generic path (``fused=True``: an
+    error naming what it cannot honour)."""
+    if fused is False or foreach:
+        return None
+    reason = unsupported_reason(base, policy)
+    if reason is None:
+        return fused_kind(base)
+    if fused:
+        raise ValueError(f"fused=True: {reason}; use fused=None (the generic path when the fused one cannot "
+                         "run) or fused=False")
     return None
 
 
@@ -99,8 +123,8 @@ class SgdGroupState:
     stored in the optimizer state by ``commit`` once the step ran (as is a copy of a buffer in another
     layout than its parameter's, ``created`` lists both). A buffer created on a skipped
     (non-finite) first step stays zero, and the next step then treats it as initialized:
-    ``momentum * 0 + (1 - dampening) * g`` instead of torch's ``g``, identical unless ``dampening`` is
-    nonzero.
+    ``momentum * 0 + (1 - d) * g`` (``d`` the group's damping) instead of torch's ``g``, identical for an
+    undamped momentum.
     """
 
     def __init__(self, group: dict, params: Sequence[torch.Tensor], state: dict) -> None:
@@ -124,15 +148,11 @@ class SgdGroupState:
                     self.created.append(index)
             self.buffers.append(buffer)
 
-    @staticmethod
-    def config(group: dict) -> SgdConfig:
-        return SgdConfig(lr=float(group["lr"]), momentum=float(group["momentum"]),
-                         dampening=float(group["dampening"]), weight_decay=float(group["weight_decay"]),
-                         nesterov=bool(group["nesterov"]), maximize=bool(group["maximize"]))
+    config = staticmethod(SgdConfig.of_group)
 
     def run(self, backend, params, backups, grads, config: SgdConfig, grad_multiplier, found_inf) -> None:
-        backend.restore_sgd_step_(params, backups, grads, self.buffers, self.first_step, config,
-                                  grad_multiplier, found_inf)
+        entry.restore_sgd_step_(backend, params, backups, grads, self.buffers, self.first_step, config,
+                                grad_multiplier, found_inf)
 
     def commit(self, state: dict) -> None:
         for index in self.created:
@@ -185,22 +205,15 @@ class AdamGroupState:
             self.pending.append((param, entry))
         return entry
 
-    @staticmethod
-    def config(group: dict) -> AdamConfig:
-        beta1, beta2 = group["betas"]
-        return AdamConfig(lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2),
-                          eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
-                          decoupled=bool(group.get("decoupled_weight_decay", False)),
-                          amsgrad=bool(group["amsgrad"]), maximize=bool(group["maximize"]))
+    config = staticmethod(AdamConfig.of_group)
 
     def run(self, backend, params, backups, grads, config: AdamConfig, grad_multiplier, found_inf) -> None:
         if config.amsgrad != self.amsgrad:
             raise RuntimeError("amsgrad changed without a new step plan")
-        ops.advance_adam_steps_(self.steps, found_inf)
-        backend.restore_adam_step_(params, backups, grads, self.exp_avgs, self.exp_avg_sqs,
-                                   self.max_exp_avg_sqs, self.steps, config, grad_multiplier, found_inf)
+        entry.restore_adam_step_(backend, params, backups, grads, self.exp_avgs, self.exp_avg_sqs,
+                                 self.max_exp_avg_sqs, self.steps, config, grad_multiplier, found_inf)
 
     def commit(self, state: dict) -> None:
-        for param, entry in self.pending:
-            state[param].update(entry)
+        for param, created in self.pending:
+            state[param].update(created)
         self.pending = []

@@ -71,10 +71,10 @@ class GroupPlan:
 class StepPlan:
     """The resolved parameter set of one optimizer; see the module docstring for when it is rebuilt."""
 
-    def __init__(self, optimizer, key: tuple, kind: str | None, previous: StepPlan | None = None) -> None:
+    def __init__(self, groups: list[dict], state: dict, key: tuple, kind: str | None, backup,
+                 backend: str | None, default_device: torch.device, previous: StepPlan | None = None) -> None:
         self.key = key
         self.kind = kind
-        groups = optimizer.param_groups
         self.params: list[torch.Tensor] = []
         self.groups: list[GroupPlan] = []
         self.without_grad: list[torch.Tensor] = []
@@ -93,7 +93,7 @@ class StepPlan:
                 self.groups.append(GroupPlan(group, index, start, len(self.params), positions))
         self.sharded = any(isinstance(p, DTensor) for p in self.params)
         self.local = [local_tensor(p) for p in self.params] if self.sharded else self.params
-        self.device = self.params[0].device if self.params else optimizer._device()
+        self.device = self.params[0].device if self.params else default_device
         for param in self.local[1:]:
             if param.device != self.device:
                 raise ValueError(f"params: on {param.device} and {self.device}; SAM needs every "
@@ -104,15 +104,15 @@ class StepPlan:
         #: The parameters' strides, which autograd gives their gradients (checked in one pass otherwise).
         self.strides = None if self.contiguous else list(map(torch.Tensor.stride, self.local))
         self.param_ids = _param_ids(groups)
-        self.backend_name, _ = backends.resolve(self.device, optimizer.backend)
+        self.backend_name, _ = backends.resolve(self.device, backend)
         self._tables_backend = self._triton_tables(previous)
-        self.backups = [optimizer._backup(p) for p in self.params]
+        #: ``backup(param)``: the backup buffer of a parameter (the optimizer's, allocated once).
+        self.backups = [backup(p) for p in self.params]
         self.check_grads(self.grads())
         if kind is not None:
             for group_plan in self.groups:
                 params = self.params[group_plan.start:group_plan.stop]
-                group_plan.state = fused_steps.gather_state(kind, group_plan.group, params,
-                                                            optimizer.state)
+                group_plan.state = fused_steps.gather_state(kind, group_plan.group, params, state)
 
     def _triton_tables(self, previous: StepPlan | None):
         """The Triton backend over the optimizer's own launch tables, sized to its working set (a few

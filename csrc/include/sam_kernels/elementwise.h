@@ -133,9 +133,11 @@ struct SgdConfigT {
 };
 using SgdConfig = SgdConfigT<float>;
 
-inline SgdConfigT<double> sgd_config(double lr, double momentum, double dampening, double weight_decay,
-                                     bool nesterov, bool maximize) {
-  return SgdConfigT<double>{lr, momentum, 1.0 - dampening, weight_decay, momentum != 0.0, nesterov, maximize};
+// The config as the ops take it: the fields of Python's SgdConfig (sam_kernels/backends/common.py), in its
+// order, as doubles (SgdConfig.values()): lr, momentum, dampening, weight_decay, nesterov, maximize.
+constexpr size_t kSgdConfigValues = 6;
+inline SgdConfigT<double> sgd_config(const double* v) {
+  return SgdConfigT<double>{v[0], v[1], 1.0 - v[2], v[3], v[1] != 0.0, v[4] != 0.0, v[5] != 0.0};
 }
 
 template <typename To, typename From>
@@ -181,10 +183,14 @@ struct AdamConfigT {
 };
 using AdamConfig = AdamConfigT<float>;
 
-inline AdamConfigT<double> adam_config(double lr, double beta1, double beta2, double eps, double weight_decay,
-                                       bool decoupled, bool amsgrad, bool maximize) {
-  return AdamConfigT<double>{lr,           beta1,    beta2,   1.0 - beta1, 1.0 - beta2, eps,
-                             weight_decay, 1.0 - lr * weight_decay, decoupled, amsgrad, maximize};
+// The config as the ops take it: the fields of Python's AdamConfig (sam_kernels/backends/common.py), in
+// its order, as doubles (AdamConfig.values()): lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad,
+// maximize.
+constexpr size_t kAdamConfigValues = 8;
+inline AdamConfigT<double> adam_config(const double* v) {
+  const double lr = v[0], beta1 = v[1], beta2 = v[2], weight_decay = v[4];
+  return AdamConfigT<double>{lr,           beta1,    beta2,   1.0 - beta1, 1.0 - beta2, v[3],
+                             weight_decay, 1.0 - lr * weight_decay, v[5] != 0.0, v[6] != 0.0, v[7] != 0.0};
 }
 
 template <typename To, typename From>

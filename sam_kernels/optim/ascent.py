@@ -1,0 +1,119 @@
+"""The ascent of a SAM step: the first gradients' norm (weighted as the policy says), the policy's
+decision whether this is a SAM step, then one perturb op per param group (``Workspace.perturb``)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from . import amp
+from .base import clear_grads
+from .policy import Policy
+from .workspace import Ascent, ascent_parts, select
+
+
+def ascend(engine, run, scaler: Any, zero_grad: bool) -> None:
+    """The body of ``engine.first_step`` after its pre-hooks (``run``: its ``Workspace``; ``scaler``: an
+    enabled GradScaler or None)."""
+    policy, left_out = engine.policy, excluded(engine)
+    plan, grads = engine._plan(frozenset(map(id, left_out)))
+    kept = None
+    if left_out:
+        ids = set(map(id, left_out))
+        kept = [id(p) not in ids for p in plan.params]
+    norm, nonfinite = run.ascent_norm(plan, grads, kept, policy.ascent_weighting)
+    plain_norm = norm
+    planned = engine._planned_sam_step()
+    if ((policy.needs_ascent_norm or planned is None)
+            and any(policy.ascent_weighting(g.group)[0] for g in plan.groups)):
+        plain_norm = run.norm(plan, select(grads, kept))[0]
+    inv_scale = None
+    if scaler is not None:
+        scale = amp.current_scale(scaler, plan.device)
+        inv_scale = amp.inverse(scale)
+        plain_norm = plain_norm * inv_scale
+    if planned is None:
+        planned = policy.is_sam_step(run.step, engine.seed, plain_norm.square(), nonfinite == 0)
+    if not planned:
+        ascent = run.ascent = Ascent(plan, [False] * len(plan.params), plain_norm, nonfinite, scaler,
+                                     plain=True)
+        if zero_grad:  # a plain step: the gradients are put aside, not copied
+            ascent.stashed = [param.grad for param in plan.params]
+            clear_grads(engine)
+        return
+    directions = None
+    if policy.directs_ascent and grads:
+        context = engine._context(plan, grads, None)
+        context.inv_scale = inv_scale
+        directions = policy.ascent_direction(context)
+    if directions is not None:
+        # NOTE: a policy's direction is in true units, so the GradScaler's scale is already out of it.
+        directions, own_norm = directions
+        norm, flag = own_norm or run.ascent_norm(plan, directions, kept, policy.ascent_weighting)
+        nonfinite = torch.maximum(nonfinite, flag)
+    elif scaler is not None:
+        if policy.normalize:
+            # NOTE: the op's scale is rho / (norm + eps) times the scaled gradient S * g; passing
+            # norm_S + (S - 1) * eps makes it rho / (||g|| + eps) * g, the unscaled ascent. A non-finite
+            # norm stays non-finite, so the op still leaves the weights untouched.
+            norm = norm + (scale - 1.0) * engine.eps
+        elif grads:
+            torch._foreach_mul_(select(grads, kept), inv_scale)
+    # NOTE (atomic ascent): the ascent is recorded before the first perturbation, so that an error in a
+    # later group's op puts the groups already perturbed back to w (``_restoring_on_error``).
+    ascent = run.ascent = Ascent(plan, kept, plain_norm, nonfinite, scaler)
+    if plan.params:
+        with engine._restoring_on_error():
+            parts = ascent_parts(plan, grads if directions is None else directions, kept)
+            run.perturb(ascent, parts, norm,
+                        lambda group: policy.perturb_config(group, engine.eps, engine.seed), engine.backend)
+    if type(policy).after_ascent is not Policy.after_ascent:  # NOTE: no context to build for SAM itself
+        policy.after_ascent(engine._context(plan, grads, ascent))
+    if zero_grad:
+        clear_grads(engine)
+
+
+def excluded(engine) -> list[torch.Tensor]:
+    """The tensors ``engine``'s policy leaves out of this step's ascent (none on a plain step)."""
+    if not engine.policy.drops_tensors or not engine._planned_sam_step():
+        return []
+    params = [param for group in engine.param_groups for param in group["params"]]
+    return engine.policy.excluded(params, engine.step_count, engine.seed)
+
+
+@contextlib.contextmanager
+def exclusion_pass(engine) -> Iterator[None]:
+    """Inside: the excluded tensors' ``requires_grad`` off, so autograd skips their weight gradients;
+    back on at exit, even on an error (user-frozen tensors are never touched)."""
+    dropped = [param for param in excluded(engine) if param.requires_grad]
+    for param in dropped:
+        param.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for param in dropped:
+            param.requires_grad_(True)
+
+
+@contextlib.contextmanager
+def ascent_pass(engine) -> Iterator[None]:
+    """The context of the first (ascent) forward and backward of the steps the engine drives:
+    ``ascent_context`` on SAM steps, then ``exclusion_pass``.
+
+    NOTE (plain steps under DDP): a plain step of a schedule descends with the first gradient, which must
+    then be the synced one, so a per-worker ascent context (``model.no_sync``) is left out; a schedule
+    that decides only after the first backward (AE-SAM) cannot know, so it is refused."""
+    context = contextlib.nullcontext()
+    if engine.ascent_context is not None:
+        planned = engine._planned_sam_step()
+        if planned is None:
+            raise ValueError(f"ascent_context: {type(engine.policy.schedule).__name__} decides after the "
+                             "first backward whether the step is plain, and a plain step needs that "
+                             "backward synced; use a globally synced ascent (no ascent_context) or a host "
+                             "schedule")
+        context = engine.ascent_context() if planned else context
+    with context, exclusion_pass(engine):
+        yield
