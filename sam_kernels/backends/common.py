@@ -86,6 +86,13 @@ class PerturbConfig:
         return self.keep_threshold < (1 << MASK_BITS)
 
 
+def config_values(config) -> list[float]:
+    """A step config's fields as floats, in order. NOTE: through ``dataclasses.fields``, not the instance's
+    ``__dict__``: torch 2.11's dynamo cannot trace a frozen dataclass's ``__dict__`` (a graph break in
+    a compiled step; torch 2.14's can)."""
+    return [float(getattr(config, item.name)) for item in fields(config)]
+
+
 @dataclass(frozen=True)
 class SgdConfig:
     """One ``torch.optim.SGD`` step; the fields are SGD's param-group options, in the order of the values
@@ -114,7 +121,7 @@ class SgdConfig:
 
     def values(self) -> list[float]:
         """The fields as floats, in order (how the compiled ops take a config)."""
-        return [float(value) for value in self.__dict__.values()]
+        return config_values(self)
 
     def kernel_scalars(self) -> tuple[float, ...]:
         """lr, momentum, 1 - dampening, weight_decay: the scalars of the fused SGD kernels."""
@@ -157,7 +164,7 @@ class AdamConfig:
 
     def values(self) -> list[float]:
         """The fields as floats, in order (how the compiled ops take a config)."""
-        return [float(value) for value in self.__dict__.values()]
+        return config_values(self)
 
     def kernel_scalars(self) -> tuple[float, ...]:
         """lr, beta1, beta2, 1 - beta1, 1 - beta2, eps, weight_decay, 1 - lr * weight_decay: the scalars of
