@@ -1,51 +1,98 @@
-"""Generalization against cost: test accuracy and measured passes per step of SGD, SAM and its variants.
+"""Generalization against cost: SGD, SAM and its variants, each at the radius (and main hyper-parameter)
+picked on a validation split, then test accuracy and measured passes per step.
 
-Set-up. scikit-learn's digits (1797 8x8 images, shipped with the package, no download), one fixed split
-(seed 0) into 1297 training and 500 test images, features standardized with the training mean and std.
-Per seed, 40% of the training labels are replaced by a label drawn uniformly from the other nine classes
-(symmetric noise); the test labels stay clean. Within a seed every optimizer starts from the same weights
-and sees the same noisy labels and the same minibatch order; the optimizers of a seed run interleaved,
-one epoch each in turn, so that machine noise hits them alike. Two tiny models: ``mlp`` (64-128-128-10,
-ReLU) and ``cnn`` (two 3x3 conv layers of 16 and 32 channels with ReLU, 2x2 max-pool, linear head
-512-10). Training: minibatch 64 (20 steps per epoch, the partial batch dropped), every optimizer over
-SGD with momentum 0.9 and weight decay 5e-4, lr 0.05 decayed to 0 by a cosine per step, identical for
-all. Test accuracy is read after the last epoch (no early stopping): with noisy labels the differences
-show how much of the noise each optimizer fits.
+Why a sweep. At one shared rho the accuracies mostly measure how strong each variant's perturbation is,
+not how good its direction or descent is: plain SAM on the mlp below (quick setting, one seed) scores
+54.9% on the validation split at rho 0.1, 57.9% at 0.3 and at 0.4, 45.5% at 0.6 and about chance from
+0.9 on (validation labels are noisy: see below), and the variants' best radii differ by up to ten times.
+So every variant gets its own small grid of radii (times its hyper-parameter's values, where it has one),
+each setting is scored on a validation split carved from the training images, the best is kept, and
+only that setting is run on fresh seeds and read on the test split.
 
-Optimizers and their compute model per step, in forward (F) and backward (B) passes of the model on the
-minibatch:
+Data. scikit-learn's digits (1797 8x8 images, shipped with the package, no download), one fixed
+permutation (seed 0): 500 test images, and 1297 training images of which 297 are held out as the
+validation split and 1000 are trained on (15 steps of 64 per epoch, the partial batch dropped); features
+standardized with the mean and std of those 1000. Per seed, 40% of the training labels, in the trained
+part and in the validation part alike, are replaced by a label drawn uniformly from the other nine
+classes (symmetric noise); the test labels stay clean. The validation accuracy is therefore read on noisy
+labels, as it would be in practice: with symmetric noise eta over ten classes a clean accuracy a reads as
+(1 - eta) a + eta (1 - a) / 9, increasing in a, so ranking settings on it ranks them on clean accuracy
+(the values are lower: 90% clean reads as about 54%).
 
-    SGD          1 F, 1 B
-    SAM          2 F, 2 B                  rho 0.05 (gradient at w, then at w + e)
-    ASAM         2 F, 2 B                  adaptive, rho 0.5 (about 10x SAM's)
+Protocol, per model:
+
+1. Sweep: for each sweep seed (0, 1, ...) every setting of every variant trains from the same weights
+   with the same noisy labels and minibatch order, interleaved one epoch each in turn; each is scored on
+   the validation split. This phase is handed the training data only (``TrainingData``: the trained part
+   and the validation part); the test split is not passed to it.
+2. Choice: per variant, the setting with the highest mean validation accuracy over the sweep seeds
+   (ties to the earlier one in grid order, the smaller radius). A choice at either end of the radius grid
+   is marked in the table: the best radius may lie beyond it.
+3. Report: the chosen settings train on the report seeds, which follow the sweep seeds (so neither their
+   validation nor their test scores took part in the choice), and are read on the test split after the
+   last epoch (no early stopping): test accuracy mean and std over those seeds, training accuracy on the
+   flipped labels ("noise fit": how much of the noise a run memorized), passes per step, time per epoch.
+
+Models: ``mlp`` (64-128-128-10, ReLU) and ``cnn`` (two 3x3 conv layers of 16 and 32 channels with ReLU,
+2x2 max-pool, linear head 512-10). Every optimizer runs over SGD with momentum 0.9 and weight decay 5e-4,
+lr 0.05 decayed to 0 by a cosine per step, identical for all.
+
+The default is the quick setting (a few minutes on two CPU cores): the mlp, the three-radius grid, 20
+epochs, one sweep seed and three report seeds. ``--full``: both models, the six-radius grid, 40 epochs,
+two sweep seeds and five report seeds (about 50x the work, hours on two cores: an epoch of the cnn costs
+6 to 8 of the mlp's).
+
+Optimizers, the radius grid of each (its scale times the base grid: quick 0.1, 0.3, 0.9; full 0.05, 0.1,
+0.2, 0.4, 0.8, 1.6), the swept hyper-parameter, and the compute model per step in forward (F) and
+backward (B) passes of the model on the minibatch:
+
+    SGD          1 F, 1 B                  no radius
+    SAM          2 F, 2 B                  scale 1 (gradient at w, then at w + e)
+    ASAM         2 F, 2 B                  adaptive; scale 10 (its radius is relative to |w|)
     SSAM         2 F, 2 B                  e = rho g unnormalized, descent gradient rescaled to ||g||;
-                                           rho 0.05 (see below)
-    ESAM         3 F, 2 B                  beta 0.6, gamma 0.5, rho 0.05: full batch at w (forward,
+                                           scale 1 (||g|| stays between about 0.4 and 1.6 here)
+    ESAM         3 F, 2 B                  beta 0.6, gamma 0.5; scale 1: full batch at w (forward,
                                            SWP-pruned backward), a no-grad full batch at w + e, the
                                            selected half at w + e (forward, backward); in batches of
                                            work 2.5 forward, 1.5 backward
-    IntervalSAM  1 + 1/k F and B           Interval(k=5), rho 0.1 (scaled up with k)
-    RandomSAM    1 + p on average          Randomized(p=0.5), rho 0.05
-    LateSAM      1 + 1/2                   LatePhase(start=0.5): SAM for the last half, rho 0.05
-    AE-SAM       1 + (share of SAM steps)  AESAM (decay 0.9, lambda 1 -1, lambda 2 1), rho 0.05;
-                                           the share depends on the gradient norms
-    LookSAM      1 + 1/k                   k 5, alpha 0.7, rho 0.05 (plain steps reuse g_v)
-    MSAM         1 F, 1 B                  MomentumSAM, rho 0.3 (gradient at w - rho v / ||v||)
+    IntervalSAM  1 + 1/k F and B           Interval(k=5); scale 3
+    RandomSAM    1 + p on average          Randomized(p=0.5); scale 3
+    LateSAM      1 + 1/2                   LatePhase(start=0.5): SAM for the last half; scale 3
+    AE-SAM       1 + (share of SAM steps)  AESAM (decay 0.9, lambda 1 -1, lambda 2 1); scale 3; the
+                                           share depends on the gradient norms
+    LookSAM      1 + 1/k                   k 5, alpha 0.7; scale 1 (plain steps reuse g_v)
+    MSAM         1 F, 1 B                  MomentumSAM; scale 6 (its official rho 0.3 is 6x SAM's 0.05)
+    GSAM         2 F, 2 B                  alpha in {0.1, 0.3} (0.2 in the authors' example); rho
+                                           proportional to the lr (ProportionalRho from rho at the peak
+                                           lr to 0 at lr 0, as the paper ties them); scale 1
+    WSAM         2 F, 2 B                  decoupled; gamma in {0.8, 0.9} (0.9 the paper's default;
+                                           alpha = gamma / (1 - gamma) = 4 or 9); scale 1 (the weighted
+                                           term steps outside momentum 0.9, which takes back most of
+                                           alpha's factor)
+    FriendlySAM  2 F, 2 B                  sigma 1; lambd in {0.6, 0.95} (the authors' training
+                                           scripts' two values); scale 1
+    VaSSO        2 F, 2 B                  theta in {0.4, 0.9} (0.9 the authors' default); scale 1
+    FisherSAM    2 F, 2 B                  eta in {1, 1e4}: at eta 1 the direction stays within cosine
+                                           0.99999 of SAM's on this problem (gradient entries are about
+                                           1e-3 to 1e-1), at 1e4 it turns to cosine 0.75 to 0.87; scale 1
+    GCSAM        2 F, 2 B                  gradient centralized ascent; scale 1
+
+The scales put each grid around the variant's best radius: ASAM's and MSAM's follow their usual radii
+(0.5 and 0.3 against SAM's 0.05); the four that perturb on only some steps (interval, randomized, late,
+AE-SAM) tolerate larger radii, and an exploratory quick run scored on the validation split only found
+their best at the top of the scale-1 grid, hence scale 3 (fewer, larger perturbations). In that run
+plain SAM peaked at 0.3 to 0.4 and fell to chance from 0.9 on (20 epochs).
 
 The table shows the passes as measured with module hooks on the model (a forward pre-hook counts
 forwards, a forward hook that hooks the output's gradient counts backwards; evaluation is not counted),
-never the model above. SSAM's rho: its ascent ``rho * g`` is ``rho * ||g||`` long; the minibatch
-gradient norm stays between about 0.4 and 1.6 over training here (both models, measured along a SAM run),
-so rho 0.05 gives perturbations about as long as SAM's. A short sweep (2 seeds, 30 epochs) over
-{0.01, 0.02, 0.05, 0.1} found accuracy rising with rho on both models; 0.05 is kept for a like-for-like
-radius rather than tuned on the test set. Likewise MSAM keeps its official rho 0.3 (1.0 gave a higher
-test accuracy in the same short check). "gain kept" is (acc - acc_SGD) / (acc_SAM - acc_SGD)
-of the seed means (given where SAM beats SGD); for ASAM and SSAM it reads as their gain relative to SAM's.
-"noise fit" is the training accuracy on the flipped labels: how much of the noise a run memorized.
+never the model above. "gain kept" is (acc - acc_SGD) / (acc_SAM - acc_SGD) of the test means (given
+where SAM beats SGD).
 
-    python -m benchmarks.generalization [--seeds 3] [--epochs E] [--quick] [--threads 1]
+    python -m benchmarks.generalization [--full] [--models mlp cnn] [--epochs E] [--sweep-seeds S]
+        [--seeds N] [--optimizers NAME ...] [--rho NAME=R1,R2,...] [--param NAME=V1,V2,...] [--threads 1]
 
-prints a markdown table and writes benchmarks/results/generalization.json and docs/generalization.png.
+prints a markdown table and writes benchmarks/results/generalization.json (every setting's validation
+scores too) and docs/generalization.png.
 """
 
 from __future__ import annotations
@@ -69,12 +116,19 @@ from sam_kernels import backends
 from sam_kernels.optim import (
     AESAM,
     ESAM,
+    GCSAM,
+    GSAM,
     SAM,
+    WSAM,
+    FisherSAM,
+    FriendlySAM,
     Interval,
     LatePhase,
     LookSAM,
     MomentumSAM,
+    ProportionalRho,
     Randomized,
+    VaSSO,
     sample_losses_closure,
 )
 
@@ -82,72 +136,150 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_JSON = ROOT / "benchmarks" / "results" / "generalization.json"
 DEFAULT_FIGURE = ROOT / "docs" / "generalization.png"
 
-TRAIN_SIZE, TEST_SIZE, SPLIT_SEED = 1297, 500, 0
+#: The split: test, validation and trained-on images (all 1797 of digits); the tests shrink FIT_SIZE.
+TEST_SIZE, VAL_SIZE, FIT_SIZE, SPLIT_SEED = 500, 297, 1000, 0
 BATCH, LR, MOMENTUM, WEIGHT_DECAY = 64, 0.05, 0.9, 5e-4
 NOISE = 0.4
-EPOCHS, QUICK_EPOCHS = 40, 2
 K, P, LATE_START, ALPHA, BETA, GAMMA = 5, 0.5, 0.5, 0.7, 0.6, 0.5
-
-#: Radius of each optimizer (None: SGD has none); ``--rho NAME=VALUE`` overrides one.
-RHO: dict[str, float | None] = {
-    "SGD": None, "SAM": 0.05, "ASAM": 0.5, "SSAM": 0.05, "ESAM": 0.05, "IntervalSAM": 0.1,
-    "RandomSAM": 0.05, "LateSAM": 0.05, "AE-SAM": 0.05, "LookSAM": 0.05, "MSAM": 0.3,
-}
-OPTIMIZERS = tuple(RHO)
 MODELS = ("mlp", "cnn")
 
-#: Settings of each optimizer besides rho, as shown in the table.
-SETTINGS = {
-    "SGD": "", "SAM": "", "ASAM": "adaptive", "SSAM": "renormalized, unnormalized ascent",
-    "ESAM": f"beta={BETA}, gamma={GAMMA}", "IntervalSAM": f"Interval(k={K})",
-    "RandomSAM": f"Randomized(p={P})", "LateSAM": f"LatePhase(start={LATE_START})",
-    "AE-SAM": "AESAM()", "LookSAM": f"k={K}, alpha={ALPHA}", "MSAM": "MomentumSAM",
+
+@dataclass(frozen=True)
+class Scale:
+    """How large a run is: the quick default or ``--full``."""
+
+    models: tuple[str, ...]
+    rho_grid: tuple[float, ...]
+    epochs: int
+    sweep_seeds: int
+    seeds: int
+
+
+QUICK = Scale(("mlp",), (0.1, 0.3, 0.9), epochs=20, sweep_seeds=1, seeds=3)
+FULL = Scale(MODELS, (0.05, 0.1, 0.2, 0.4, 0.8, 1.6), epochs=40, sweep_seeds=2, seeds=5)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of the table: its fixed settings (as shown), the factor on the base radius grid (None: no
+    radius), and the swept hyper-parameter with its values (where it has one)."""
+
+    settings: str = ""
+    rho_scale: float | None = 1.0
+    param: str | None = None
+    values: tuple[float, ...] = ()
+
+
+VARIANTS: dict[str, Variant] = {
+    "SGD": Variant(rho_scale=None),
+    "SAM": Variant(),
+    "ASAM": Variant("adaptive", 10.0),
+    "SSAM": Variant("renormalized, unnormalized ascent"),
+    "ESAM": Variant(f"beta={BETA}, gamma={GAMMA}"),
+    "IntervalSAM": Variant(f"Interval(k={K})", 3.0),
+    "RandomSAM": Variant(f"Randomized(p={P})", 3.0),
+    "LateSAM": Variant(f"LatePhase(start={LATE_START})", 3.0),
+    "AE-SAM": Variant("AESAM()", 3.0),
+    "LookSAM": Variant(f"k={K}, alpha={ALPHA}"),
+    "MSAM": Variant("MomentumSAM", 6.0),
+    "GSAM": Variant("rho proportional to lr", param="alpha", values=(0.1, 0.3)),
+    "WSAM": Variant("decoupled", param="gamma", values=(0.8, 0.9)),
+    "FriendlySAM": Variant("sigma=1", param="lambd", values=(0.6, 0.95)),
+    "VaSSO": Variant(param="theta", values=(0.4, 0.9)),
+    "FisherSAM": Variant(param="eta", values=(1.0, 1e4)),
+    "GCSAM": Variant("centralized ascent"),
 }
+OPTIMIZERS = tuple(VARIANTS)
+
+#: One point of a variant's grid: (rho, hyper-parameter value), either None where it has none.
+Setting = tuple[float | None, float | None]
+
+
+def grid(name: str, rho_grid: tuple[float, ...], rhos: tuple[float, ...] | None = None,
+         values: tuple[float, ...] | None = None) -> list[Setting]:
+    """The settings swept for ``name``: its radii (``rhos``, else its scale times ``rho_grid``) times its
+    hyper-parameter's values (``values``, else its own), radius-major in ascending order."""
+    variant = VARIANTS[name]
+    if variant.rho_scale is None:
+        radii: list[float | None] = [None]
+    else:
+        radii = sorted(rhos if rhos is not None else (round(variant.rho_scale * r, 10) for r in rho_grid))
+    params: list[float | None] = list(values if values is not None else variant.values) or [None]
+    return [(rho, value) for rho in radii for value in params]
 
 
 # ------------------------------------------------------------------------------------------- data
 
 
 @dataclass
-class Data:
-    """Standardized features; ``train_y`` holds the noisy labels, ``noisy`` marks the flipped ones."""
+class TrainingData:
+    """The training images only: the part trained on (``fit_y``: noisy labels; ``noisy`` marks the
+    flipped ones) and the validation part carved from them (``val_y``: noisy labels too). All the sweep
+    sees."""
 
-    train_x: torch.Tensor
-    train_y: torch.Tensor
+    fit_x: torch.Tensor
+    fit_y: torch.Tensor
     noisy: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+
+
+@dataclass
+class Data:
+    """A seed's training data and the clean test split, which only the report reads."""
+
+    training: TrainingData
     test_x: torch.Tensor
     test_y: torch.Tensor
 
 
-def load_split() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The fixed train/test split of digits, standardized with the training statistics."""
+@dataclass
+class Split:
+    """The fixed split of digits: (features, clean labels) of each part."""
+
+    fit: tuple[torch.Tensor, torch.Tensor]
+    val: tuple[torch.Tensor, torch.Tensor]
+    test: tuple[torch.Tensor, torch.Tensor]
+
+
+def load_split() -> Split:
+    """The fixed fit/validation/test split of digits, standardized with the fit part's statistics."""
     from sklearn.datasets import load_digits
 
     images, labels = load_digits(return_X_y=True)
     x = torch.tensor(images, dtype=torch.float32)
     y = torch.tensor(labels, dtype=torch.int64)
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(SPLIT_SEED))
-    test, train = order[:TEST_SIZE], order[TEST_SIZE:TEST_SIZE + TRAIN_SIZE]
-    mean, std = x[train].mean(0), x[train].std(0)
+    test, val = order[:TEST_SIZE], order[TEST_SIZE:TEST_SIZE + VAL_SIZE]
+    fit = order[TEST_SIZE + VAL_SIZE:TEST_SIZE + VAL_SIZE + FIT_SIZE]
+    mean, std = x[fit].mean(0), x[fit].std(0)
     # NOTE (constant pixels): some border pixels are 0 in every training image; dividing by 1 leaves
     # them at 0 instead of dividing by zero.
     std = torch.where(std > 0, std, torch.ones_like(std))
-    return (x[train] - mean) / std, y[train], (x[test] - mean) / std, y[test]
+    return Split(*(((x[part] - mean) / std, y[part]) for part in (fit, val, test)))
 
 
-def with_label_noise(split, fraction: float, seed: int) -> Data:
-    """``split`` with ``round(fraction * n)`` training labels moved to a uniformly drawn other class."""
-    train_x, train_y, test_x, test_y = split
-    generator = torch.Generator().manual_seed(10_000 + seed)
-    count = round(fraction * len(train_y))
-    flipped = torch.randperm(len(train_y), generator=generator)[:count]
+def flip_labels(labels: torch.Tensor, fraction: float,
+                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``labels`` with ``round(fraction * n)`` of them moved to a uniformly drawn other class, and the
+    mask of the moved ones."""
+    count = round(fraction * len(labels))
+    flipped = torch.randperm(len(labels), generator=generator)[:count]
     # NOTE (symmetric noise): adding 1..9 modulo 10 reaches each of the other nine classes equally often.
     shift = torch.randint(1, 10, (count,), generator=generator)
-    noisy_y = train_y.clone()
-    noisy_y[flipped] = (train_y[flipped] + shift) % 10
-    noisy = torch.zeros(len(train_y), dtype=torch.bool)
+    noisy_y = labels.clone()
+    noisy_y[flipped] = (labels[flipped] + shift) % 10
+    noisy = torch.zeros(len(labels), dtype=torch.bool)
     noisy[flipped] = True
-    return Data(train_x, noisy_y, noisy, test_x, test_y)
+    return noisy_y, noisy
+
+
+def with_label_noise(split: Split, fraction: float, seed: int) -> Data:
+    """Seed ``seed``'s data: the fit and validation labels with symmetric noise, the test labels clean."""
+    generator = torch.Generator().manual_seed(10_000 + seed)
+    fit_y, noisy = flip_labels(split.fit[1], fraction, generator)
+    val_y, _ = flip_labels(split.val[1], fraction, generator)
+    return Data(TrainingData(split.fit[0], fit_y, noisy, split.val[0], val_y), *split.test)
 
 
 # ----------------------------------------------------------------------------------------- models
@@ -205,9 +337,10 @@ class PassCounter:
 # ------------------------------------------------------------------------------------- optimizers
 
 
-def make_optimizer(name: str, params, *, rho: float | None, lr: float, total_steps: int, seed: int,
-                   backend: str | None) -> torch.optim.Optimizer:
-    """Optimizer ``name`` (a key of ``RHO``) over SGD with the shared lr, momentum and weight decay."""
+def make_optimizer(name: str, params, *, rho: float | None, param: float | None, lr: float,
+                   total_steps: int, seed: int, backend: str | None) -> torch.optim.Optimizer:
+    """Optimizer ``name`` (a key of ``VARIANTS``) over SGD with the shared lr, momentum and weight decay;
+    ``param`` is the value of its swept hyper-parameter (None where it has none)."""
     sgd = torch.optim.SGD
     base = {"lr": lr, "momentum": MOMENTUM, "weight_decay": WEIGHT_DECAY}
     sam = {"rho": rho, "backend": backend, "seed": seed, **base}
@@ -224,10 +357,24 @@ def make_optimizer(name: str, params, *, rho: float | None, lr: float, total_ste
         "AE-SAM": lambda: SAM(params, sgd, schedule=AESAM(total_steps=total_steps), **sam),
         "LookSAM": lambda: LookSAM(params, sgd, k=K, alpha=ALPHA, **sam),
         "MSAM": lambda: MomentumSAM(params, **sam),
+        "GSAM": lambda: GSAM(params, sgd, alpha=param, **sam),
+        "WSAM": lambda: WSAM(params, sgd, gamma=param, **sam),
+        "FriendlySAM": lambda: FriendlySAM(params, sgd, lambd=param, **sam),
+        "VaSSO": lambda: VaSSO(params, sgd, theta=param, **sam),
+        "FisherSAM": lambda: FisherSAM(params, sgd, eta=param, **sam),
+        "GCSAM": lambda: GCSAM(params, sgd, **sam),
     }
     if name not in builders:
         raise ValueError(f"optimizer: expected one of {OPTIMIZERS}, got {name!r}")
     return builders[name]()
+
+
+def make_rho_schedule(name: str, optimizer: torch.optim.Optimizer, rho: float | None,
+                      lr: float) -> ProportionalRho | None:
+    """GSAM's radius follows the lr (rho at the peak lr ``lr``, 0 at lr 0); the others keep theirs."""
+    if name != "GSAM":
+        return None
+    return ProportionalRho(optimizer, rho_max=rho, rho_min=0.0, lr_max=lr, lr_min=0.0)
 
 
 def expected_passes(name: str, total_steps: int) -> tuple[float, float] | None:
@@ -237,14 +384,14 @@ def expected_passes(name: str, total_steps: int) -> tuple[float, float] | None:
                  "LateSAM": total_steps - math.ceil(LATE_START * total_steps)}
     if name in ("SGD", "MSAM"):
         return 1.0, 1.0
-    if name in ("SAM", "ASAM", "SSAM"):
-        return 2.0, 2.0
     if name == "ESAM":
         return (3.0 if GAMMA < 1 else 2.0), 2.0
     if name in sam_steps:
         passes = 1.0 + sam_steps[name] / total_steps
         return passes, passes
-    return None
+    if name in ("RandomSAM", "AE-SAM"):
+        return None
+    return 2.0, 2.0
 
 
 # --------------------------------------------------------------------------------------- training
@@ -256,11 +403,13 @@ def cosine_lr(lr: float, step: int, total_steps: int) -> float:
 
 @dataclass
 class Run:
-    """One optimizer training one model of one seed."""
+    """One optimizer at one setting training one model of one seed."""
 
     name: str
+    setting: Setting
     model: nn.Module
     optimizer: torch.optim.Optimizer
+    rho_schedule: ProportionalRho | None
     counter: PassCounter
     order: torch.Generator
     lr: float
@@ -268,20 +417,23 @@ class Run:
     steps: int = 0
     epoch_seconds: list[float] = field(default_factory=list)
 
-    def train_epoch(self, data: Data) -> None:
-        """One epoch of minibatch steps (the partial batch dropped), timed."""
+    def train_epoch(self, data: TrainingData) -> None:
+        """One epoch of minibatch steps on the fit part (the partial batch dropped), timed."""
         loss_fn = nn.CrossEntropyLoss()
         sample_loss_fn = nn.CrossEntropyLoss(reduction="none")
         model, optimizer = self.model, self.optimizer
         started = time.perf_counter()
-        order = torch.randperm(len(data.train_y), generator=self.order)
+        order = torch.randperm(len(data.fit_y), generator=self.order)
         for start in range(0, len(order) - BATCH + 1, BATCH):
             batch = order[start:start + BATCH]
-            x, y = data.train_x[batch], data.train_y[batch]
+            x, y = data.fit_x[batch], data.fit_y[batch]
             # NOTE (one schedule): the lr is set per step from the same cosine for every optimizer
-            # (MSAM's param groups are its SGD's, so this also sets its step size).
+            # (MSAM's param groups are its SGD's, so this also sets its step size); GSAM's radius
+            # follows it, set after it as after an LR scheduler.
             for group in optimizer.param_groups:
                 group["lr"] = cosine_lr(self.lr, self.steps, self.total_steps)
+            if self.rho_schedule is not None:
+                self.rho_schedule.step()
             if isinstance(optimizer, ESAM):
                 optimizer.sds_step(sample_losses_closure(model, x, y, sample_loss_fn))
             else:
@@ -351,35 +503,68 @@ class Progress:
             print(file=sys.stderr)
 
 
-def run_seed(kind: str, names: list[str], data: Data, *, seed: int, epochs: int, lr: float,
-             rho: dict[str, float | None], backend: str | None, progress: Progress) -> dict[str, dict]:
-    """Train every optimizer of ``names`` on model ``kind`` from one initialization, interleaved by
-    epoch; return each one's measurements."""
-    steps_per_epoch = len(data.train_y) // BATCH
-    total_steps = epochs * steps_per_epoch
+def train_runs(kind: str, settings: list[tuple[str, Setting]], data: TrainingData, *, seed: int, epochs: int,
+               lr: float, backend: str | None, progress: Progress) -> list[Run]:
+    """Train every (optimizer, setting) of ``settings`` on model ``kind`` from one initialization,
+    interleaved by epoch, on the fit part of ``data``."""
+    total_steps = epochs * (len(data.fit_y) // BATCH)
     torch.manual_seed(seed)
     initial = make_model(kind)
     runs = []
-    for name in names:
+    for name, setting in settings:
+        rho, param = setting
         model = copy.deepcopy(initial)
-        optimizer = make_optimizer(name, model.parameters(), rho=rho[name], lr=lr, total_steps=total_steps,
-                                   seed=seed, backend=backend)
-        runs.append(Run(name, model, optimizer, PassCounter(model),
-                        torch.Generator().manual_seed(20_000 + seed), lr, total_steps))
+        optimizer = make_optimizer(name, model.parameters(), rho=rho, param=param, lr=lr,
+                                   total_steps=total_steps, seed=seed, backend=backend)
+        runs.append(Run(name, setting, model, optimizer, make_rho_schedule(name, optimizer, rho, lr),
+                        PassCounter(model), torch.Generator().manual_seed(20_000 + seed), lr, total_steps))
     for epoch in range(epochs):
-        # NOTE (interleaving): each epoch starts with the next optimizer, so no optimizer always runs
-        # first (cold caches) or last; results do not depend on the order (no global RNG is used).
+        # NOTE (interleaving): each epoch starts with the next run, so no run always goes first (cold
+        # caches) or last; results do not depend on the order (no global RNG is used).
         shift = epoch % len(runs)
         for run in runs[shift:] + runs[:shift]:
             run.train_epoch(data)
             progress.update(f"seed {seed} {kind} {run.name}")
+    return runs
+
+
+def sweep(kind: str, grids: dict[str, list[Setting]], data: TrainingData, *, seed: int, epochs: int,
+          lr: float, backend: str | None, progress: Progress) -> dict[str, dict[Setting, float]]:
+    """Validation accuracy of every setting in ``grids`` (per optimizer) on model ``kind``, seed ``seed``.
+
+    NOTE (no test data): it is handed the training data only, so neither the choice nor anything it is
+    based on can read the test split."""
+    settings = [(name, setting) for name, points in grids.items() for setting in points]
+    runs = train_runs(kind, settings, data, seed=seed, epochs=epochs, lr=lr, backend=backend,
+                      progress=progress)
+    scores: dict[str, dict[Setting, float]] = {name: {} for name in grids}
+    for run in runs:
+        scores[run.name][run.setting] = run.accuracy(data.val_x, data.val_y)
+    return scores
+
+
+def choose(scores: dict[Setting, list[float]]) -> Setting:
+    """The setting with the highest mean validation accuracy over the sweep seeds; among equal means the
+    first in grid order (the smaller radius)."""
+    means = {setting: statistics.fmean(values) for setting, values in scores.items()}
+    best = max(means.values())
+    return next(setting for setting, mean in means.items() if mean == best)
+
+
+def report(kind: str, chosen: dict[str, Setting], data: Data, *, seed: int, epochs: int, lr: float,
+           backend: str | None, progress: Progress) -> dict[str, dict]:
+    """Train each optimizer at its chosen setting on seed ``seed`` and read it on every split."""
+    training = data.training
+    runs = train_runs(kind, list(chosen.items()), training, seed=seed, epochs=epochs, lr=lr,
+                      backend=backend, progress=progress)
     results = {}
     for run in runs:
         counter = run.counter
         results[run.name] = {
+            "validation_accuracy": run.accuracy(training.val_x, training.val_y),
             "test_accuracy": run.accuracy(data.test_x, data.test_y),
-            "train_accuracy_noisy_labels": run.accuracy(data.train_x, data.train_y),
-            "noisy_labels_fit": run.accuracy(data.train_x[data.noisy], data.train_y[data.noisy]),
+            "train_accuracy_noisy_labels": run.accuracy(training.fit_x, training.fit_y),
+            "noisy_labels_fit": run.accuracy(training.fit_x[training.noisy], training.fit_y[training.noisy]),
             "steps": run.steps,
             "forward_passes_per_step": counter.forward / run.steps,
             "backward_passes_per_step": counter.backward / run.steps,
@@ -393,15 +578,31 @@ def run_seed(kind: str, names: list[str], data: Data, *, seed: int, epochs: int,
 # ---------------------------------------------------------------------------------------- summary
 
 
-def summarize(per_seed: list[dict[str, dict]], names: list[str], total_steps: int,
-              rho: dict[str, float | None]) -> dict[str, dict]:
-    """Per optimizer: means and spreads over the seeds, the compute model, and the gain kept."""
+def grid_edge(rho: float | None, points: list[Setting]) -> str | None:
+    """"lowest" or "highest" where ``rho`` is at that end of a grid of several radii, else None."""
+    radii = sorted({point[0] for point in points if point[0] is not None})
+    if rho is None or len(radii) < 2:
+        return None
+    return "lowest" if rho == radii[0] else "highest" if rho == radii[-1] else None
+
+
+def summarize(per_seed: list[dict[str, dict]], chosen: dict[str, Setting],
+              scores: dict[str, dict[Setting, list[float]]], grids: dict[str, list[Setting]],
+              total_steps: int) -> dict[str, dict]:
+    """Per optimizer: the chosen setting and the sweep behind it, then the report's means and spreads over
+    the seeds, the compute model, and the gain kept."""
     summary = {}
-    for name in names:
+    for name, (rho, value) in chosen.items():
+        variant = VARIANTS[name]
         rows = [seed_results[name] for seed_results in per_seed]
         accuracy = [row["test_accuracy"] for row in rows]
         entry = {
-            "rho": rho[name], "settings": SETTINGS[name],
+            "rho": rho, "param": variant.param, "param_value": value, "settings": variant.settings,
+            "rho_at_grid_edge": grid_edge(rho, grids[name]),
+            "validation_accuracy": statistics.fmean(scores[name][(rho, value)]),
+            "sweep": [{"rho": r, "param_value": v, "validation_accuracy": values,
+                       "validation_accuracy_mean": statistics.fmean(values)}
+                      for (r, v), values in scores[name].items()],
             "test_accuracy": accuracy,
             "test_accuracy_mean": statistics.fmean(accuracy),
             "test_accuracy_std": statistics.stdev(accuracy) if len(accuracy) > 1 else 0.0,
@@ -412,6 +613,8 @@ def summarize(per_seed: list[dict[str, dict]], names: list[str], total_steps: in
         for key in ("train_accuracy_noisy_labels", "noisy_labels_fit", "forward_passes_per_step",
                     "backward_passes_per_step", "forward_batches_per_step", "backward_batches_per_step"):
             entry[key] = statistics.fmean(row[key] for row in rows)
+        # NOTE: the report seeds' own validation accuracy, beside the sweep's score that chose the setting.
+        entry["report_validation_accuracy"] = statistics.fmean(row["validation_accuracy"] for row in rows)
         entry["backward_passes_per_step_by_seed"] = [row["backward_passes_per_step"] for row in rows]
         summary[name] = entry
     gap = None
@@ -428,16 +631,20 @@ def summarize(per_seed: list[dict[str, dict]], names: list[str], total_steps: in
 
 
 def markdown_table(results: dict[str, dict[str, dict]]) -> str:
-    header = ("| model | optimizer | rho | settings | test acc (%) | noise fit (%) | fwd/step | bwd/step "
-              "| bwd batches/step | ms/epoch | time / SGD | gain kept |")
+    header = ("| model | optimizer | rho | swept | settings | val acc (%) | test acc (%) | noise fit (%) "
+              "| fwd/step | bwd/step | bwd batches/step | ms/epoch | time / SGD | gain kept |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for kind, summary in results.items():
         for name, entry in summary.items():
             rho = "" if entry["rho"] is None else f"{entry['rho']:g}"
+            if entry["rho_at_grid_edge"] is not None:
+                rho += f" ({entry['rho_at_grid_edge']})"
+            swept = "" if entry["param"] is None else f"{entry['param']}={entry['param_value']:g}"
             kept = "" if entry["gain_kept"] is None else f"{entry['gain_kept']:.2f}"
             ratio = f"{entry['time_vs_sgd']:.2f}" if "time_vs_sgd" in entry else ""
             lines.append(
-                f"| {kind} | {name} | {rho} | {entry['settings']} | "
+                f"| {kind} | {name} | {rho} | {swept} | {entry['settings']} | "
+                f"{100 * entry['validation_accuracy']:.1f} | "
                 f"{100 * entry['test_accuracy_mean']:.1f} ± {100 * entry['test_accuracy_std']:.1f} | "
                 f"{100 * entry['noisy_labels_fit']:.0f} | "
                 f"{entry['forward_passes_per_step']:.2f} | {entry['backward_passes_per_step']:.2f} | "
@@ -474,7 +681,7 @@ def plot(results: dict[str, dict[str, dict]], path: Path, subtitle: str) -> bool
         return False
     names = list(next(iter(results.values())))
     markers = "osD^v<>pPX*h"
-    colors = [f"C{i}" for i in range(10)] + ["black"]
+    colors = [f"C{i}" for i in range(10)] + ["black", "olive", "teal", "maroon", "navy", "gold", "magenta"]
     figure = Figure(figsize=(6 * len(results), 5), layout="constrained")
     axes = figure.subplots(1, len(results), squeeze=False)[0]
     for ax, (kind, summary) in zip(axes, results.items()):
@@ -498,7 +705,7 @@ def plot(results: dict[str, dict[str, dict]], path: Path, subtitle: str) -> bool
         ax.set_ylabel("clean test accuracy (%), mean ± std over seeds")
         ax.set_title(f"{kind} (dotted: SGD, dashed: SAM)")
         ax.grid(alpha=0.3)
-    axes[-1].legend(fontsize="x-small", loc="best")
+    axes[-1].legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     figure.suptitle(f"digits, {subtitle}")
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=130)
@@ -506,18 +713,29 @@ def plot(results: dict[str, dict[str, dict]], path: Path, subtitle: str) -> bool
 
 
 def _subtitle(noise: float, seeds: int, epochs: int) -> str:
-    return f"{noise:.0%} label noise, {seeds} seed(s), {epochs} epochs"
+    return (f"{noise:.0%} label noise, {seeds} seed(s), {epochs} epochs;\n"
+            "each setting chosen on the validation split")
 
 
-def _parse_rho(items: list[str]) -> dict[str, float | None]:
-    rho = dict(RHO)
+def _describe(scale: Scale) -> str:
+    radii = ", ".join(f"{r:g}" for r in scale.rho_grid)
+    return (f"models {' '.join(scale.models)}, base radius grid {radii}, {scale.epochs} epochs, "
+            f"{scale.sweep_seeds} sweep seed(s), {scale.seeds} report seeds")
+
+
+def _parse_values(items: list[str], flag: str, allowed: list[str]) -> dict[str, tuple[float, ...]]:
+    """``NAME=V1,V2,...`` items as {NAME: (V1, V2, ...)}."""
+    parsed = {}
     for item in items:
-        name, _, value = item.partition("=")
-        if name not in RHO or RHO[name] is None or not value:
-            raise SystemExit(f"--rho: expected NAME=VALUE with NAME one of "
-                             f"{[n for n, r in RHO.items() if r is not None]}, got {item!r}")
-        rho[name] = float(value)
-    return rho
+        name, _, values = item.partition("=")
+        try:
+            numbers = tuple(float(value) for value in values.split(","))
+        except ValueError:
+            numbers = ()
+        if name not in allowed or not numbers:
+            raise SystemExit(f"{flag}: expected NAME=V1,V2,... with NAME one of {allowed}, got {item!r}")
+        parsed[name] = numbers
+    return parsed
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -525,15 +743,23 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.generalization",
                                      description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
-    parser.add_argument("--epochs", type=int, default=EPOCHS, help="epochs per run")
-    parser.add_argument("--quick", action="store_true",
-                        help=f"smoke setting: 1 seed, {QUICK_EPOCHS} epochs (overrides --seeds/--epochs)")
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--full", action="store_true", help=f"the larger run: {_describe(FULL)} (default: "
+                                                            f"{_describe(QUICK)})")
+    parser.add_argument("--models", nargs="+", default=None, choices=MODELS,
+                        help="models (default: the setting's)")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs per run (default: the setting's)")
+    parser.add_argument("--sweep-seeds", type=int, default=None,
+                        help="seeds 0..S-1 score the grid on the validation split (default: the setting's)")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="report seeds S..S+N-1 run the chosen settings (default: the setting's)")
     parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=OPTIMIZERS,
                         metavar="NAME", help=f"subset of {', '.join(OPTIMIZERS)}")
-    parser.add_argument("--rho", action="append", default=[], metavar="NAME=VALUE",
-                        help="override one optimizer's rho (repeatable)")
+    with_rho = [name for name, variant in VARIANTS.items() if variant.rho_scale is not None]
+    with_param = [name for name, variant in VARIANTS.items() if variant.param is not None]
+    parser.add_argument("--rho", action="append", default=[], metavar="NAME=R1,R2,...",
+                        help="replace one optimizer's radius grid (repeatable)")
+    parser.add_argument("--param", action="append", default=[], metavar="NAME=V1,V2,...",
+                        help=f"replace the swept hyper-parameter's values of one of {', '.join(with_param)}")
     parser.add_argument("--lr", type=float, default=LR, help="peak lr of the cosine schedule (all)")
     parser.add_argument("--noise", type=float, default=NOISE, help="fraction of noisy training labels")
     parser.add_argument("--backend", default="auto", choices=["auto", *backends.BACKEND_NAMES],
@@ -554,31 +780,47 @@ def main(argv: list[str] | None = None) -> dict:
                                                           config["epochs"])):
             print(f"figure: {args.figure}")
         return record
-    seeds, epochs = (1, QUICK_EPOCHS) if args.quick else (args.seeds, args.epochs)
-    if seeds < 1 or epochs < 1:
-        parser.error("--seeds and --epochs must be at least 1")
-    rho = _parse_rho(args.rho)
+    scale = FULL if args.full else QUICK
+    models = args.models or list(scale.models)
+    epochs = scale.epochs if args.epochs is None else args.epochs
+    sweep_seeds = scale.sweep_seeds if args.sweep_seeds is None else args.sweep_seeds
+    seeds = scale.seeds if args.seeds is None else args.seeds
+    if min(epochs, sweep_seeds, seeds) < 1:
+        parser.error("--epochs, --sweep-seeds and --seeds must be at least 1")
+    rhos = _parse_values(args.rho, "--rho", with_rho)
+    values = _parse_values(args.param, "--param", with_param)
     backend = None if args.backend == "auto" else args.backend
     names = [name for name in OPTIMIZERS if name in args.optimizers]
+    grids = {name: grid(name, scale.rho_grid, rhos.get(name), values.get(name)) for name in names}
     torch.set_num_threads(args.threads)
     backend_name, backend_reason = backends.resolve(torch.device("cpu"), backend)
 
     started = time.perf_counter()
     split = load_split()
-    steps_per_epoch = TRAIN_SIZE // BATCH
+    steps_per_epoch = FIT_SIZE // BATCH
     total_steps = epochs * steps_per_epoch
-    print(f"digits: {TRAIN_SIZE} train ({args.noise:.0%} noisy labels) / {TEST_SIZE} test; {seeds} seed(s) "
-          f"x {epochs} epochs x {steps_per_epoch} steps of {BATCH}; lr {args.lr:g} cosine; backend "
-          f"{backend_name}; {args.threads} thread(s)", flush=True)
-    progress = Progress(seeds * len(args.models) * epochs * len(names), enabled=not args.no_progress)
-    per_seed: dict[str, list[dict]] = {kind: [] for kind in args.models}
-    for seed in range(seeds):
-        data = with_label_noise(split, args.noise, seed)
-        for kind in args.models:
-            per_seed[kind].append(run_seed(kind, names, data, seed=seed, epochs=epochs, lr=args.lr, rho=rho,
-                                           backend=backend, progress=progress))
+    sweep_range, report_range = range(sweep_seeds), range(sweep_seeds, sweep_seeds + seeds)
+    settings = sum(len(points) for points in grids.values())
+    print(f"digits: {FIT_SIZE} trained on + {VAL_SIZE} validation ({args.noise:.0%} noisy labels) / "
+          f"{TEST_SIZE} test; {epochs} epochs x {steps_per_epoch} steps of {BATCH}; lr {args.lr:g} cosine; "
+          f"{settings} settings x {sweep_seeds} sweep seed(s), then {len(names)} chosen x {seeds} report "
+          f"seed(s); backend {backend_name}; {args.threads} thread(s)", flush=True)
+    progress = Progress(len(models) * epochs * (sweep_seeds * settings + seeds * len(names)),
+                        enabled=not args.no_progress)
+    train = {"epochs": epochs, "lr": args.lr, "backend": backend, "progress": progress}
+    results = {}
+    for kind in models:
+        scores: dict[str, dict[Setting, list[float]]] = {name: {p: [] for p in grids[name]} for name in names}
+        for seed in sweep_range:
+            training = with_label_noise(split, args.noise, seed).training
+            for name, by_setting in sweep(kind, grids, training, seed=seed, **train).items():
+                for setting, accuracy in by_setting.items():
+                    scores[name][setting].append(accuracy)
+        chosen = {name: choose(scores[name]) for name in names}
+        per_seed = [report(kind, chosen, with_label_noise(split, args.noise, seed), seed=seed, **train)
+                    for seed in report_range]
+        results[kind] = summarize(per_seed, chosen, scores, grids, total_steps)
     progress.close()
-    results = {kind: summarize(per_seed[kind], names, total_steps, rho) for kind in args.models}
     elapsed = time.perf_counter() - started
 
     table = markdown_table(results)
@@ -587,10 +829,13 @@ def main(argv: list[str] | None = None) -> dict:
         if "SGD" in summary and "SAM" in summary:
             gap = 100 * (summary["SAM"]["test_accuracy_mean"] - summary["SGD"]["test_accuracy_mean"])
             print(f"{kind}: SAM - SGD = {gap:+.1f} points (gain kept is relative to this)")
-    config = {"seeds": seeds, "epochs": epochs, "steps_per_epoch": steps_per_epoch, "batch": BATCH,
-              "lr": args.lr, "lr_schedule": "cosine per step to 0", "momentum": MOMENTUM,
-              "weight_decay": WEIGHT_DECAY, "label_noise": args.noise, "train_size": TRAIN_SIZE,
-              "test_size": TEST_SIZE, "split_seed": SPLIT_SEED, "quick": args.quick,
+    config = {"full": args.full, "seeds": seeds, "sweep_seeds": sweep_seeds,
+              "report_seeds": list(report_range), "epochs": epochs,
+              "steps_per_epoch": steps_per_epoch, "batch": BATCH, "lr": args.lr,
+              "lr_schedule": "cosine per step to 0", "momentum": MOMENTUM, "weight_decay": WEIGHT_DECAY,
+              "label_noise": args.noise, "fit_size": FIT_SIZE, "validation_size": VAL_SIZE,
+              "test_size": TEST_SIZE, "split_seed": SPLIT_SEED,
+              "grids": {name: [list(point) for point in points] for name, points in grids.items()},
               "threads": args.threads, "backend": backend_name, "backend_reason": backend_reason,
               "torch": torch.__version__}
     record = {"config": config, "seconds": elapsed, "results": results, "table": table}

@@ -11,6 +11,11 @@ the weight gradients):
                  (full forward, SWP-pruned backward, no-grad forward at w + e, forward and backward on
                  the selected gamma fraction)
     SSAM         as SAM (the renormalization is optimizer-side work)
+    GSAM, WSAM, Friendly-SAM, VaSSO, Fisher-SAM, GC-SAM
+                 as SAM: what they add to the ascent or the descent is optimizer-side work (multi-tensor
+                 ops, not fused yet); run at their classes' defaults: GSAM alpha 0.2 with rho
+                 proportional to the lr, WSAM gamma 0.9 decoupled, Friendly-SAM lambd 0.9, VaSSO theta
+                 0.9, Fisher-SAM eta 1
     cheap        3F + f x 3F, f the fraction of steps that run the second pass: counted while timing
                  (interval k = 5 and LookSAM k = 5: f = 0.2; randomized p = 0.5: about 0.5; AE-SAM:
                  data dependent); Momentum SAM 3F (no second pass)
@@ -19,6 +24,7 @@ The variants are interleaved across ``--repeats`` rounds (machine noise hits all
 the median with the spread (min-max) of the images per second.
 
     python -m benchmarks.training [--models resnet18 vit_tiny] [--batch 128] [--steps N] [--repeats R]
+        [--variants VARIANT ...] [--threads T]
 """
 
 from __future__ import annotations
@@ -38,11 +44,18 @@ from benchmarks.models import MODELS
 from sam_kernels.optim import (
     AESAM,
     ESAM,
+    GCSAM,
+    GSAM,
     SAM,
+    WSAM,
+    FisherSAM,
+    FriendlySAM,
     Interval,
     LookSAM,
     MomentumSAM,
+    ProportionalRho,
     Randomized,
+    VaSSO,
     sample_losses_closure,
 )
 
@@ -50,6 +63,9 @@ LR, MOMENTUM, WEIGHT_DECAY, RHO = 0.05, 0.9, 5e-4, 0.05
 BETA, GAMMA = 0.6, 0.5  # the ESAM paper's ResNet-18 setting
 K = 5  # interval SAM's and LookSAM's period
 MSAM_RHO = 0.3  # the Momentum SAM code's default
+#: The rows with one forward and backward per step; every other row without a measured second-pass
+#: fraction runs two.
+ONE_PASS = ("SGD", "Momentum SAM")
 
 
 def compute_model(variant: str, second_pass_fraction: float | None = None) -> float:
@@ -59,9 +75,9 @@ def compute_model(variant: str, second_pass_fraction: float | None = None) -> fl
         return 3.0 + 3.0 * second_pass_fraction
     if variant.endswith("ESAM"):
         return 3 + BETA + 3 * GAMMA
-    if variant.endswith("SAM") and "Momentum" not in variant:
-        return 6.0
-    return 3.0
+    if variant in ONE_PASS:
+        return 3.0
+    return 6.0
 
 
 def per_sample_loss(logits, targets):
@@ -168,6 +184,23 @@ def sam_kernels_esam_step(model):
     return step
 
 
+def two_pass_family_step(model, variant, **options):
+    """A SAM-family optimizer (``variant``: its class, with ``options``) in the two-call loop; GSAM's
+    radius follows the lr as its paper ties them (constant here, as the lr is)."""
+    optimizer = variant(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR, momentum=MOMENTUM,
+                        weight_decay=WEIGHT_DECAY, **options)
+    step = two_pass_step(model, optimizer)
+    if variant is not GSAM:
+        return step
+    rho_schedule = ProportionalRho(optimizer, rho_max=RHO, rho_min=0.0, lr_max=LR, lr_min=0.0)
+
+    def gsam_step(inputs, targets):
+        step(inputs, targets)
+        rho_schedule.step()
+
+    return gsam_step
+
+
 #: NOTE (AE-SAM's horizon): its threshold moves over ``total_steps``; the benchmark's run is short, so
 #: the horizon is set to a typical training length and the measured fraction of SAM steps is reported.
 AESAM_HORIZON = 1000
@@ -184,6 +217,12 @@ VARIANTS = {
     "AE-SAM": lambda model: sam_kernels_schedule_step(model, AESAM(AESAM_HORIZON)),
     f"LookSAM (k={K})": looksam_step,
     "Momentum SAM": momentum_sam_step,
+    "sam_kernels GSAM": lambda model: two_pass_family_step(model, GSAM, alpha=0.2),
+    "sam_kernels WSAM": lambda model: two_pass_family_step(model, WSAM, gamma=0.9),
+    "sam_kernels FriendlySAM": lambda model: two_pass_family_step(model, FriendlySAM, lambd=0.9),
+    "sam_kernels VaSSO": lambda model: two_pass_family_step(model, VaSSO, theta=0.9),
+    "sam_kernels FisherSAM": lambda model: two_pass_family_step(model, FisherSAM, eta=1.0),
+    "sam_kernels GCSAM": lambda model: two_pass_family_step(model, GCSAM),
 }
 
 
@@ -294,7 +333,10 @@ def main(argv=None):
     parser.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS), metavar="VARIANT",
                         help="a subset of the variants (SGD and eager SAM always run); default: all")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
     steps = args.steps or (50 if on_gpu else 5)

@@ -5,6 +5,16 @@ import json
 import pytest
 import torch
 from tolerance import assert_close
+from torch import nn
+from variant_reference import (
+    EagerFisherSAM,
+    EagerFriendlySAM,
+    EagerGCSAM,
+    EagerGSAM,
+    EagerSAMStep,
+    EagerVaSSO,
+    EagerWSAM,
+)
 
 from benchmarks import optimizer_step
 from benchmarks.shapes import PARAM_SETS, numel
@@ -136,6 +146,53 @@ def test_training_sam_variant_takes_the_same_step_as_eager_sam():
     assert_close(weights["sam_kernels SAM"], weights["eager SAM"], scale=10)
 
 
+#: The training benchmark's SAM-family rows and the eager references of their optimizers, at the rows'
+#: options.
+FAMILY_ROWS = {
+    "sam_kernels GSAM": (EagerGSAM, {"alpha": 0.2}),
+    "sam_kernels WSAM": (EagerWSAM, {"gamma": 0.9}),
+    "sam_kernels FriendlySAM": (EagerFriendlySAM, {"lambd": 0.9}),
+    "sam_kernels VaSSO": (EagerVaSSO, {"theta": 0.9}),
+    "sam_kernels FisherSAM": (EagerFisherSAM, {"eta": 1.0}),
+    "sam_kernels GCSAM": (EagerGCSAM, {}),
+}
+
+
+@pytest.mark.parametrize("variant", FAMILY_ROWS)
+def test_training_family_row_takes_its_reference_steps(variant):
+    """Three steps of the row's step function (two calls per step, GSAM's radius scheduler stepped) end
+    where the eager reference's three iterations end (the EMA variants' buffers in play), and far from
+    where plain SAM's end: the inputs are scaled up so that even Fisher-SAM at eta 1 leaves SAM's path."""
+    from benchmarks import training
+
+    generator = torch.Generator().manual_seed(5)
+    batches = [(10 * torch.randn(8, 12, generator=generator), torch.randint(0, 10, (8,), generator=generator))
+               for _ in range(3)]
+    models = []
+    for _ in range(3):
+        torch.manual_seed(0)
+        models.append(nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 10)))
+    model, expected, sam = models
+    step = training.VARIANTS[variant](model)
+    eager_cls, options = FAMILY_ROWS[variant]
+    references = [eager_cls(expected, sgd(expected), rho=training.RHO, **options),
+                  EagerSAMStep(sam, sgd(sam), rho=training.RHO)]
+    for x, y in batches:
+        step(x, y)
+        assert not references[0].step(expected, x, y)
+        assert not references[1].step(sam, x, y)
+    weights = [[p.detach() for p in m.parameters()] for m in models]
+    assert_close(weights[0], weights[1], scale=10, msg=variant)
+    assert max(float((a - b).abs().max()) for a, b in zip(weights[1], weights[2])) > 1e-4
+
+
+def sgd(model):
+    from benchmarks import training
+
+    return torch.optim.SGD(model.parameters(), lr=training.LR, momentum=training.MOMENTUM,
+                           weight_decay=training.WEIGHT_DECAY)
+
+
 def test_training_cli_runs_every_variant(tmp_path, monkeypatch):
     from benchmarks import training
     from benchmarks.models import MODELS, VisionTransformer
@@ -153,5 +210,8 @@ def test_training_cli_runs_every_variant(tmp_path, monkeypatch):
     assert rows["LookSAM (k=5)"]["second_pass_fraction"] == pytest.approx(0.2)
     assert rows["interval SAM (k=5)"]["model_vs_eager_sam"] == pytest.approx(6 / 3.6)
     assert rows["Momentum SAM"]["model_vs_eager_sam"] == pytest.approx(2.0)
+    for variant in FAMILY_ROWS:  # two passes, like SAM
+        assert rows[variant]["model_vs_eager_sam"] == pytest.approx(1.0), variant
+        assert rows[variant]["second_pass_fraction"] is None, variant
     assert all(row["images_per_s_min"] <= row["images_per_s"] <= row["images_per_s_max"]
                for row in record["rows"])

@@ -1,14 +1,22 @@
-"""The generalization benchmark's smoke setting: every optimizer trains, and the passes per step its
-hooks measure are the ones each optimizer's compute model says."""
+"""The generalization benchmark at a tiny setting: every optimizer trains one epoch at every point of a
+two-radius grid, the choice reads the validation split only, and the passes per step its hooks measure
+are the ones each optimizer's compute model says."""
 
+import dataclasses
 import json
 import math
 
 import pytest
+import torch
 
 from benchmarks import generalization
 
-#: (forward, backward) passes per step over the quick run's 40 steps (a multiple of k = 5).
+#: The tiny setting: the mlp, two radii (times each swept hyper-parameter's two values), one epoch of
+#: 5 steps (320 images trained on), one sweep seed and one report seed.
+TINY = generalization.Scale(("mlp",), (0.1, 0.4), epochs=1, sweep_seeds=1, seeds=1)
+TINY_FIT = 320
+
+#: (forward, backward) passes per step over the tiny run's 5 steps (a multiple of k = 5).
 EXPECTED = {
     "SGD": (1.0, 1.0),
     "SAM": (2.0, 2.0),
@@ -16,53 +24,182 @@ EXPECTED = {
     "SSAM": (2.0, 2.0),
     "ESAM": (3.0, 2.0),  # gamma < 1: the no-grad pass at w + e is a forward
     "IntervalSAM": (1.2, 1.2),
-    "LateSAM": (1.5, 1.5),
+    "LateSAM": (1.4, 1.4),  # SAM on the last 2 of 5 steps (from step ceil(2.5) = 3 on)
     "LookSAM": (1.2, 1.2),
     "MSAM": (1.0, 1.0),
+    "GSAM": (2.0, 2.0),
+    "WSAM": (2.0, 2.0),
+    "FriendlySAM": (2.0, 2.0),
+    "VaSSO": (2.0, 2.0),
+    "FisherSAM": (2.0, 2.0),
+    "GCSAM": (2.0, 2.0),
 }
+
+
+class Spy:
+    """Records, in order, which split each accuracy reads ("fit", "val", "test", or "noisy" for the
+    flipped part of the fit split) and each choice made."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.events: list[str] = []
+        self.split = None
+        load_split, accuracy, choose = (generalization.load_split, generalization.Run.accuracy,
+                                        generalization.choose)
+
+        def spy_load_split():
+            self.split = load_split()
+            return self.split
+
+        def spy_accuracy(run, x, y):
+            self.events.append(self.name_of(x))
+            return accuracy(run, x, y)
+
+        def spy_choose(scores):
+            self.events.append("choose")
+            return choose(scores)
+
+        monkeypatch.setattr(generalization, "load_split", spy_load_split)
+        monkeypatch.setattr(generalization.Run, "accuracy", spy_accuracy)
+        monkeypatch.setattr(generalization, "choose", spy_choose)
+
+    def name_of(self, x: torch.Tensor) -> str:
+        for name in ("fit", "val", "test"):
+            if x is getattr(self.split, name)[0]:
+                return name
+        return "noisy"
+
+
+def run_tiny(out, monkeypatch, argv=()):
+    monkeypatch.setattr(generalization, "QUICK", TINY)
+    monkeypatch.setattr(generalization, "FIT_SIZE", TINY_FIT)
+    return generalization.main(["--backend", "torch", "--no-progress", "--json", str(out / "record.json"),
+                                "--figure", str(out / "figure.png"), *argv])
 
 
 @pytest.fixture(scope="module")
 def record(tmp_path_factory):
     out = tmp_path_factory.mktemp("generalization")
-    argv = ["--quick", "--backend", "torch", "--no-progress", "--json", str(out / "generalization.json"),
-            "--figure", str(out / "generalization.png")]
-    returned = generalization.main(argv)
-    with open(out / "generalization.json", encoding="utf-8") as handle:
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        spy = Spy(monkeypatch)
+        returned = run_tiny(out, monkeypatch)
+    with open(out / "record.json", encoding="utf-8") as handle:
         written = json.load(handle)
     assert written["results"] == json.loads(json.dumps(returned["results"]))
-    return written, out
+    return written, out, spy
 
 
-def test_every_optimizer_on_every_model_has_finite_accuracies(record):
-    written, out = record
+def test_every_optimizer_runs_at_every_point_of_its_grid(record):
+    written, out, _ = record
     assert written["config"]["backend"] == "torch"
-    assert set(written["results"]) == set(generalization.MODELS)
-    for kind, summary in written["results"].items():
-        assert list(summary) == list(generalization.OPTIMIZERS), kind
-        for name, entry in summary.items():
-            assert len(entry["test_accuracy"]) == 1, (kind, name)
-            for value in (*entry["test_accuracy"], entry["test_accuracy_mean"], entry["test_accuracy_std"],
-                          entry["noisy_labels_fit"], entry["epoch_seconds_median"]):
-                assert math.isfinite(value), (kind, name)
-            assert 0.0 <= entry["test_accuracy_mean"] <= 1.0
-    assert (out / "generalization.png").stat().st_size > 0
+    assert written["config"]["sweep_seeds"] == 1 and written["config"]["report_seeds"] == [1]
+    assert written["config"]["steps_per_epoch"] == 5
+    summary = written["results"]["mlp"]
+    assert list(written["results"]) == ["mlp"]
+    assert list(summary) == list(generalization.OPTIMIZERS)
+    assert set(generalization.OPTIMIZERS) == set(EXPECTED) | {"RandomSAM", "AE-SAM"}
+    for name, entry in summary.items():
+        variant = generalization.VARIANTS[name]
+        radii = [None] if variant.rho_scale is None else [variant.rho_scale * r for r in TINY.rho_grid]
+        values = list(variant.values) or [None]
+        swept = [(point["rho"], point["param_value"]) for point in entry["sweep"]]
+        expected = [(r, v) for r in radii for v in values]
+        assert len(swept) == len(expected), name
+        for (rho, value), (expected_rho, expected_value) in zip(swept, expected):
+            assert value == expected_value, name
+            assert rho == expected_rho or math.isclose(rho, expected_rho, rel_tol=1e-9), name
+        for point in entry["sweep"]:
+            assert 0.0 <= point["validation_accuracy_mean"] <= 1.0, name
+        best = max(point["validation_accuracy_mean"] for point in entry["sweep"])
+        assert entry["validation_accuracy"] == best, name
+        assert (entry["rho"], entry["param_value"]) in swept, name
+        assert entry["param"] == variant.param, name
+        assert len(entry["test_accuracy"]) == 1, name
+        for value in (*entry["test_accuracy"], entry["test_accuracy_std"], entry["noisy_labels_fit"],
+                      entry["report_validation_accuracy"], entry["epoch_seconds_median"]):
+            assert math.isfinite(value), name
+        assert 0.0 <= entry["test_accuracy_mean"] <= 1.0
+    assert (out / "figure.png").stat().st_size > 0
+    table = written["table"]
+    assert "| val acc (%) |" in table and "| swept |" in table and "alpha=" in table
+
+
+def test_the_choice_reads_the_validation_split_only(record):
+    """Structurally: the sweep is handed the training data only, and every accuracy read before the last
+    choice is on the validation split; the test split is read only after every choice, by the report."""
+    _, _, spy = record
+    fields = {field.name for field in dataclasses.fields(generalization.TrainingData)}
+    assert fields == {"fit_x", "fit_y", "noisy", "val_x", "val_y"}
+    events = spy.events
+    last_choice = len(events) - 1 - events[::-1].index("choose")
+    assert events.count("choose") == len(generalization.OPTIMIZERS)
+    before = events[:last_choice]
+    assert set(before) == {"val", "choose"}
+    # NOTE: one validation read per setting of the grid (one sweep seed).
+    assert before.count("val") == sum(len(generalization.grid(name, TINY.rho_grid))
+                                      for name in generalization.OPTIMIZERS)
+    after = events[last_choice + 1:]
+    assert after.count("test") == len(generalization.OPTIMIZERS)
+
+
+def test_the_choice_does_not_depend_on_the_test_split(tmp_path, monkeypatch):
+    """With the test labels replaced by others, the sweep scores and the choices stay the same and only
+    the test accuracies change."""
+    load_split = generalization.load_split
+    argv = ["--optimizers", "SAM", "GSAM", "--no-figure"]
+    first = run_tiny(tmp_path, monkeypatch, argv)["results"]["mlp"]
+
+    def shuffled_test_labels():
+        split = load_split()
+        x, y = split.test
+        return dataclasses.replace(split, test=(x, (y + 1) % 10))
+
+    monkeypatch.setattr(generalization, "load_split", shuffled_test_labels)
+    second = run_tiny(tmp_path, monkeypatch, argv)["results"]["mlp"]
+    for name in ("SAM", "GSAM"):
+        for key in ("sweep", "rho", "param_value", "validation_accuracy", "report_validation_accuracy"):
+            assert first[name][key] == second[name][key], (name, key)
+        assert first[name]["test_accuracy"] != second[name]["test_accuracy"], name
 
 
 def test_measured_passes_match_each_compute_model(record):
-    written, _ = record
-    for kind, summary in written["results"].items():
-        for name, entry in summary.items():
-            measured = (entry["forward_passes_per_step"], entry["backward_passes_per_step"])
-            if name in EXPECTED:
-                assert measured == pytest.approx(EXPECTED[name], abs=1e-12), (kind, name)
-                assert tuple(entry["expected_passes_per_step"]) == pytest.approx(EXPECTED[name])
-            else:  # RandomSAM, AE-SAM: one or two passes per step, decided step by step
-                assert entry["expected_passes_per_step"] is None
-                assert 1.0 <= measured[1] <= 2.0, (kind, name)
-                assert measured[0] == measured[1], (kind, name)
-        esam = summary["ESAM"]
-        # NOTE: the selected half of the batch goes through the last forward and backward.
-        assert esam["forward_batches_per_step"] == pytest.approx(2.5)
-        assert esam["backward_batches_per_step"] == pytest.approx(1.5)
-        assert summary["SGD"]["backward_batches_per_step"] == pytest.approx(1.0)
+    written, _, _ = record
+    for name, entry in written["results"]["mlp"].items():
+        measured = (entry["forward_passes_per_step"], entry["backward_passes_per_step"])
+        if name in EXPECTED:
+            assert measured == pytest.approx(EXPECTED[name], abs=1e-12), name
+            assert tuple(entry["expected_passes_per_step"]) == pytest.approx(EXPECTED[name])
+        else:  # RandomSAM, AE-SAM: one or two passes per step, decided step by step
+            assert entry["expected_passes_per_step"] is None
+            assert 1.0 <= measured[1] <= 2.0, name
+            assert measured[0] == measured[1], name
+    summary = written["results"]["mlp"]
+    esam = summary["ESAM"]
+    # NOTE: the selected half of the batch goes through the last forward and backward.
+    assert esam["forward_batches_per_step"] == pytest.approx(2.5)
+    assert esam["backward_batches_per_step"] == pytest.approx(1.5)
+    assert summary["SGD"]["backward_batches_per_step"] == pytest.approx(1.0)
+
+
+def test_grid_choice_and_edges():
+    assert generalization.grid("SGD", (0.1, 0.3)) == [(None, None)]
+    assert generalization.grid("ASAM", (0.1, 0.3)) == [(1.0, None), (3.0, None)]
+    assert generalization.grid("WSAM", (0.3, 0.1)) == [(0.1, 0.8), (0.1, 0.9), (0.3, 0.8), (0.3, 0.9)]
+    assert generalization.grid("GSAM", (0.1,), rhos=(0.5, 0.2), values=(0.0,)) == [(0.2, 0.0), (0.5, 0.0)]
+    # NOTE: equal means go to the earlier setting, the smaller radius.
+    assert generalization.choose({(0.1, None): [0.5, 0.7], (0.3, None): [0.6, 0.6],
+                                  (0.9, None): [0.1, 0.2]}) == (0.1, None)
+    points = generalization.grid("SAM", (0.1, 0.3, 0.9))
+    assert [generalization.grid_edge(rho, points) for rho in (0.1, 0.3, 0.9)] == ["lowest", None, "highest"]
+    assert generalization.grid_edge(None, [(None, None)]) is None
+
+
+def test_the_cnn_maps_digits_to_ten_logits():
+    torch.manual_seed(0)
+    assert generalization.make_model("cnn")(torch.randn(3, 64)).shape == (3, 10)
+
+
+@pytest.mark.parametrize("argv", [["--rho", "SGD=0.1"], ["--rho", "SAM="], ["--param", "SAM=0.1"],
+                                  ["--param", "GSAM=a"]])
+def test_bad_grid_overrides_are_refused(argv):
+    with pytest.raises(SystemExit):
+        generalization.main([*argv, "--no-progress", "--no-figure"])

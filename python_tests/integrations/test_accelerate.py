@@ -9,7 +9,14 @@ import contextlib
 
 import pytest
 import torch
-from reference import EagerSAM, assert_models_close, batch_loss, eager_sam_step, make_batches, make_model
+from eager_reference import (
+    ReferenceSAM,
+    assert_models_close,
+    batch_loss,
+    eager_sam_step,
+    make_batches,
+    make_model,
+)
 from tolerance import assert_bitwise_equal
 
 import sam_kernels
@@ -92,7 +99,7 @@ def test_accelerate_matches_the_bare_optimizer(style, mixed_precision):
     assert_bitwise_equal([p.detach() for p in model.parameters()], [p.detach() for p in bare.parameters()])
     if mixed_precision == "no":
         eager = make_model()
-        ref = EagerSAM.of_model(eager, torch.optim.SGD(eager.parameters(), lr=0.05, momentum=0.9,
+        ref = ReferenceSAM.of_model(eager, torch.optim.SGD(eager.parameters(), lr=0.05, momentum=0.9,
                                                        weight_decay=1e-3), rho=0.05)
         for x, y in batches:
             eager_sam_step(ref, eager, x, y)

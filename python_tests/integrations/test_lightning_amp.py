@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference import EagerSAM, batch_loss, make_batches, make_mlp
+from eager_reference import ReferenceSAM, batch_loss, make_batches, make_mlp
 from tolerance import assert_bitwise_equal, assert_close
 
 from sam_kernels.optim import SAM
@@ -67,7 +67,7 @@ def test_sam_mixed_precision_trains_like_eager_sam_under_the_same_fp16_scaling(t
     batches = fit(tmp_path, module, plugin)
     assert module.closure_calls == 2 * STEPS
     eager = make_mlp()
-    ref = EagerSAM.of_model(eager, torch.optim.SGD(eager.parameters(), **OPTIONS), rho=0.05)
+    ref = ReferenceSAM.of_model(eager, torch.optim.SGD(eager.parameters(), **OPTIONS), rho=0.05)
     for x, y in batches:
         assert not ref.step([(x, y)], scale=SCALE, autocast=lambda: torch.autocast("cpu", torch.float16))
     for a, b in zip(module.net.parameters(), eager.parameters(), strict=True):

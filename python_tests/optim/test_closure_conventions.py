@@ -11,8 +11,8 @@ import warnings
 
 import pytest
 import torch
-from reference import (
-    EagerSAM,
+from eager_reference import (
+    ReferenceSAM,
     assert_models_close,
     batch_loss,
     closure_step,
@@ -59,7 +59,7 @@ def popular_step(optimizer, model, x, y) -> object:
 def eager_run(base: str, batches):
     model = make_model()
     cls, kwargs = BASES[base]
-    ref = EagerSAM.of_model(model, cls(model.parameters(), **kwargs), rho=0.05)
+    ref = ReferenceSAM.of_model(model, cls(model.parameters(), **kwargs), rho=0.05)
     for x, y in batches:
         eager_sam_step(ref, model, x, y)
     return model

@@ -21,8 +21,23 @@ from eager_reference import (
     make_mlp,
 )
 from tolerance import assert_close
+from variant_reference import SETTINGS
 
-from sam_kernels.optim import AESAM, ESAM, SAM, Interval, LookSAM, MomentumSAM, combinations
+from sam_kernels.optim import (
+    AESAM,
+    ESAM,
+    GCSAM,
+    GSAM,
+    SAM,
+    WSAM,
+    FisherSAM,
+    FriendlySAM,
+    Interval,
+    LookSAM,
+    MomentumSAM,
+    VaSSO,
+    combinations,
+)
 
 STEPS = 3
 SEED = 1234
@@ -51,7 +66,10 @@ TWO_PASS = {
     "SSAM": (SAM, {"rho": 0.05, "renormalize": True}, {"renormalize": True}),
     "ESAM": (ESAM, {"rho": 0.05, "beta": 0.6, "gamma": 1.0}, {}),
 }
-assert set(TWO_PASS) | {"LookSAM", "MomentumSAM"} == set(combinations.VARIANTS)
+#: The SAM family's variants: (class, key of their settings in variant_reference.SETTINGS)
+FAMILY = {"GSAM": (GSAM, "gsam"), "WSAM": (WSAM, "wsam"), "FriendlySAM": (FriendlySAM, "friendly"),
+          "VaSSO": (VaSSO, "vasso"), "FisherSAM": (FisherSAM, "fisher"), "GCSAM": (GCSAM, "gcsam")}
+assert set(TWO_PASS) | set(FAMILY) | {"LookSAM", "MomentumSAM"} == set(combinations.VARIANTS)
 assert set(BASES) == set(combinations.BASES) and set(PATHS) == set(combinations.PATHS)
 assert set(SCHEDULES) == set(combinations.SCHEDULES)
 
@@ -69,6 +87,9 @@ def build(variant: str, base: str, path: str, capturable: bool, schedule):
                                   **extra, **common)
     if variant == "LookSAM":
         return model, LookSAM(model.parameters(), cls, rho=0.05, k=2, alpha=0.7, **options, **common)
+    if variant in FAMILY:
+        variant_cls, key = FAMILY[variant]
+        return model, variant_cls(model.parameters(), cls, **SETTINGS[key][1], **options, **common)
     variant_cls, variant_options, _ = TWO_PASS[variant]
     return model, variant_cls(model.parameters(), cls, **variant_options, **options, **common)
 
@@ -109,6 +130,12 @@ def reference(variant: str, base: str, schedule: str, batches, kept_log: list) -
             eager.step(model, x, y)
         return model
     optimizer = cls(model.parameters(), **options)
+    if variant in FAMILY:
+        eager_cls, eager_options = SETTINGS[FAMILY[variant][1]]
+        eager = eager_cls(model, optimizer, **eager_options)
+        for x, y in batches:
+            eager.step(model, x, y)
+        return model
     if variant == "LookSAM":
         eager = EagerLookSAM(model, optimizer, rho=0.05, k=2, alpha=0.7)
         for x, y in batches:
@@ -156,7 +183,7 @@ def sweep(variant: str, build_run, reference_run) -> tuple[int, int]:
         row = combinations.refusal(point)
         if row is not None:
             refused += 1
-            message = row.message.format(base=point.base_name, schedule=point.schedule_name)
+            message = row.message_for(point)
             with pytest.raises(row.error, match=re.escape(message)):
                 model, optimizer = build_run(base, path, capturable, make_schedule())
                 train(optimizer, model, batches[:1], scaler, [])

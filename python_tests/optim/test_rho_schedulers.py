@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from reference import assert_models_equal, closure_step, make_batches, make_model
+from eager_reference import assert_models_equal, closure_step, make_batches, make_model
 
 from sam_kernels.optim import SAM, LambdaRho, MultiplicativeRho, ProportionalRho
 

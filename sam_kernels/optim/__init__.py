@@ -4,14 +4,21 @@ schedulers of the radius."""
 
 from .bn import freeze_bn_stats
 from .esam import ESAM, ESAMPolicy, sample_losses_closure, selected_count
+from .fisher_sam import FisherSAM, FisherSAMPolicy
+from .friendly_sam import FriendlySAM, FriendlySAMPolicy
+from .gcsam import GCSAM, GCSAMPolicy
+from .gsam import GSAM, GSAMPolicy
 from .looksam import LookSAM, LookSAMPolicy
 from .momentum_sam import MomentumSAM, MomentumSAMPolicy
 from .policy import Policy, StepContext
 from .rho_schedulers import LambdaRho, MultiplicativeRho, ProportionalRho, RhoScheduler
 from .sam import SAM
 from .schedules import AESAM, Interval, LatePhase, Randomized, Schedule
+from .vasso import VaSSO, VaSSOPolicy
+from .wsam import WSAM, WSAMPolicy
 
-__all__ = ["AESAM", "ESAM", "SAM", "ESAMPolicy", "Interval", "LambdaRho", "LatePhase", "LookSAM",
-           "LookSAMPolicy", "MomentumSAM", "MomentumSAMPolicy", "MultiplicativeRho", "Policy",
-           "ProportionalRho", "Randomized", "RhoScheduler", "Schedule", "StepContext", "freeze_bn_stats",
-           "sample_losses_closure", "selected_count"]
+__all__ = ["AESAM", "ESAM", "GCSAM", "GSAM", "SAM", "WSAM", "ESAMPolicy", "FisherSAM", "FisherSAMPolicy",
+           "FriendlySAM", "FriendlySAMPolicy", "GCSAMPolicy", "GSAMPolicy", "Interval", "LambdaRho",
+           "LatePhase", "LookSAM", "LookSAMPolicy", "MomentumSAM", "MomentumSAMPolicy", "MultiplicativeRho",
+           "Policy", "ProportionalRho", "Randomized", "RhoScheduler", "Schedule", "StepContext", "VaSSO",
+           "VaSSOPolicy", "WSAMPolicy", "freeze_bn_stats", "sample_losses_closure", "selected_count"]

@@ -44,7 +44,17 @@ def ascend(engine, run, scaler: Any, zero_grad: bool) -> None:
             ascent.stashed = [param.grad for param in plan.params]
             clear_grads(engine)
         return
-    if scaler is not None:
+    directions = None
+    if policy.directs_ascent and grads:
+        context = engine._context(plan, grads, None)
+        context.inv_scale = inv_scale
+        directions = policy.ascent_direction(context)
+    if directions is not None:
+        # NOTE: a policy's direction is in true units, so the GradScaler's scale is already out of it.
+        directions, own_norm = directions
+        norm, flag = own_norm or run.ascent_norm(plan, directions, kept, policy.ascent_weighting)
+        nonfinite = torch.maximum(nonfinite, flag)
+    elif scaler is not None:
         if policy.normalize:
             # NOTE: the op's scale is rho / (norm + eps) times the scaled gradient S * g; passing
             # norm_S + (S - 1) * eps makes it rho / (||g|| + eps) * g, the unscaled ascent. A non-finite
@@ -57,7 +67,8 @@ def ascend(engine, run, scaler: Any, zero_grad: bool) -> None:
     ascent = run.ascent = Ascent(plan, kept, plain_norm, nonfinite, scaler)
     if plan.params:
         with engine._restoring_on_error():
-            run.perturb(ascent, ascent_parts(plan, grads, kept), norm,
+            parts = ascent_parts(plan, grads if directions is None else directions, kept)
+            run.perturb(ascent, parts, norm,
                         lambda group: policy.perturb_config(group, engine.eps, engine.seed), engine.backend)
     if type(policy).after_ascent is not Policy.after_ascent:  # NOTE: no context to build for SAM itself
         policy.after_ascent(engine._context(plan, grads, ascent))

@@ -20,7 +20,10 @@ from dataclasses import dataclass
 
 from .fused_steps import class_kind
 
-VARIANTS = ("SAM", "ASAM", "USAM", "SSAM", "ESAM", "LookSAM", "MomentumSAM")
+#: The variants whose state follows every SAM step (EMA buffers, the first gradient's copy) and which
+#: neither take a schedule nor replay in a captured graph.
+FAMILY = ("GSAM", "WSAM", "FriendlySAM", "VaSSO", "FisherSAM", "GCSAM")
+VARIANTS = ("SAM", "ASAM", "USAM", "SSAM", "ESAM", "LookSAM", "MomentumSAM", *FAMILY)
 BASES = ("sgd", "adam", "other")
 PATHS = ("auto", "fused", "generic", "foreach", "fused+foreach")
 SCHEDULES = ("none", "host", "after-backward")
@@ -52,8 +55,11 @@ class Refusal:
     message: str
 
     def raise_for(self, combination: Combination) -> None:
-        raise self.error(self.message.format(base=combination.base_name,
-                                             schedule=combination.schedule_name))
+        raise self.error(self.message_for(combination))
+
+    def message_for(self, combination: Combination) -> str:
+        return self.message.format(base=combination.base_name, schedule=combination.schedule_name,
+                                   variant=combination.variant)
 
 
 _NO_FUSED_STEP = ("base_optimizer: {base} has no fused restore-and-step (torch.optim.SGD, Adam and AdamW "
@@ -72,6 +78,11 @@ REFUSALS = (
             "schedule: LookSAM takes a SAM step every k steps; pass k instead"),
     Refusal(lambda c: c.variant == "LookSAM" and c.capturable, ValueError,
             "capturable=True: LookSAM decides on the host which steps are SAM steps"),
+    Refusal(lambda c: c.variant in FAMILY and c.schedule != "none", ValueError,
+            "schedule: not an option of {variant}, whose state follows every SAM step"),
+    Refusal(lambda c: c.variant in FAMILY and c.capturable, ValueError,
+            "capturable=True: {variant} keeps per-step buffers on the host side of the step, which a "
+            "captured graph cannot replay"),
     Refusal(lambda c: c.variant == "ESAM" and c.capturable and c.drops_tensors, ValueError,
             "capturable=True: per-tensor SWP switches requires_grad on the host every step, which a "
             "captured graph cannot replay; use swp='element' or beta=1"),

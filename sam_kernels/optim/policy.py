@@ -110,6 +110,8 @@ class Policy:
     fused_ops: tuple[str, ...] = ("sgd", "adam")
     #: Whether ``excluded`` may leave tensors out of the ascent (the engine asks it only then).
     drops_tensors = False
+    #: Whether ``ascent_direction`` replaces the gradient as the ascent's direction (asked only then).
+    directs_ascent = False
 
     def __init__(self, *, normalize: bool = True, renormalize: bool = False,
                  schedule: Schedule | None = None) -> None:
@@ -169,6 +171,17 @@ class Policy:
         """Whether the descent needs the plain ascent gradient's norm (``StepContext.ascent_norm``) even
         when the ascent is weighted (ASAM): SSAM's target norm."""
         return self.renormalize
+
+    def ascent_direction(self, context: StepContext) -> tuple[list, tuple | None] | None:
+        """The direction the ascent perturbs along, in place of the first gradient (None: the gradient).
+
+        ``context.grads`` holds the first gradients, scaled by a GradScaler's S when one drives the step
+        (``context.inv_scale`` is then 1/S). Returns ``(directions, norm)``: ``directions`` in the
+        gradients' true units (unscaled), one per planned parameter; ``norm`` None to take their global
+        norm (weighted as ``ascent_weighting`` says), else ``(norm, nonfinite)`` of the policy's own
+        making (Fisher-SAM's differs from the directions'). Called on SAM steps only, after the step's
+        decision and before the perturbation."""
+        return None
 
     def after_ascent(self, context: StepContext) -> None:
         """At the end of a SAM step's ascent, the first gradients still in ``context.grads``."""
