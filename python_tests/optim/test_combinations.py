@@ -1,6 +1,6 @@
 """Every combination of the option table (sam_kernels/optim/combinations.py): variant x base optimizer x
-path x capturable x schedule x AMP either runs with the trajectory of the eager reference of reference.py,
-or is refused with the table's message."""
+path x capturable x schedule x AMP either runs with the trajectory of the eager reference of
+eager_reference.py, or is refused with the table's message."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import re
 
 import pytest
 import torch
-from reference import (
+from eager_reference import (
     AESAMRule,
     EagerLookSAM,
     EagerMSAM,
-    EagerSAM,
+    ReferenceSAM,
     batch_loss,
     global_norm,
     make_batches,
@@ -145,7 +145,7 @@ def reference(variant: str, base: str, schedule: str, batches, kept_log: list) -
     params = list(model.parameters())
     group = {"params": params, "rho": variant_options["rho"], **reference_options}
     group.pop("normalize", None), group.pop("renormalize", None)
-    eager = EagerSAM([group], optimizer, normalize=reference_options.get("normalize", True),
+    eager = ReferenceSAM([group], optimizer, normalize=reference_options.get("normalize", True),
                      renormalize=reference_options.get("renormalize", False))
     decide = SCHEDULES[schedule][1]()
     for t, (x, y) in enumerate(batches):

@@ -15,7 +15,6 @@ from ..backends.common import U32, mask_threshold, split_u64
 from ..backends.reference import philox4x32_10
 from . import amp
 from .ascent import excluded, exclusion_pass
-from .bn import freeze_bn_stats
 from .checks import check_probability
 from .policy import Policy, policy_options
 from .sam import SAM
@@ -240,14 +239,13 @@ class ESAM(SAM):
                 self.second_step()
             return before.mean()
         indices = None
-        with self._restoring_on_error():
+        with self.second_pass():  # BatchNorm frozen, the weights back to w if the block raises
             if selected_count(self.gamma, before.numel()) < before.numel():
-                with torch.no_grad(), freeze_bn_stats():
+                with torch.no_grad():
                     after = _per_sample(sample_losses(None), before.numel())
                 indices = self.select_samples(before, after)
-            with torch.enable_grad(), freeze_bn_stats():
-                expected = before.numel() if indices is None else indices.numel()
-                backward(_per_sample(sample_losses(indices), expected).mean())
+            expected = before.numel() if indices is None else indices.numel()
+            backward(_per_sample(sample_losses(indices), expected).mean())
         if scaler is not None:
             scaler.step(self)
         else:

@@ -11,6 +11,7 @@ import torch
 from .checks import check_non_negative
 from .policy import Policy, StepContext, policy_options
 from .sam import SAM
+from .schedules import Interval
 
 #: The 0-d fp32 norm of the stored g_v in ``state_dict()["sam"]["variant"]``.
 _GV_NORM = "gv_norm"
@@ -150,4 +151,5 @@ class LookSAM(SAM):
         super().__init__(params, base_optimizer, rho=rho, policy=policy, **kwargs)
 
     k = property(lambda self: self.policy.k, lambda self, value: setattr(self.policy, "k", value))
+    schedule = property(lambda self: Interval(self.policy.k), doc="LookSAM's SAM steps, ``Interval(k)``.")
     alpha = property(lambda self: self.policy.alpha, lambda self, value: setattr(self.policy, "alpha", value))

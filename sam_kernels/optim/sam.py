@@ -232,7 +232,8 @@ class SAM(torch.optim.Optimizer):
                                "the weights were restored and this step skipped")
         descent.run(self, self._run, None, None, zero_grad, from_step=False)
 
-    # ------------------------------------------------------------ for the variants' classes
+    # ------------------------------------------------ for the variants' classes (with _step, _abandon_ascent,
+    # _restoring_on_error and _check_not_perturbed below); everything else here is the engine's own
 
     def _context(self, plan, grads: list, ascent: Ascent | None) -> StepContext:
         """A policy's view of the step (``policy.StepContext``)."""
