@@ -10,8 +10,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import (
-    EagerSAM,
+from eager_reference import (
+    ReferenceSAM,
     assert_models_close,
     assert_models_equal,
     eager_sam_step,
@@ -64,7 +64,7 @@ def make_vector_model(seed: int = 0) -> nn.Module:
 
 def sam_run(model: nn.Module, base_name: str, rho: float, batches) -> None:
     cls, options = BASES[base_name]
-    reference = EagerSAM.of_model(model, cls(model.parameters(), **options), rho=rho)
+    reference = ReferenceSAM.of_model(model, cls(model.parameters(), **options), rho=rho)
     for x, y in batches:
         eager_sam_step(reference, model, x, y)
 
@@ -106,7 +106,7 @@ def test_decoupled_wsam_at_gamma_half_over_plain_sgd_is_sam():
     """alpha = 1 over plain SGD: w - lr g - lr (g_s - g) = w - lr g_s."""
     batches = make_batches(STEPS)
     expected, model = make_model(), make_model()
-    reference = EagerSAM.of_model(expected, torch.optim.SGD(expected.parameters(), lr=0.1), rho=0.1)
+    reference = ReferenceSAM.of_model(expected, torch.optim.SGD(expected.parameters(), lr=0.1), rho=0.1)
     for x, y in batches:
         eager_sam_step(reference, expected, x, y)
     run(EagerWSAM(model, torch.optim.SGD(model.parameters(), lr=0.1), rho=0.1, gamma=0.5), model, batches)

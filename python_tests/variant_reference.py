@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from reference import FrozenBatchNorm, all_finite, base_step, dot, global_norm, gradients
+from eager_reference import FrozenBatchNorm, all_finite, base_step, dot, global_norm, gradients
 from torch import nn
 
 EPS = 1e-12

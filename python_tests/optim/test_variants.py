@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from reference import (
+from eager_reference import (
     assert_models_close,
     assert_models_equal,
     batch_loss,

@@ -10,7 +10,7 @@ NOTE (private GradScaler state): the scaler has no public way to read its scale 
 (``get_scale()`` calls ``item()``) or to receive an inf found outside its own check, and SAM's first
 pass happens outside ``scaler.step``. These helpers read ``_get_scale_async()`` and write into
 ``_per_optimizer_states[id(optimizer)]["found_inf_per_device"]``, the tensors ``update()`` consumes;
-python_tests/integration/test_amp.py fails if a torch release changes either.
+python_tests/torch_features/test_amp.py fails if a torch release changes either.
 """
 
 from __future__ import annotations
