@@ -29,13 +29,6 @@ def check_unit(name: str, value: float, *, low_open: bool, high_open: bool) -> f
     return float(value)
 
 
-def check_finite_non_negative(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or value < 0:
-        raise ValueError(f"{name}: must be a finite number >= 0, got {value!r}")
-    return float(value)
-
-
 def refuse_options(variant: str, options: dict, *, adaptive: bool = False, renormalize: bool = False,
                    unnormalized: bool = False) -> None:
     """A ValueError naming the first SAM option given in ``options`` that ``variant`` does not combine

@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from .ema_direction import DirectionPolicy, check_finite_non_negative, refuse_options, true_grads
+from .checks import check_non_negative
+from .ema_direction import DirectionPolicy, refuse_options, true_grads
 from .policy import StepContext, policy_options
 from .sam import SAM
 
@@ -17,7 +18,8 @@ class FisherSAMPolicy(DirectionPolicy):
     name = "FisherSAM"
 
     def __init__(self, eta: float = 1.0, **options: Any) -> None:
-        self.eta = check_finite_non_negative("eta", eta)
+        check_non_negative("eta", eta)
+        self.eta = float(eta)
         super().__init__(**options)
 
     def ascent_direction(self, context: StepContext) -> tuple[list, tuple]:

@@ -9,7 +9,8 @@ from typing import Any
 
 import torch
 
-from .ema_direction import EmaDirectionPolicy, check_finite_non_negative, check_unit, refuse_options
+from .checks import check_non_negative
+from .ema_direction import EmaDirectionPolicy, check_unit, refuse_options
 from .policy import policy_options
 from .sam import SAM
 
@@ -19,7 +20,8 @@ class FriendlySAMPolicy(EmaDirectionPolicy):
     state_key = "friendly_sam_m"
 
     def __init__(self, sigma: float = 1.0, lambd: float = 0.9, **options: Any) -> None:
-        self.sigma = check_finite_non_negative("sigma", sigma)
+        check_non_negative("sigma", sigma)
+        self.sigma = float(sigma)
         self.lambd = check_unit("lambd", lambd, low_open=False, high_open=True)
         super().__init__(**options)
 

@@ -18,6 +18,8 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from .checks import check_non_negative
+
 __all__ = ["LambdaRho", "MultiplicativeRho", "ProportionalRho", "RhoScheduler"]
 
 
@@ -113,9 +115,7 @@ class ProportionalRho(RhoScheduler):
     def __init__(self, optimizer: Any, rho_max: float, rho_min: float, lr_max: float, lr_min: float) -> None:
         for name, value in (("rho_max", rho_max), ("rho_min", rho_min), ("lr_max", lr_max),
                             ("lr_min", lr_min)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                    or value < 0:
-                raise ValueError(f"{name}: must be a finite number >= 0, got {value!r}")
+            check_non_negative(name, value)
         if lr_max <= lr_min:
             raise ValueError(f"lr_max ({lr_max}) must be above lr_min ({lr_min}): rho is linear in the "
                              "learning rate between them")
