@@ -466,6 +466,36 @@ class EagerMSAM:
         return self.w
 
 
+class EagerAdamMSAM:
+    """Momentum SAM over torch.optim.Adam or AdamW (the authors' AdamW_MSAM, MarlonBecker/MSAM): the
+    gradient at w~ = w - rho * m / (||m|| + eps), m Adam's first moment ``exp_avg`` as torch keeps it (not
+    bias corrected, rho not scaled by the learning rate), then torch's own Adam/AdamW step from w (its
+    weight decay at w, decoupled for AdamW: torch's order, decay before the update), then w~ from the new
+    m. The first step (no m yet) takes its gradient at w."""
+
+    def __init__(self, model: nn.Module, base_cls: type, rho: float, **options) -> None:
+        self.params = list(model.parameters())
+        self.w = [p.detach().clone() for p in self.params]
+        self.base = base_cls(self.params, **options)
+        self.rho = rho
+
+    def step(self, model, x, y) -> None:
+        g = gradients(model, x, y)  # at w~ (the model holds w~ between steps)
+        with torch.no_grad():
+            for p, w in zip(self.params, self.w, strict=True):
+                p.copy_(w)
+        base_step(self.base, self.params, g)
+        self.w = [p.detach().clone() for p in self.params]
+        m = [self.base.state[p]["exp_avg"] for p in self.params]
+        scale = self.rho / (global_norm(m) + CHEAP_EPS)
+        with torch.no_grad():
+            for p, mi in zip(self.params, m, strict=True):
+                p.sub_(mi * scale)
+
+    def unperturbed(self) -> list[torch.Tensor]:
+        return self.w
+
+
 def run(reference, model: nn.Module, batches) -> None:
     for x, y in batches:
         reference.step(model, x, y)

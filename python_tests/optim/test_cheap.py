@@ -1,6 +1,7 @@
 """The cheap SAM variants (step schedules, LookSAM, MomentumSAM) against the eager implementations of
-eager_reference.py over several steps of a small model: both loop styles, SGD and AdamW, checkpoint
-resume in the middle of a schedule, GradScaler, and bad values."""
+eager_reference.py over several steps of a small model: both loop styles, SGD and AdamW (MomentumSAM over
+SGD, Adam and AdamW, fused and generic), checkpoint resume in the middle of a schedule, GradScaler, and
+bad values."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 from cases import on_backends, pairwise_over_backends
 from eager_reference import (
     AESAMRule,
+    EagerAdamMSAM,
     EagerLookSAM,
     EagerMSAM,
     ScheduledSAM,
@@ -324,6 +326,139 @@ def test_msam_skips_a_non_finite_step_bit_for_bit():
     assert_bitwise_equal([msam.state[p]["momentum_buffer"] for p in model.parameters()], momentum)
 
 
+# ------------------------------------------------------------------------- MomentumSAM over Adam/AdamW
+
+#: name: (base class, its options); Adam's weight decay is L2 (folded into m), AdamW's decoupled.
+ADAM_BASES = {
+    "adam": (torch.optim.Adam, {"lr": 0.01, "weight_decay": 1e-2}),
+    "adamw": (torch.optim.AdamW, {"lr": 0.01, "weight_decay": 0.05}),
+    "adamw_amsgrad": (torch.optim.AdamW, {"lr": 0.01, "weight_decay": 0.05, "amsgrad": True}),
+}
+#: name: (SAM's path options, whether the fused restore-and-step runs)
+MSAM_PATHS = {"fused": ({}, True), "generic": ({"fused": False}, False)}
+
+
+def adam_msam(model, base: str, path: str, backend: str, rho: float = 0.3) -> MomentumSAM:
+    cls, options = ADAM_BASES[base]
+    path_options, fused = MSAM_PATHS[path]
+    msam = MomentumSAM(model.parameters(), rho=rho, base_optimizer=cls, backend=backend, **options,
+                       **path_options)
+    assert msam.uses_fused_step == fused
+    return msam
+
+
+def adam_state(msam: MomentumSAM, model) -> list[torch.Tensor]:
+    keys = ("exp_avg", "exp_avg_sq", "step")
+    return [msam.state[p][key].clone() for p in model.parameters() for key in keys]
+
+
+@pairwise_over_backends(base=list(ADAM_BASES), path=list(MSAM_PATHS))
+def test_msam_adam_matches_reference(backend, base, path):
+    expected = make_mlp()
+    cls, options = ADAM_BASES[base]
+    ref = EagerAdamMSAM(expected, cls, rho=0.3, **options)
+    run(ref, expected, make_batches(STEPS))
+    model = make_mlp()
+    msam = adam_msam(model, base, path, backend)
+    passes: list = []
+    closure_loop(msam, model, make_batches(STEPS), passes)
+    assert len(passes) == STEPS
+    assert_close(list(model.parameters()), list(expected.parameters()), scale=20)
+    with msam.unperturbed():
+        assert_close(list(model.parameters()), ref.unperturbed(), scale=20)
+    assert_close([msam.state[p]["exp_avg"] for p in model.parameters()],
+                 [ref.base.state[p]["exp_avg"] for p in expected.parameters()], scale=20)
+
+
+def test_msam_adam_perturbs_along_the_raw_first_moment():
+    """One step: w~ - w is exactly -rho * m / ||m|| with torch's own (not bias-corrected) m; its norm rho."""
+    model = make_mlp()
+    msam = adam_msam(model, "adamw", "fused", "torch", rho=0.7)
+    closure_loop(msam, model, make_batches(1))
+    perturbed = [p.detach().clone() for p in model.parameters()]
+    with msam.unperturbed():
+        plain = [p.detach().clone() for p in model.parameters()]
+    moments = [msam.state[p]["exp_avg"] for p in model.parameters()]
+    norm = math.sqrt(sum(float(m.double().square().sum()) for m in moments))
+    assert_close([a - b for a, b in zip(perturbed, plain, strict=True)], [-0.7 * m / norm for m in moments],
+                 scale=20)
+
+
+@on_backends("path", list(MSAM_PATHS), triton=["fused"])
+def test_msam_adam_resumes_exactly(backend, path):
+    assert_resumes_exactly(lambda model: adam_msam(model, "adamw", path, backend),
+                           unperturbed=lambda optimizer: optimizer.unperturbed(),
+                           after_load=lambda optimizer: optimizer.perturb())
+
+
+@pytest.mark.parametrize("path", list(MSAM_PATHS))
+def test_msam_adam_unperturbed_round_trip_is_exact(path):
+    model = make_mlp()
+    msam = adam_msam(model, "adam", path, "torch")
+    closure_loop(msam, model, make_batches(3))
+    perturbed = [p.detach().clone() for p in model.parameters()]
+    with msam.unperturbed():
+        plain = [p.detach().clone() for p in model.parameters()]
+        msam.unperturb()  # a no-op inside
+        assert_bitwise_equal(list(model.parameters()), plain)
+    assert_bitwise_equal(list(model.parameters()), perturbed)
+    assert any(not torch.equal(a, b) for a, b in zip(plain, perturbed, strict=True))
+    msam.unperturb()
+    assert_bitwise_equal(list(model.parameters()), plain)
+    msam.perturb()
+    assert_bitwise_equal(list(model.parameters()), perturbed)
+
+
+@on_backends("path", list(MSAM_PATHS), triton=["fused"])
+def test_msam_adam_skips_a_non_finite_step_bit_for_bit(backend, path):
+    model = make_mlp()
+    msam = adam_msam(model, "adamw", path, backend)
+    closure_loop(msam, model, make_batches(2))
+    weights = [p.detach().clone() for p in model.parameters()]
+    state = adam_state(msam, model)
+    with msam.unperturbed():
+        plain = [p.detach().clone() for p in model.parameters()]
+    x, y = make_batches(1)[0]
+    msam.zero_grad()
+    batch_loss(model, x, y).backward()
+    next(model.parameters()).grad[0, 0] = math.nan
+    msam.step()
+    assert_bitwise_equal(list(model.parameters()), weights)
+    assert_bitwise_equal(adam_state(msam, model), state)
+    with msam.unperturbed():
+        assert_bitwise_equal(list(model.parameters()), plain)
+
+
+@pytest.mark.parametrize("path", list(MSAM_PATHS))
+def test_msam_adam_non_finite_first_step_leaves_w(path):
+    """A skipped first step: no first moment yet (or a zero one), so the weights stay w bit for bit."""
+    model = make_mlp()
+    initial = [p.detach().clone() for p in model.parameters()]
+    msam = adam_msam(model, "adamw", path, "torch")
+    x, y = make_batches(1)[0]
+    batch_loss(model, x, y).backward()
+    next(model.parameters()).grad[0, 0] = math.inf
+    msam.step()
+    assert_bitwise_equal(list(model.parameters()), initial)
+
+
+def test_msam_adam_refuses_grad_scaler():
+    model = make_mlp()
+    msam = adam_msam(model, "adamw", "fused", "torch")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    x, y = make_batches(1)[0]
+    scaler.scale(batch_loss(model, x, y)).backward()
+    with pytest.raises(RuntimeError, match=r"MomentumSAM: torch\.amp\.GradScaler is not supported"):
+        scaler.step(msam)
+
+
+def test_msam_learning_rate_defaults():
+    assert MomentumSAM(make_mlp().parameters()).param_groups[0]["lr"] == 0.1
+    assert MomentumSAM(make_mlp().parameters()).param_groups[0]["momentum"] == 0.9
+    adamw = MomentumSAM(make_mlp().parameters(), base_optimizer=torch.optim.AdamW)
+    assert adamw.param_groups[0]["lr"] == 1e-3 and isinstance(adamw.base_optimizer, torch.optim.AdamW)
+
+
 # ------------------------------------------------------------------------------------- bad values
 
 BAD = [
@@ -341,6 +476,19 @@ BAD = [
     (lambda: LookSAM(make_mlp().parameters(), torch.optim.SGD, lr=0.1, k=0), "k: must be an int >= 1"),
     (lambda: LookSAM(make_mlp().parameters(), torch.optim.SGD, lr=0.1, alpha=-0.5), "alpha"),
     (lambda: MomentumSAM(make_mlp().parameters(), lr=0.1, momentum=0.0), "momentum: MomentumSAM"),
+    (lambda: MomentumSAM(make_mlp().parameters(), base_optimizer=torch.optim.AdamW, momentum=0.9),
+     "momentum: not an option of MomentumSAM over AdamW"),
+    (lambda: MomentumSAM(make_mlp().parameters(), base_optimizer=torch.optim.Adam, betas=(0.0, 0.999)),
+     r"betas: MomentumSAM perturbs along Adam's first moment, so betas\[0\] must be in \(0, 1\)"),
+    (lambda: MomentumSAM(make_mlp().parameters(), base_optimizer=torch.optim.Adam, betas=0.9),
+     r"betas: expected \(beta1, beta2\)"),
+    (lambda: MomentumSAM(make_mlp().parameters(), lr=0.1, betas=(0.9, 0.999)), "betas: an option of Adam"),
+    (lambda: MomentumSAM(make_mlp().parameters(), base_optimizer=torch.optim.RMSprop),
+     "base_optimizer: MomentumSAM's base optimizer is torch.optim.SGD, Adam or AdamW"),
+    (lambda: MomentumSAM(make_mlp().parameters(),
+                         base_optimizer=torch.optim.AdamW(make_mlp().parameters())),
+     "base_optimizer: MomentumSAM builds its base optimizer itself"),
+    (lambda: MomentumSAM(make_mlp().parameters(), base_optimizer=torch.optim.AdamW, rho=-1.0), "rho"),
     (lambda: SAM(make_mlp().parameters(), torch.optim.SGD, lr=0.1, schedule="every 5"), "schedule:"),
     (lambda: SAM(make_mlp().parameters(), torch.optim.SGD, lr=0.1, schedule=Interval(2),
                  capturable=True), "capturable=True: a schedule"),

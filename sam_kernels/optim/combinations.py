@@ -68,8 +68,9 @@ _NO_FUSED_STEP = ("base_optimizer: {base} has no fused restore-and-step (torch.o
 #: The refused combinations, most specific first (the first matching row gives the message); the rows
 #: seen when the optimizer is built come before those seen at a step.
 REFUSALS = (
-    Refusal(lambda c: c.variant == "MomentumSAM" and c.base != "sgd", TypeError,
-            "base_optimizer: MomentumSAM's base optimizer is torch.optim.SGD"),
+    Refusal(lambda c: c.variant == "MomentumSAM" and c.base == "other", TypeError,
+            "base_optimizer: MomentumSAM's base optimizer is torch.optim.SGD, Adam or AdamW (it perturbs "
+            "along their momentum buffer or first moment)"),
     Refusal(lambda c: c.variant == "MomentumSAM" and c.schedule != "none", ValueError,
             "schedule: not an option of MomentumSAM"),
     Refusal(lambda c: c.variant == "MomentumSAM" and c.capturable, ValueError,
