@@ -12,6 +12,7 @@ import pytest
 import torch
 from eager_reference import (
     AESAMRule,
+    EagerAdamMSAM,
     EagerLookSAM,
     EagerMSAM,
     ReferenceSAM,
@@ -82,9 +83,7 @@ def build(variant: str, base: str, path: str, capturable: bool, schedule):
     if schedule is not None:
         common["schedule"] = schedule
     if variant == "MomentumSAM":
-        extra = {} if base == "sgd" else {"base_optimizer": cls}
-        return model, MomentumSAM(model.parameters(), lr=0.1, momentum=0.9, rho=0.3, weight_decay=1e-3,
-                                  **extra, **common)
+        return model, MomentumSAM(model.parameters(), rho=0.3, base_optimizer=cls, **options, **common)
     if variant == "LookSAM":
         return model, LookSAM(model.parameters(), cls, rho=0.05, k=2, alpha=0.7, **options, **common)
     if variant in FAMILY:
@@ -125,7 +124,8 @@ def reference(variant: str, base: str, schedule: str, batches, kept_log: list) -
     model = make_mlp()
     cls, options = BASES[base]
     if variant == "MomentumSAM":
-        eager = EagerMSAM(model, lr=0.1, momentum=0.9, rho=0.3, weight_decay=1e-3)
+        eager = (EagerMSAM(model, rho=0.3, **options) if base == "sgd"
+                 else EagerAdamMSAM(model, cls, rho=0.3, **options))
         for x, y in batches:
             eager.step(model, x, y)
         return model
