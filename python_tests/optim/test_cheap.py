@@ -370,18 +370,23 @@ def test_msam_adam_matches_reference(backend, base, path):
                  [ref.base.state[p]["exp_avg"] for p in expected.parameters()], scale=20)
 
 
-def test_msam_adam_perturbs_along_the_raw_first_moment():
-    """One step: w~ - w is exactly -rho * m / ||m|| with torch's own (not bias-corrected) m; its norm rho."""
+@pytest.mark.parametrize("path", list(MSAM_PATHS))
+def test_msam_adam_perturbs_along_the_raw_first_moment(path):
+    """One step over two param groups: w~ - w is exactly -rho_i * m / ||m|| in group i, with torch's own
+    (not bias-corrected) m and ||m|| the global norm over both groups."""
     model = make_mlp()
-    msam = adam_msam(model, "adamw", "fused", "torch", rho=0.7)
+    first, second = list(model.parameters())[:2], list(model.parameters())[2:]
+    msam = MomentumSAM([{"params": first, "rho": 0.7}, {"params": second}], rho=0.2,
+                       base_optimizer=torch.optim.AdamW, lr=0.01, backend="torch", **MSAM_PATHS[path][0])
     closure_loop(msam, model, make_batches(1))
     perturbed = [p.detach().clone() for p in model.parameters()]
     with msam.unperturbed():
         plain = [p.detach().clone() for p in model.parameters()]
     moments = [msam.state[p]["exp_avg"] for p in model.parameters()]
     norm = math.sqrt(sum(float(m.double().square().sum()) for m in moments))
-    assert_close([a - b for a, b in zip(perturbed, plain, strict=True)], [-0.7 * m / norm for m in moments],
-                 scale=20)
+    rhos = [0.7] * len(first) + [0.2] * len(second)
+    assert_close([a - b for a, b in zip(perturbed, plain, strict=True)],
+                 [-rho * m / norm for rho, m in zip(rhos, moments, strict=True)], scale=20)
 
 
 @on_backends("path", list(MSAM_PATHS), triton=["fused"])
