@@ -147,8 +147,10 @@ class SparseSAMPolicy(DirectionPolicy):
             if value is not None:
                 raise ValueError(f"{name}: an option of the other criterion; criterion={criterion!r} does "
                                  "not take it")
-        self.fisher_batches = _check_int("fisher_batches", 8 if fisher_batches is None else fisher_batches,
-                                         1, "steps whose squared gradients feed a refresh")
+        if fisher_batches is None:
+            fisher_batches = min(8, self.update_every)
+        self.fisher_batches = _check_int("fisher_batches", fisher_batches, 1,
+                                         "steps whose squared gradients feed a refresh")
         if criterion == "fisher" and self.fisher_batches > self.update_every:
             raise ValueError(f"fisher_batches: at most update_every ({update_every}) steps feed a refresh, "
                              f"got {fisher_batches!r}")
@@ -357,12 +359,13 @@ class SparseSAM(SAM):
     ``sparsity`` in [0, 1): the share of weights left unperturbed (0 is SAM); exactly
     ``floor((1 - sparsity) N)`` of the N weights of every parameter together are perturbed.
     ``update_every`` >= 1: steps between refreshes (the first is at step 0; 2000 is about the authors'
-    5 epochs of CIFAR at batch 128). ``criterion``: ``"fisher"`` (``fisher_batches``, 8: the squared
-    first-pass gradients of that many steps up to each refresh, about the authors' 1024 samples at batch
-    128) or ``"dynamic"`` (``drop_rate`` 0.5, ``drop_by`` "gradient", ``grow_by`` "random": the authors'
-    defaults; ``total_steps`` for the cosine decay of the drop rate). ``masked_norm``: e's norm over the
-    masked gradient (True, the paper's definition: ||e|| = rho) or the whole gradient (False, the authors'
-    code: ||e|| < rho). Schedules, ``capturable`` and ASAM's ``adaptive`` are refused.
+    5 epochs of CIFAR at batch 128). ``criterion``: ``"fisher"`` (``fisher_batches``: the squared
+    first-pass gradients of that many steps up to each refresh; 8, about the authors' 1024 samples at
+    batch 128, or ``update_every`` when smaller) or ``"dynamic"`` (``drop_rate`` 0.5, ``drop_by``
+    "gradient", ``grow_by`` "random": the authors' defaults; ``total_steps`` for the cosine decay of the
+    drop rate). ``masked_norm``: e's norm over the masked gradient (True, the paper's definition:
+    ||e|| = rho) or the whole gradient (False, the authors' code: ||e|| <= rho). Schedules,
+    ``capturable`` and ASAM's ``adaptive`` are refused.
     ``mask(param)`` returns a parameter's current mask.
     """
 
