@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 from eager_reference import (
+    HostSyncCounter,
     assert_models_close,
     assert_models_equal,
     batch_loss,
@@ -257,6 +258,23 @@ def test_mask_is_stored_as_bits():
     assert [k for k in optimizer.state_dict()["state"][0]] == [MASK_KEY]  # SGD without momentum keeps none
 
 
+@pytest.mark.parametrize("criterion", ["fisher", "dynamic"])
+def test_host_reads_only_on_refresh_and_sum_steps(criterion):
+    """On the fused path a step between refreshes reads nothing on the host; a refresh (or a step that
+    feeds the Fisher sum) reads the step's non-finite flag once, to commit only a taken step."""
+    model = make_mlp()
+    extra = {"fisher_batches": 2} if criterion == "fisher" else {}
+    optimizer = SparseSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, update_every=4,
+                          criterion=criterion, seed=SEED, backend="torch", **extra)
+    reads = []
+    for x, y in make_batches(5):
+        with HostSyncCounter() as counter:
+            closure_step(optimizer, model, x, y)
+        reads.append(len(counter.syncs))
+    assert optimizer.uses_fused_step
+    assert reads == ([1, 0, 0, 1, 1] if criterion == "fisher" else [1, 0, 0, 0, 1])
+
+
 # ------------------------------------------------------------------------------------------ resume
 
 
@@ -298,6 +316,23 @@ def test_a_bad_mask_in_a_state_dict_is_refused_before_loading():
     bad["state"][0][MASK_KEY] = torch.zeros(99, dtype=torch.uint8)
     with pytest.raises(ValueError, match=MASK_KEY):
         optimizer.load_state_dict(bad)
+    assert_same(optimizer.state_dict(), before)
+
+
+def test_a_bad_mask_in_the_state_fails_the_step_before_any_change():
+    """A mask entry replaced by hand with the wrong size: the step raises, naming the entry, with the
+    weights and the state as they were."""
+    model = make_mlp()
+    optimizer = build(model, "dynamic")
+    batches = make_batches(2)
+    train(optimizer, model, batches[:1])
+    first = next(iter(model.parameters()))
+    optimizer.state[first][MASK_KEY] = torch.zeros(1, dtype=torch.uint8)
+    weights = [p.detach().clone() for p in model.parameters()]
+    before = copy.deepcopy(optimizer.state_dict())
+    with pytest.raises(ValueError, match=MASK_KEY):
+        closure_step(optimizer, model, *batches[1])
+    assert_bitwise_equal([p.detach() for p in model.parameters()], weights)
     assert_same(optimizer.state_dict(), before)
 
 
