@@ -204,13 +204,13 @@ class SparseSAMPolicy(DirectionPolicy):
         the host, and the unpacked buffer is cut into views per parameter (no kernel), once per step."""
         plan, state = context.plan, context.state
         packed = []
-        for index, (param, local) in enumerate(zip(plan.params, plan.local, strict=True)):
+        for param, local in zip(plan.params, plan.local, strict=True):
             mask = state[param].get(MASK_KEY) if param in state else None
             size = -(-local.numel() // 8)
             if mask is None:
                 mask = torch.zeros(size, dtype=torch.uint8, device=local.device)
             elif mask.dtype != torch.uint8 or mask.numel() != size or mask.device != local.device:
-                raise ValueError(f"state of the parameter at position {plan_position(plan, index)}: "
+                raise ValueError(f"optimizer.state of {param_name(context.param_groups, param)}: "
                                  f"'{MASK_KEY}' must be a uint8 tensor of {size} bytes on {local.device}, "
                                  f"got {mask.dtype} of {mask.numel()} on {mask.device}; load checkpoints "
                                  "with SparseSAM.load_state_dict")
@@ -247,7 +247,7 @@ class SparseSAMPolicy(DirectionPolicy):
             new = top_k_mask(flat(scores).to(device), kept)
         else:
             new = self._dropped_and_grown(context, grads, every, planned, total, kept)
-        masks, offset, index = [], 0, 0
+        masks, offset = [], 0
         packed: list = []
         for param, size in zip(every, sizes, strict=True):
             bits = new[offset:offset + size]
@@ -345,12 +345,13 @@ class SparseSAMPolicy(DirectionPolicy):
         self.next_refresh = int(state["next_refresh"])
 
 
-def plan_position(plan, index: int) -> str:
-    """``param_groups[g]['params'][i]`` of the planned parameter ``index`` (for messages)."""
-    for group_plan in plan.groups:
-        if group_plan.start <= index < group_plan.stop:
-            return f"param_groups[{group_plan.index}] planned parameter {index - group_plan.start}"
-    return f"planned parameter {index}"
+def param_name(groups: list[dict], param: torch.Tensor) -> str:
+    """``param_groups[g]['params'][i]`` of ``param`` (for messages)."""
+    for g, group in enumerate(groups):
+        for i, other in enumerate(group["params"]):
+            if other is param:
+                return f"param_groups[{g}]['params'][{i}]"
+    return "a parameter"
 
 
 class SparseSAM(SAM):
