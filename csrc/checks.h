@@ -119,6 +119,19 @@ inline void check_perturb_args(at::TensorList params, at::TensorList grads, at::
               "step: expected a one-element int64 tensor on ", device);
 }
 
+inline void check_noise_args(at::TensorList params, at::TensorList backups, at::TensorList scales,
+                             at::IntArrayRef tensor_indices, const at::Tensor& step) {
+  const at::Device device = device_of(params);
+  check_list("params", params, params.size(), device);
+  check_list("backups", backups, params.size(), device, params, "params");
+  check_list("scales", scales, params.size(), device, params, "params");
+  TORCH_CHECK(tensor_indices.size() == params.size(), "tensor_indices: expected ", params.size(),
+              " entries, got ", tensor_indices.size());
+  if (params.empty()) return;
+  TORCH_CHECK(step.numel() == 1 && step.scalar_type() == at::kLong && step.device() == device,
+              "step: expected a one-element int64 tensor on ", device);
+}
+
 inline void check_restore_args(at::TensorList params, at::TensorList backups) {
   const at::Device device = device_of(params);
   check_list("params", params, params.size(), device);
@@ -160,6 +173,12 @@ inline SgdConfigT<double> checked_sgd_config(at::ArrayRef<double> values) {
   TORCH_CHECK(values.size() == kSgdConfigValues, "restore_sgd_step_: config: expected ", kSgdConfigValues,
               " values (SgdConfig.values()), got ", values.size());
   return sgd_config(values.data());
+}
+
+inline NoiseConfigT<double> checked_noise_config(at::ArrayRef<double> values) {
+  TORCH_CHECK(values.size() == kNoiseConfigValues, "gaussian_noise_: config: expected ", kNoiseConfigValues,
+              " values (NoiseConfig.values()), got ", values.size());
+  return noise_config(values.data());
 }
 
 inline AdamConfigT<double> checked_adam_config(at::ArrayRef<double> values) {

@@ -38,6 +38,11 @@ TORCH_LIBRARY(sam_kernels, m) {
       "bool normalize, bool adaptive, float adaptive_eta, int seed_lo, int seed_hi) -> ()",
       tags);
   m.def("restore_(Tensor(a!)[] params, Tensor[] backups) -> ()", tags);
+  // backup = w, then w += sigma * z with z the noise contract's normal and sigma from `scales` (NoiseConfig).
+  m.def(
+      "gaussian_noise_(Tensor(a!)[] params, Tensor(b!)[] backups, Tensor[] scales, int[] tensor_indices, "
+      "Tensor step, float[] config, int seed_lo, int seed_hi) -> ()",
+      tags);
   m.def(
       "restore_sgd_step_(Tensor(a!)[] params, Tensor[] backups, Tensor[] grads, "
       "Tensor(b!)[] momentum_buffers, int[] first_step, float[] config, Tensor? grad_multiplier, "

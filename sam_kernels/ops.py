@@ -10,6 +10,7 @@ them on the host.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -20,6 +21,7 @@ from .backends.common import (
     SUPPORTED_DTYPE_NAMES,
     SUPPORTED_DTYPES,
     AdamConfig,
+    NoiseConfig,
     PerturbConfig,
     SgdConfig,
     first_overlap,
@@ -27,10 +29,10 @@ from .backends.common import (
     mask_threshold,
     same_layout,
 )
-from .backends.reference import keep_mask
+from .backends.reference import gaussian_noise, keep_mask
 
-__all__ = ["grad_norm", "keep_mask", "mask_threshold", "perturb_", "restore_", "restore_adam_step_",
-           "restore_sgd_step_"]
+__all__ = ["gaussian_noise", "gaussian_noise_", "grad_norm", "keep_mask", "mask_threshold", "perturb_",
+           "restore_", "restore_adam_step_", "restore_sgd_step_"]
 
 Tensors = Sequence[torch.Tensor]
 OptionalTensors = Sequence[torch.Tensor | None]
@@ -208,6 +210,46 @@ def perturb_(params: Tensors, backups: Tensors, norm: torch.Tensor, *, rho: floa
                            adaptive=bool(adaptive), adaptive_eta=float(adaptive_eta), seed=int(seed))
     entry.perturb_(_backend(params, backend), _pick(params, kept), _pick(grads, kept), _pick(backups, kept),
                    [int(t) for t in _pick(tensor_indices, kept)], norm.reshape(()).float(), step, config)
+
+
+def gaussian_noise_(params: Tensors, backups: Tensors, scales: Tensors, *, factor: float = 1.0,
+                    precision: bool = False, seed: int = 0, step: int | torch.Tensor = 0,
+                    tensor_indices: Sequence[int] | None = None, backend: str | None = None) -> None:
+    """Write ``backup = w``, then ``w += sigma * z`` in place, one launch over every tensor.
+
+    ``z`` is a standard normal regenerated from (seed, step, tensor index, element index) by the noise
+    contract (``backends/common.py``): the mask's Philox generator on a stream of its own and a Box-Muller
+    transform in IEEE float32 operations only, so every backend adds the same noise bit for bit.
+    ``sigma = factor * scales[i]`` elementwise, or with ``precision`` ``1 / sqrt(factor * scales[i])``
+    (bSAM's posterior noise from its precision ``s`` and the data size ``factor = N``). ``scales[i]`` is
+    laid out like ``params[i]``. ``tensor_indices`` are the parameters' positions in the optimizer's
+    global order (default: their positions in ``params``); ``restore_`` undoes the op exactly.
+    """
+    _check_params(params)
+    _check_list("backups", backups, len(params))
+    _check_list("scales", scales, len(params))
+    if isinstance(factor, bool) or not isinstance(factor, numbers.Real) or not math.isfinite(factor):
+        raise ValueError(f"factor: must be a finite number, got {factor!r}")
+    if precision and factor <= 0:
+        raise ValueError(f"factor: must be positive with precision=True (sigma = 1 / sqrt(factor * s)), "
+                         f"got {factor!r}")
+    if not isinstance(precision, bool):
+        raise TypeError(f"precision: must be True or False, got {precision!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64:
+        raise ValueError(f"seed: must be an int in [0, 2**64), got {seed!r}")
+    tensor_indices = list(range(len(params))) if tensor_indices is None else list(tensor_indices)
+    _check_list("tensor_indices", tensor_indices, len(params))
+    if any(not 0 <= t < 2**32 for t in tensor_indices):
+        raise ValueError("tensor_indices: every index must be in [0, 2**32)")
+    for i, param in enumerate(params):
+        _check_like("backups", backups[i], param, i)
+        _check_like("scales", scales[i], param, i)
+    if not len(params):
+        return
+    step = _device_step(step, params[0].device)
+    config = NoiseConfig(factor=float(factor), precision=precision, seed=int(seed))
+    entry.gaussian_noise_(_backend(params, backend), list(params), list(backups), list(scales),
+                          [int(t) for t in tensor_indices], step, config)
 
 
 def _device_step(step: int | torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -280,6 +280,48 @@ void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList bac
   });
 }
 
+// ------------------------------------------------------------------------------------------ Gaussian noise
+
+template <typename T, bool PRECISION>
+SAMK_CPU_LOOP void noise_range(T* __restrict param, T* __restrict backup, const T* __restrict scale,
+                               int64_t begin, int64_t end, math_t<T> factor, const NoiseKey stream_key,
+                               uint32_t tensor_index) {
+  using C = math_t<T>;
+  const NoiseKey key = stream_key;  // a local copy (see perturb_range)
+#pragma omp simd
+  for (int64_t i = begin; i < end; ++i) {
+    copy_bits(backup, param, i);
+    // NOTE: the noise counter is i, the element's offset in the tensor's memory, like the mask's.
+    const float z = gaussian_element(key, static_cast<uint32_t>(i), tensor_index);
+    store(param, i, noise_element<PRECISION, C>(load(param, i), load(scale, i), z, factor));
+  }
+}
+
+void gaussian_noise_cpu(at::TensorList params, at::TensorList backups, at::TensorList scales,
+                        at::IntArrayRef tensor_indices, const at::Tensor& step,
+                        at::ArrayRef<double> config_values, int64_t seed_lo, int64_t seed_hi) {
+  const NoiseConfigT<double> config = checked_noise_config(config_values);
+  check_noise_args(params, backups, scales, tensor_indices, step);
+  if (params.empty()) return;
+  const uint64_t step_value = static_cast<uint64_t>(step.reshape({}).item<int64_t>());
+  const NoiseKey key = noise_key(static_cast<uint32_t>(seed_lo), static_cast<uint32_t>(seed_hi), step_value);
+  int64_t total_elements = 0;
+  const auto items = work_items(params, &total_elements);
+  parallel_items(items, total_elements, [&](int64_t, const WorkItem& item) {
+    const int64_t k = item.tensor;
+    const auto index = static_cast<uint32_t>(tensor_indices[k]);
+    dispatch_dtype(params[k].scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      using C = math_t<T>;
+      const C factor = config_as<C>(config).factor;
+      with_flag(config.precision, [&](auto precision_) {
+        noise_range<T, precision_>(data<T>(params[k]), data<T>(backups[k]), data<T>(scales[k]), item.begin,
+                                   item.end, factor, key, index);
+      });
+    });
+  });
+}
+
 // ---------------------------------------------------------------------------------------------- restore
 
 void restore_cpu(at::TensorList params, at::TensorList backups) {
@@ -466,6 +508,7 @@ TORCH_LIBRARY_IMPL(sam_kernels, CPU, m) {
   m.impl("grad_norm", &sam_kernels::grad_norm_cpu);
   m.impl("perturb_", &sam_kernels::perturb_cpu);
   m.impl("restore_", &sam_kernels::restore_cpu);
+  m.impl("gaussian_noise_", &sam_kernels::gaussian_noise_cpu);
   m.impl("restore_sgd_step_", &sam_kernels::restore_sgd_step_cpu);
   m.impl("restore_adam_step_", &sam_kernels::restore_adam_step_cpu);
   m.impl("philox4x32_10", &sam_kernels::philox_cpu);

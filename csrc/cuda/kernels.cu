@@ -178,6 +178,40 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// ------------------------------------------------------------------------------------- Gaussian noise
+
+template <typename T, bool PRECISION>
+__global__ void __launch_bounds__(kThreads)
+    noise_kernel(const __grid_constant__ ChunkTable<3> table, const int64_t* __restrict__ step_ptr,
+                 const NoiseConfigT<math_t<T>> config, uint32_t seed_lo, uint32_t seed_hi) {
+  using C = math_t<T>;
+  constexpr int ILP = kIlp<T>;
+  const Chunk chunk = this_chunk(table);
+  T* __restrict__ param = operand<T>(table, 0, chunk);
+  T* __restrict__ backup = operand<T>(table, 1, chunk);
+  const T* __restrict__ scale = operand<T>(table, 2, chunk);
+  const bool param_vector = vector_aligned(param);
+  const bool backup_vector = vector_aligned(backup);
+  const bool scale_vector = vector_aligned(scale);
+  const NoiseKey key = noise_key(seed_lo, seed_hi, static_cast<uint64_t>(*step_ptr));
+  const uint32_t tensor_index = table.aux[chunk.row];
+  for (int64_t i = threadIdx.x * ILP; i < chunk.length; i += kThreads * ILP) {
+    const bool whole = i + ILP <= chunk.length;
+    T raw[ILP];
+    C sc[ILP], w[ILP];
+    load_raw(raw, param, i, chunk.length, whole && param_vector);
+    load(sc, scale, i, chunk.length, whole && scale_vector);
+    store_raw(backup, raw, i, chunk.length, whole && backup_vector);  // the exact bits of the weight
+#pragma unroll
+    for (int j = 0; j < ILP; ++j) {
+      // NOTE: the counter is the element's index within the whole tensor (chunk start included).
+      const float z = gaussian_element(key, static_cast<uint32_t>(chunk.start + i + j), tensor_index);
+      w[j] = noise_element<PRECISION, C>(to_math(raw[j]), sc[j], z, config.factor);
+    }
+    store(param, w, i, chunk.length, whole && param_vector);
+  }
+}
+
 // ------------------------------------------------------------------------------------------ restore
 
 template <typename Bits>
@@ -344,6 +378,22 @@ cudaError_t launch_perturb(DType dtype, const TensorLists& lists, const float* n
       } else {
         perturb_kernel<T, false, false><<<blocks, kThreads, 0, stream>>>(table, norm, step, c, seed_lo,
                                                                          seed_hi, keep_threshold);
+      }
+    });
+  });
+}
+
+cudaError_t launch_noise(DType dtype, const TensorLists& lists, const int64_t* step,
+                         const NoiseConfigT<double>& config, uint32_t seed_lo, uint32_t seed_hi,
+                         cudaStream_t stream) {
+  return dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const NoiseConfigT<math_t<T>> c = config_as<math_t<T>>(config);
+    return for_each_table<3>(lists, [&](const ChunkTable<3>& table, int blocks) {
+      if (c.precision) {
+        noise_kernel<T, true><<<blocks, kThreads, 0, stream>>>(table, step, c, seed_lo, seed_hi);
+      } else {
+        noise_kernel<T, false><<<blocks, kThreads, 0, stream>>>(table, step, c, seed_lo, seed_hi);
       }
     });
   });

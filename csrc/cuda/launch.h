@@ -43,6 +43,10 @@ cudaError_t launch_finish_norm(const float* partials, int64_t n, float* norm, fl
 cudaError_t launch_perturb(DType dtype, const TensorLists& lists, const float* norm, const int64_t* step,
                            const PerturbConfigT<double>& config, bool adaptive, uint32_t seed_lo,
                            uint32_t seed_hi, uint32_t keep_threshold, cudaStream_t stream);
+// Lists: params, backups, scales; aux: global tensor indices. backup = w, w += sigma * z (NoiseConfigT).
+cudaError_t launch_noise(DType dtype, const TensorLists& lists, const int64_t* step,
+                         const NoiseConfigT<double>& config, uint32_t seed_lo, uint32_t seed_hi,
+                         cudaStream_t stream);
 // Lists: params, backups (a raw copy of `element_size`-byte elements: 2, 4 or 8).
 cudaError_t launch_restore(int element_size, const TensorLists& lists, cudaStream_t stream);
 // Lists: params, backups, grads (, momentum buffers when config.has_momentum); aux: first-step flags.

@@ -144,6 +144,25 @@ void perturb_cuda(at::TensorList params, at::TensorList grads, at::TensorList ba
   }
 }
 
+void gaussian_noise_cuda(at::TensorList params, at::TensorList backups, at::TensorList scales,
+                         at::IntArrayRef tensor_indices, const at::Tensor& step,
+                         at::ArrayRef<double> config_values, int64_t seed_lo, int64_t seed_hi) {
+  const at::Device device = device_of(params);
+  const NoiseConfigT<double> config = checked_noise_config(config_values);
+  check_noise_args(params, backups, scales, tensor_indices, step);
+  if (params.empty()) return;
+  const c10::cuda::CUDAGuard guard(device);
+  const cudaStream_t stream = current_stream(device);
+  const at::Tensor step_c = step.contiguous();
+  for (const auto& group : dtype_groups(params)) {
+    HostLists host({params, backups, scales}, group);
+    for (const size_t k : group) host.aux.push_back(static_cast<uint32_t>(tensor_indices[k]));
+    C10_CUDA_CHECK(launch_noise(device_dtype(params[group[0]].scalar_type()), host.view(),
+                                step_c.data_ptr<int64_t>(), config, static_cast<uint32_t>(seed_lo),
+                                static_cast<uint32_t>(seed_hi), stream));
+  }
+}
+
 void restore_cuda(at::TensorList params, at::TensorList backups) {
   const at::Device device = device_of(params);
   check_restore_args(params, backups);
@@ -226,6 +245,7 @@ TORCH_LIBRARY_IMPL(sam_kernels, CUDA, m) {
   m.impl("grad_norm", &sam_kernels::cuda::grad_norm_cuda);
   m.impl("perturb_", &sam_kernels::cuda::perturb_cuda);
   m.impl("restore_", &sam_kernels::cuda::restore_cuda);
+  m.impl("gaussian_noise_", &sam_kernels::cuda::gaussian_noise_cuda);
   m.impl("restore_sgd_step_", &sam_kernels::cuda::restore_sgd_step_cuda);
   m.impl("restore_adam_step_", &sam_kernels::cuda::restore_adam_step_cuda);
   m.impl("philox4x32_10", &sam_kernels::cuda::philox_cuda);

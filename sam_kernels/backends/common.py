@@ -12,12 +12,47 @@ regenerated as
 
 An integer comparison on the top 24 bits leaves no floating-point rounding that a backend could do
 differently, so the same seed and step give the same mask bit for bit everywhere.
+
+NOTE (noise contract, identical in every backend): the standard normal ``z`` that the Gaussian noise op
+(``gaussian_noise_``; bSAM's weight noise) adds for element ``i`` of the tensor at global position ``t`` at
+RNG step ``s`` comes from the same generator and key as the mask, on a stream of its own:
+
+    r0, r1 = Philox4x32-10(key = (seed & 0xffffffff, seed >> 32),
+                           counter = (i, t, s & 0xffffffff, (s >> 32) | 0x80000000))[0:2]
+
+The tag ``0x80000000`` in counter word 3 separates the streams: the mask's steps are below 2**63 (the op
+layer refuses others), so its word 3 never has the top bit set, and no noise draw reuses a mask's random
+numbers (or the other way round) for any seed, step, tensor or element. ``z`` is one Box-Muller draw,
+``z = sqrt(-2 ln u1) cos(2 pi u2)``, from the top 24 bits of the two words, computed in float32 with
+integer operations, bit casts and IEEE ``+ - * /`` and ``sqrt`` only, each rounded once (no FMA, no
+library log, sin or cos), in the one order below, so every backend produces the same bits:
+
+    n  = (r0 >> 8) + 1                   u1 = n * 2**-24, in (0, 1]: ln u1 finite
+    e, m: float(n) (exact) = m * 2**e with m in [1, 2) from its exponent and mantissa bits;
+          m > SQRT2: m = m * 0.5, e = e + 1               m in [0.707, 1.414]
+    s = (m - 1) / (m + 1);  s2 = s * s;  t = s + s       ln m = 2 atanh(s)
+    P = ((LOG_C9 * s2 + LOG_C7) * s2 + LOG_C5) * s2 + LOG_C3
+    ln_u = float(e - 24) * LN2 + (t + t * (s2 * P))
+    radius = sqrt(ln_u * -2)
+    v = r1 >> 8;  q = v >> 22 (the quadrant, exact);  w = v & 0x3fffff
+    upper = w >= 2**21;  k = upper ? 2**22 - w : w;  x = float(k) * ANGLE_STEP   x in [0, pi/4]
+    x2 = x * x
+    C = ((((COS_C10 * x2 + COS_C8) * x2 + COS_C6) * x2 + COS_C4) * x2 + COS_C2) * x2 + 1
+    S = x + x * (x2 * (((SIN_C9 * x2 + SIN_C7) * x2 + SIN_C5) * x2 + SIN_C3))
+    c = (q odd) != upper ? S : C;  c = q in (1, 2) ? -c : c                 cos(2 pi u2)
+    z = radius * c
+
+The constants are the float32 values of ``NOISE_CONSTANTS`` (Taylor coefficients of atanh, cos and sin,
+sqrt(2), ln 2, pi / 2**23). The polynomials are accurate to about 1e-7 relative on their ranges; ``|z|``
+is at most sqrt(48 ln 2) = 5.77 (the uniforms' 24-bit resolution). float64 parameters get the same float32
+``z``, widened exactly.
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
+import struct
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
@@ -40,6 +75,22 @@ SUPPORTED_DTYPE_NAMES = "float32, float16, bfloat16 or float64"
 MASK_BITS = 24
 
 U32 = 0xFFFFFFFF
+
+
+#: Tag of the noise stream in Philox counter word 3 (see "noise contract").
+NOISE_STREAM_TAG = 0x80000000
+
+#: The float32 constants of the noise contract, as their bit patterns (so no language rounds a decimal).
+NOISE_CONSTANT_BITS = {
+    "SQRT2": 0x3FB504F3, "LN2": 0x3F317218, "ANGLE_STEP": 0x34C90FDB,
+    "LOG_C3": 0x3EAAAAAB, "LOG_C5": 0x3E4CCCCD, "LOG_C7": 0x3E124925, "LOG_C9": 0x3DE38E39,
+    "COS_C2": 0xBF000000, "COS_C4": 0x3D2AAAAB, "COS_C6": 0xBAB60B61, "COS_C8": 0x37D00D01,
+    "COS_C10": 0xB493F27E,
+    "SIN_C3": 0xBE2AAAAB, "SIN_C5": 0x3C088889, "SIN_C7": 0xB9500D01, "SIN_C9": 0x3638EF1D,
+}
+#: The same constants as Python floats (each exactly its float32 value).
+NOISE_CONSTANTS = {name: struct.unpack("<f", struct.pack("<I", bits))[0]
+                   for name, bits in NOISE_CONSTANT_BITS.items()}
 
 
 def mask_threshold(keep_prob: float) -> int:
@@ -84,6 +135,23 @@ class PerturbConfig:
     @property
     def masked(self) -> bool:
         return self.keep_threshold < (1 << MASK_BITS)
+
+
+@dataclass(frozen=True)
+class NoiseConfig:
+    """``w += sigma * z`` with ``z`` the standard normal of the noise contract above and a per-element
+    ``sigma`` from a companion tensor ``scale``: ``sigma = factor * scale``, or with ``precision``
+    ``1 / sqrt(factor * scale)`` (computed as ``z / sqrt(factor * scale)``; bSAM's ``sigma^2 = 1 / (N s)``
+    from its precision ``s`` with ``factor = N``). C++: ``NoiseConfigT`` in elementwise.h, built from
+    ``values()`` (the seed travels apart, as two 32-bit words)."""
+
+    factor: float = 1.0
+    precision: bool = False
+    seed: int = 0
+
+    def values(self) -> list[float]:
+        """factor, precision: the values the compiled ops take (``noise_config`` in elementwise.h)."""
+        return [float(self.factor), float(self.precision)]
 
 
 def config_values(config) -> list[float]:
@@ -211,6 +279,10 @@ class Backend(Protocol):
                  step: torch.Tensor, config: PerturbConfig) -> None: ...
 
     def restore_(self, params: Sequence[torch.Tensor], backups: Sequence[torch.Tensor]) -> None: ...
+
+    def gaussian_noise_(self, params: Sequence[torch.Tensor], backups: Sequence[torch.Tensor],
+                        scales: Sequence[torch.Tensor], tensor_indices: Sequence[int], step: torch.Tensor,
+                        config: NoiseConfig) -> None: ...
 
     def restore_sgd_step_(self, params: Sequence[torch.Tensor], backups: Sequence[torch.Tensor],
                           grads: Sequence[torch.Tensor], momentum_buffers: Sequence[torch.Tensor | None],

@@ -4,9 +4,9 @@ was built).
 
 Each takes the backend (a backend module, or a step plan's ``triton_backend.PlanBackend`` over its own
 launch tables) and the op's options as its typed config (``common.py``: ``PerturbConfig``, ``SgdConfig``,
-``AdamConfig``; the C++ structs of ``csrc/include/sam_kernels/elementwise.h`` mirror them). What every
-caller of an op must do besides the kernels is done here, once: Adam's step counters advance in
-``restore_adam_step_``.
+``AdamConfig``, ``NoiseConfig``; the C++ structs of ``csrc/include/sam_kernels/elementwise.h`` mirror
+them). What every caller of an op must do besides the kernels is done here, once: Adam's step counters
+advance in ``restore_adam_step_``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .common import AdamConfig, PerturbConfig, SgdConfig
+from .common import AdamConfig, NoiseConfig, PerturbConfig, SgdConfig
 
 Tensors = Sequence[torch.Tensor]
 
@@ -30,6 +30,12 @@ def perturb_(backend, params: Tensors, grads: Tensors, backups: Tensors, tensor_
              norm: torch.Tensor, step: torch.Tensor, config: PerturbConfig) -> None:
     """backup = w, then w += e (``PerturbConfig``)."""
     backend.perturb_(params, grads, backups, tensor_indices, norm, step, config)
+
+
+def gaussian_noise_(backend, params: Tensors, backups: Tensors, scales: Tensors,
+                    tensor_indices: Sequence[int], step: torch.Tensor, config: NoiseConfig) -> None:
+    """backup = w, then w += sigma * z (``NoiseConfig``; z: the noise contract of ``common.py``)."""
+    backend.gaussian_noise_(params, backups, scales, tensor_indices, step, config)
 
 
 def restore_(backend, params: Tensors, backups: Tensors) -> None:

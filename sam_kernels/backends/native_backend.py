@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .common import AdamConfig, PerturbConfig, SgdConfig, split_u64
+from .common import AdamConfig, NoiseConfig, PerturbConfig, SgdConfig, split_u64
 
 BUILD_HINT = ("build it from source: `CUDA_HOME=/usr/local/cuda pip install --no-build-isolation -e .` "
               "(or the CMake build; see README, 'Backends and building from source')")
@@ -110,6 +110,11 @@ def restore_(params, backups) -> None:
     _ops().restore_(params, backups)
 
 
+def gaussian_noise_(params, backups, scales, tensor_indices, step, config: NoiseConfig) -> None:
+    seed_lo, seed_hi = split_u64(config.seed)
+    _ops().gaussian_noise_(params, backups, scales, tensor_indices, step, config.values(), seed_lo, seed_hi)
+
+
 def restore_sgd_step_(params, backups, grads, momentum_buffers, first_step, config: SgdConfig,
                       grad_multiplier, found_inf) -> None:
     buffers = momentum_buffers if config.momentum != 0 else ()
@@ -142,6 +147,10 @@ if _C is not None:
     @torch.library.register_fake("sam_kernels::perturb_")
     def _perturb_fake(params, grads, backups, tensor_indices, norm, step, rho, eps, keep_threshold,
                       scale_factor, normalize, adaptive, adaptive_eta, seed_lo, seed_hi):
+        return None
+
+    @torch.library.register_fake("sam_kernels::gaussian_noise_")
+    def _gaussian_noise_fake(params, backups, scales, tensor_indices, step, config, seed_lo, seed_hi):
         return None
 
     @torch.library.register_fake("sam_kernels::restore_")

@@ -11,9 +11,21 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy
 import torch
 
-from .common import U32, AdamConfig, PerturbConfig, SgdConfig, compute_dtype, memory_order, split_u64
+from .common import (
+    NOISE_CONSTANTS,
+    NOISE_STREAM_TAG,
+    U32,
+    AdamConfig,
+    NoiseConfig,
+    PerturbConfig,
+    SgdConfig,
+    compute_dtype,
+    memory_order,
+    split_u64,
+)
 
 # Philox4x32-10 constants (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11).
 PHILOX_M0 = 0xD2511F53
@@ -59,6 +71,78 @@ def keep_mask(numel: int, tensor_index: int, seed: int, step: int | torch.Tensor
     return (word0 >> 8) < keep_threshold
 
 
+def sqrt_rn(values: torch.Tensor) -> torch.Tensor:
+    """The correctly rounded square root (IEEE 754), which the noise contract needs.
+
+    NOTE (sqrt): torch's vectorized CPU sqrt is not always correctly rounded (torch 2.14's differs from
+    the IEEE result in about 17% of float32 and 1% of float64 results; a 0-d tensor takes another path),
+    so on the CPU the root is NumPy's, the hardware instruction (no copy: the arrays share memory). CUDA's
+    sqrt is IEEE without fast-math, which torch does not use.
+    """
+    if values.device.type != "cpu":
+        return values.sqrt()
+    return torch.from_numpy(numpy.sqrt(values.detach().contiguous().numpy()))
+
+
+def _f32(values: torch.Tensor, name: str) -> torch.Tensor:
+    """``values`` times the noise contract's constant ``name``, in float32 (one rounding)."""
+    return values * torch.tensor(NOISE_CONSTANTS[name], dtype=torch.float32, device=values.device)
+
+
+def box_muller(r0: torch.Tensor, r1: torch.Tensor) -> torch.Tensor:
+    """The standard normal of the noise contract (``backends/common.py``) from two Philox words (int64
+    tensors holding uint32 values), as float32, step by step in the contract's order."""
+    c = NOISE_CONSTANTS
+    # ln u1, u1 = n * 2**-24: the exponent and mantissa of float(n) (exact) from its bits.
+    n = ((r0 >> 8) + 1).to(torch.float32)
+    bits = n.view(torch.int32)
+    e = (bits >> 23) - 127
+    m = ((bits & 0x7FFFFF) | 0x3F800000).view(torch.float32)
+    high = m > c["SQRT2"]
+    m = torch.where(high, m * 0.5, m)
+    e = e + high.to(e.dtype)
+    s = (m - 1.0) / (m + 1.0)
+    s2 = s * s
+    t = s + s
+    poly = _f32(s2, "LOG_C9") + c["LOG_C7"]
+    poly = poly * s2 + c["LOG_C5"]
+    poly = poly * s2 + c["LOG_C3"]
+    ln_u = _f32((e - 24).to(torch.float32), "LN2") + (t + t * (s2 * poly))
+    radius = sqrt_rn(ln_u * -2.0)
+    # cos(2 pi u2): the quadrant from the top two bits, the angle within it reduced to [0, pi/4] exactly.
+    v = r1 >> 8
+    quadrant = v >> 22
+    w = v & 0x3FFFFF
+    upper = w >= (1 << 21)
+    k = torch.where(upper, (1 << 22) - w, w)
+    x = _f32(k.to(torch.float32), "ANGLE_STEP")
+    x2 = x * x
+    cos = _f32(x2, "COS_C10") + c["COS_C8"]
+    for name in ("COS_C6", "COS_C4", "COS_C2"):
+        cos = cos * x2 + c[name]
+    cos = cos * x2 + 1.0
+    sin = _f32(x2, "SIN_C9") + c["SIN_C7"]
+    for name in ("SIN_C5", "SIN_C3"):
+        sin = sin * x2 + c[name]
+    sin = x + x * (x2 * sin)
+    value = torch.where((quadrant & 1).bool() != upper, sin, cos)
+    value = torch.where(((quadrant + 1) >> 1 & 1).bool(), -value, value)
+    return radius * value
+
+
+def gaussian_noise(numel: int, tensor_index: int, seed: int, step: int | torch.Tensor,
+                   device: torch.device | str = "cpu") -> torch.Tensor:
+    """The float32 standard normals of one flattened tensor, per the noise contract in
+    ``backends/common.py``. ``step`` may be a 0-d int64 device tensor (split on the device)."""
+    element = torch.arange(numel, dtype=torch.int64, device=device)
+    if isinstance(step, torch.Tensor):
+        step_lo, step_hi = step & U32, (step >> 32) & U32
+    else:
+        step_lo, step_hi = split_u64(step)
+    words = philox4x32_10((element, tensor_index, step_lo, step_hi | NOISE_STREAM_TAG), split_u64(seed))
+    return box_muller(words[0], words[1])
+
+
 def grad_norm(grads: Sequence[torch.Tensor], weights: Sequence[torch.Tensor] | None,
               adaptive_eta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Global L2 norm of the grads (each scaled elementwise by |w| + eta when weights are given)."""
@@ -99,6 +183,17 @@ def perturb_(params, grads, backups, tensor_indices, norm, step, config: Perturb
             mask = keep_mask(param.numel(), index, config.seed, step, config.keep_threshold, param.device)
             e = torch.where(mask, e, torch.zeros_like(e))
         _write(param, torch.where(finite, w + e, w))
+
+
+def gaussian_noise_(params, backups, scales, tensor_indices, step, config: NoiseConfig) -> None:
+    """backup = w; w += sigma * z (``NoiseConfig``), z the contract's float32 normal widened to the
+    compute dtype."""
+    for param, backup, scale, index in zip(params, backups, scales, tensor_indices, strict=False):
+        backup.copy_(param)
+        w = _flat(param)
+        z = gaussian_noise(param.numel(), index, config.seed, step, param.device).to(w.dtype)
+        spread = config.factor * _flat(scale)
+        _write(param, w + (z / sqrt_rn(spread) if config.precision else spread * z))
 
 
 def restore_(params, backups) -> None:

@@ -23,6 +23,7 @@ from . import triton_kernels as kernels
 from .common import (
     MASK_BITS,
     AdamConfig,
+    NoiseConfig,
     PerturbConfig,
     SgdConfig,
     compute_dtype,
@@ -278,6 +279,29 @@ def _launch_perturb(params, grads, backups, tensor_indices, norm, step, config: 
             )
 
 
+def _launch_noise(params, backups, scales, tensor_indices, step, config: NoiseConfig,
+                  tables: LaunchTables | None = None) -> None:
+    seed_lo, seed_hi = split_u64(config.seed)
+    with _device_guard(params[0].device):
+        for group in group_by_dtype(params):
+            group_params = _pick(params, group)
+            meta = _metadata([group_params, _pick(backups, group), _pick(scales, group)],
+                             [_pick(tensor_indices, group)], tables)
+            if meta.n_chunks == 0:
+                continue
+            dtype = group_params[0].dtype
+            # NOTE (noise contract): enable_fp_fusion=False: no multiply-add of the Box-Muller transform
+            # (or of w + sigma * z) may become an FMA on a GPU, so the noise is the other backends' bit for
+            # bit. (The interpreter ignores the option; its NumPy math rounds each operation.)
+            kernels.noise_kernel[(meta.n_chunks,)](
+                *meta.pointers, meta.numels, meta.extra[0], meta.chunk_tensor, meta.chunk_start, step,
+                float(config.factor), seed_lo, seed_hi,
+                PARAM_DTYPE=TL_DTYPES[dtype], COMPUTE=_compute(dtype), PRECISION=bool(config.precision),
+                CHUNK=CHUNK, BLOCK=BLOCK, ALIGNED=meta.aligned, num_warps=num_warps(dtype),
+                enable_fp_fusion=False,
+            )
+
+
 def _launch_restore(params, backups, tables: LaunchTables | None = None) -> None:
     with _device_guard(params[0].device):
         for group in group_by_dtype(params):
@@ -394,6 +418,14 @@ def _perturb_op(params: list[torch.Tensor], grads: list[torch.Tensor], backups: 
     _launch_perturb(params, grads, backups, tensor_indices, norm, step, config, _tables(table_set))
 
 
+@torch.library.custom_op("sam_kernels_triton::gaussian_noise_", mutates_args=("params", "backups"))
+def _gaussian_noise_op(params: list[torch.Tensor], backups: list[torch.Tensor], scales: list[torch.Tensor],
+                       tensor_indices: list[int], step: torch.Tensor, config: list[float], seed_lo: int,
+                       seed_hi: int, table_set: int) -> None:
+    noise = NoiseConfig(factor=config[0], precision=bool(config[1]), seed=seed_lo | (seed_hi << 32))
+    _launch_noise(params, backups, scales, tensor_indices, step, noise, _tables(table_set))
+
+
 @torch.library.custom_op("sam_kernels_triton::restore_", mutates_args=("params",))
 def _restore_op(params: list[torch.Tensor], backups: list[torch.Tensor], table_set: int) -> None:
     _launch_restore(params, backups, _tables(table_set))
@@ -425,7 +457,7 @@ def _(grads, weights, adaptive_eta, table_set):
     return like.new_empty((), dtype=torch.float32), like.new_empty((), dtype=torch.float32)
 
 
-for _op in (_perturb_op, _restore_op, _restore_sgd_step_op, _restore_adam_step_op):
+for _op in (_perturb_op, _gaussian_noise_op, _restore_op, _restore_sgd_step_op, _restore_adam_step_op):
     _op.register_fake(lambda *args: None)
 
 
@@ -445,6 +477,13 @@ def perturb_(params, grads, backups, tensor_indices, norm, step, config: Perturb
         params, grads, backups, tensor_indices, norm, step, config.rho, config.eps, config.keep_threshold,
         config.scale_factor, config.normalize, config.adaptive, config.adaptive_eta, seed_lo, seed_hi,
         table_set)
+
+
+def gaussian_noise_(params, backups, scales, tensor_indices, step, config: NoiseConfig,
+                    table_set: int = 0) -> None:
+    seed_lo, seed_hi = split_u64(config.seed)
+    torch.ops.sam_kernels_triton.gaussian_noise_(params, backups, scales, tensor_indices, step,
+                                                 config.values(), seed_lo, seed_hi, table_set)
 
 
 def restore_(params, backups, table_set: int = 0) -> None:
@@ -489,6 +528,9 @@ class PlanBackend:
 
     def restore_(self, params, backups):
         restore_(params, backups, self.table_set)
+
+    def gaussian_noise_(self, params, backups, scales, tensor_indices, step, config):
+        gaussian_noise_(params, backups, scales, tensor_indices, step, config, self.table_set)
 
     def restore_sgd_step_(self, params, backups, grads, momentum_buffers, first_step, config, grad_multiplier,
                           found_inf):

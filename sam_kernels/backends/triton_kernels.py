@@ -202,6 +202,117 @@ def _perturb_block(param, grad, backup, offs, end, scale, finite, adaptive_eta, 
 
 
 @triton.jit
+def _box_muller(r0, r1):
+    """The standard normal of the noise contract (``backends/common.py``) from two uint32 Philox words, in
+    float32, in the contract's order. NOTE (rounding): the launch passes ``enable_fp_fusion=False`` (no
+    FMA contraction on a GPU) and division and sqrt are the correctly rounded ``div_rn``/``sqrt_rn``; the
+    constants are the float32 values of ``NOISE_CONSTANTS`` written out (each decimal is that float32
+    value exactly)."""
+    n = ((r0 >> 8) + 1).to(tl.float32)
+    bits = n.to(tl.int32, bitcast=True)
+    e = (bits >> 23) - 127
+    m = ((bits & 0x7FFFFF) | 0x3F800000).to(tl.float32, bitcast=True)
+    high = m > 1.4142135381698608  # SQRT2
+    m = tl.where(high, m * 0.5, m)
+    e = tl.where(high, e + 1, e)
+    s = tl.div_rn(m - 1.0, m + 1.0)
+    s2 = s * s
+    t = s + s
+    poly = s2 * 0.1111111119389534 + 0.1428571492433548  # LOG_C9, LOG_C7
+    poly = poly * s2 + 0.20000000298023224  # LOG_C5
+    poly = poly * s2 + 0.3333333432674408  # LOG_C3
+    ln_u = (e - 24).to(tl.float32) * 0.6931471824645996 + (t + t * (s2 * poly))  # LN2
+    radius = tl.sqrt_rn(ln_u * -2.0)
+    v = r1 >> 8
+    quadrant = v >> 22
+    w = v & 0x3FFFFF
+    upper = w >= (1 << 21)
+    k = tl.where(upper, (1 << 22) - w, w)
+    x = k.to(tl.float32) * 3.7450703871400037e-07  # ANGLE_STEP
+    x2 = x * x
+    cos = x2 * -2.755731998149713e-07 + 2.4801587642286904e-05  # COS_C10, COS_C8
+    cos = cos * x2 + -0.0013888889225199819  # COS_C6
+    cos = cos * x2 + 0.0416666679084301  # COS_C4
+    cos = cos * x2 + -0.5  # COS_C2
+    cos = cos * x2 + 1.0
+    sin = x2 * 2.7557318844628753e-06 + -0.00019841270113829523  # SIN_C9, SIN_C7
+    sin = sin * x2 + 0.008333333767950535  # SIN_C5
+    sin = sin * x2 + -0.1666666716337204  # SIN_C3
+    sin = x + x * (x2 * sin)
+    value = tl.where(((quadrant & 1) != 0) != upper, sin, cos)
+    value = tl.where((((quadrant + 1) >> 1) & 1) != 0, -value, value)
+    return radius * value
+
+
+@triton.jit
+def _gaussian(offs, tensor_id, step_lo, step_hi, seed_lo, seed_hi, BLOCK: tl.constexpr):
+    """The contract's standard normals of a block: Philox words 0 and 1 of the noise stream (the step's
+    high word tagged, see ``backends/common.py``)."""
+    zero = tl.zeros([BLOCK], dtype=tl.uint32)
+    r0, r1, _, _ = tl.philox_impl(
+        offs.to(tl.uint32), zero + tensor_id.to(tl.uint32), zero + step_lo, zero + step_hi,
+        seed_lo, seed_hi, 10,
+    )
+    return _box_muller(r0, r1)
+
+
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
+def noise_kernel(
+    param_ptrs, backup_ptrs, scale_ptrs, numels, tensor_ids, chunk_tensor, chunk_start, step_ptr,
+    factor: tl.float64, seed_lo, seed_hi,
+    PARAM_DTYPE: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+):
+    """backup = w; w += z / sqrt(factor * scale) (PRECISION) or w += (factor * scale) * z, z the noise
+    contract's float32 normal widened to COMPUTE."""
+    row, start, full_end, end = _chunk_bounds(chunk_tensor, chunk_start, numels, CHUNK, BLOCK)
+    param = _typed_ptr(param_ptrs, row, PARAM_DTYPE, ALIGNED)
+    backup = _typed_ptr(backup_ptrs, row, PARAM_DTYPE, ALIGNED)
+    scale = _typed_ptr(scale_ptrs, row, PARAM_DTYPE, ALIGNED)
+    factor = _scalar(factor, COMPUTE)
+    step = tl.load(step_ptr)
+    step_lo = (step & 0xFFFFFFFF).to(tl.uint32)
+    step_hi = (((step >> 32) & 0xFFFFFFFF) | 0x80000000).to(tl.uint32)  # the noise stream's tag
+    tensor_id = tl.load(tensor_ids + row)
+    key = (tensor_id, step_lo, step_hi, seed_lo.to(tl.uint32), seed_hi.to(tl.uint32))
+    for block_start in range(start, full_end, BLOCK):
+        offs = tl.multiple_of(block_start, BLOCK) + tl.arange(0, BLOCK)
+        _noise_block(param, backup, scale, offs, end, factor, key, PARAM_DTYPE, COMPUTE, PRECISION, BLOCK,
+                     False)
+    if full_end < end:
+        _noise_block(param, backup, scale, full_end + tl.arange(0, BLOCK), end, factor, key, PARAM_DTYPE,
+                     COMPUTE, PRECISION, BLOCK, True)
+
+
+@triton.jit
+def _noise_block(param, backup, scale, offs, end, factor, key, PARAM_DTYPE: tl.constexpr,
+                 COMPUTE: tl.constexpr, PRECISION: tl.constexpr, BLOCK: tl.constexpr, TAIL: tl.constexpr):
+    inside = offs < end
+    w_raw = _load(param, offs, inside, TAIL)
+    _store(backup, offs, w_raw, inside, TAIL)
+    spread = factor * _load(scale, offs, inside, TAIL).to(COMPUTE)
+    if TAIL:
+        spread = tl.where(inside, spread, 1.0)  # no 1 / sqrt(0) outside the tensor
+    tensor_id, step_lo, step_hi, seed_lo, seed_hi = key
+    z = _gaussian(offs, tensor_id, step_lo, step_hi, seed_lo, seed_hi, BLOCK).to(COMPUTE)
+    delta = _div(z, _sqrt(spread)) if PRECISION else spread * z
+    _store(param, offs, _rounded(w_raw.to(COMPUTE) + delta, PARAM_DTYPE), inside, TAIL)
+
+
+@triton.jit
+def _rounded(x, DTYPE: tl.constexpr):
+    """``x`` rounded to DTYPE, to nearest even. NOTE (interpreter bfloat16): the Triton interpreter
+    truncates float32 to bfloat16, so that rounding is done here with integer operations (the same result
+    as a GPU's conversion; NaN stays NaN), which keeps the noisy bfloat16 weights the other backends'."""
+    if DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        nearest = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        nearest = tl.where(x != x, (bits >> 16) | 0x40, nearest)
+        return nearest.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return x.to(DTYPE)
+
+
+@triton.jit
 def restore_kernel(param_ptrs, backup_ptrs, numels, chunk_tensor, chunk_start,
                    PARAM_DTYPE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
                    ALIGNED: tl.constexpr):

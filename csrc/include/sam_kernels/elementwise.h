@@ -16,6 +16,7 @@
 #include <stdint.h>
 
 #include "sam_kernels/macros.h"
+#include "sam_kernels/noise.h"
 #include "sam_kernels/philox.h"
 
 namespace sam_kernels {
@@ -256,6 +257,35 @@ SAMK_FUNC void adam_element(const AdamConfigT<C>& c, const AdamBiasT<C>& bias, C
   m_out = skip ? m_old : m;
   v_out = skip ? v_old : v;
   w_out = skip ? w : updated;
+}
+
+// ----------------------------------------------------------------------------------------- Gaussian noise
+
+template <typename C>
+struct NoiseConfigT {
+  C factor;        // sigma = factor * scale, or 1 / sqrt(factor * scale) with `precision`
+  bool precision;  // the companion tensor is a precision (bSAM's s, factor = N), not a standard deviation
+};
+
+// The config as the ops take it: the values of Python's NoiseConfig (sam_kernels/backends/common.py,
+// NoiseConfig.values()): factor, precision. The seed travels apart (two 32-bit words, NoiseKey).
+constexpr size_t kNoiseConfigValues = 2;
+inline NoiseConfigT<double> noise_config(const double* v) { return NoiseConfigT<double>{v[0], v[1] != 0.0}; }
+
+template <typename To, typename From>
+SAMK_FUNC NoiseConfigT<To> config_as(const NoiseConfigT<From>& c) {
+  return NoiseConfigT<To>{static_cast<To>(c.factor), c.precision};
+}
+
+// w + sigma * z for one element: w + z / sqrt(factor * scale) (PRECISION) or w + (factor * scale) * z. `z` is
+// the contract's float32 normal (gaussian_element), widened exactly for double. NOTE: explicit
+// round-to-nearest operations (noise.h), so nvcc contracts nothing here either and the noisy weight is the
+// reference's bit for bit on every backend.
+template <bool PRECISION, typename C>
+SAMK_FUNC C noise_element(C w, C scale, float z, C factor) {
+  const C spread = mul_rn(factor, scale);
+  const C step = PRECISION ? div_rn(C(z), sqrt_rn(spread)) : mul_rn(spread, C(z));
+  return add_rn(w, step);
 }
 
 }  // namespace sam_kernels
