@@ -78,3 +78,14 @@ def on_backends(argname: str, values, triton) -> pytest.MarkDecorator:
                            marks=(pytest.mark.slow,) if backend == "triton" and name not in triton else ())
               for backend in OPTIMIZER_BACKENDS for name, value in items]
     return pytest.mark.parametrize(f"backend,{argname}", params, indirect=["backend"])
+
+
+def slow_on(*backends: str) -> pytest.MarkDecorator:
+    """``pytest.mark.parametrize`` over the optimizer backends (conftest.py's ``backend`` fixture, given its
+    value indirectly), those in ``backends`` marked slow: for a test whose case on them is long (the
+    Triton interpreter, a compiler) and whose property the default run checks on the others."""
+    unknown = set(backends) - set(OPTIMIZER_BACKENDS)
+    assert not unknown, f"not optimizer backends: {unknown}"
+    params = [pytest.param(backend, id=backend, marks=(pytest.mark.slow,) if backend in backends else ())
+              for backend in OPTIMIZER_BACKENDS]
+    return pytest.mark.parametrize("backend", params, indirect=True)

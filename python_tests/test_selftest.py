@@ -3,12 +3,14 @@ a wrong kernel makes it fail."""
 
 import json
 
+import pytest
 import torch
 
 from sam_kernels import selftest
 from sam_kernels.backends import native_status
 
 
+@pytest.mark.slow  # NOTE (test time): runs every op on every backend; CI's compat stage runs it too
 def test_selftest_passes_here_and_lists_its_skips(tmp_path, capsys):
     path = tmp_path / "selftest.json"
     assert selftest.main(["--quick", "--json", str(path)]) == 0

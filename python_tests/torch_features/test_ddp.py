@@ -97,6 +97,7 @@ MODES = {"per_worker": "per_worker", "per_worker_closure": "per_worker", "synced
          "averaged": "synced", "interval_per_worker": "interval", "interval_closure": "interval"}
 
 
+@pytest.mark.slow  # NOTE (test time): two spawned processes
 @pytest.mark.parametrize("mode", MODES)
 def test_ddp_matches_single_process(ddp_results, mode):
     results, backends = ddp_results
@@ -113,6 +114,7 @@ def test_per_worker_differs_from_synced():
     assert any((x - y).abs().max() > 1e-4 for x, y in zip(a, b, strict=True))
 
 
+@pytest.mark.slow  # NOTE (test time): two spawned processes
 def test_ddp_esam(ddp_results):
     """ESAM under DDP (SWP toggles requires_grad, SDS selects per rank, DDP's reducer must not notice):
     ranks identical, the same tensors dropped on both, and equal to a single-process simulation of the
@@ -136,6 +138,7 @@ def test_ddp_esam(ddp_results):
         assert_bitwise_equal(first0, rank0, f"{backend}: construction order changes the result")
 
 
+@pytest.mark.slow  # NOTE (test time): two spawned processes
 def test_fsdp2_matches_single_process(distributed_results):
     """FSDP2 on 2 CPU processes: the norm all-reduced over the shards, perturb and restore in place on
     the local shards (the shards' storage never changes), against eager SAM on the global batch; and
