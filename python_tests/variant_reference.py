@@ -1,6 +1,7 @@
 """Plain eager references for the SAM variants that change the ascent or the descent direction (GSAM,
-WSAM, Friendly-SAM, VaSSO, Fisher-SAM, GC-SAM) and for GSAM's proportional rho schedule, each written
-from its paper's definition in the notation of docs/algorithms.md: w the weights, g the minibatch
+WSAM, Friendly-SAM, VaSSO, Fisher-SAM, GC-SAM), for GSAM's proportional rho schedule, and for those that
+change a step's structure (multi-step ascent, micro-batches: at the end, with their own ``step``), each
+written from its paper's definition in the notation of docs/algorithms.md: w the weights, g the minibatch
 gradient at w, e the perturbation, g_s the gradient at w + e, ‖·‖ the global L2 norm over every parameter.
 
 Each class runs one full iteration in ``step(model, x, y)``: the gradient at w (BatchNorm statistics
@@ -10,11 +11,12 @@ accumulate in float64, one tensor at a time. A non-finite gradient in either pas
 weights are restored and nothing else changes, neither the base optimizer's state nor the variant's own
 buffers (``state``), which are committed only once the step is taken.
 
-NOTE (independence): nothing here imports sam_kernels; the helpers come from reference.py.
+NOTE (independence): nothing here imports sam_kernels; the helpers come from eager_reference.py.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -238,3 +240,106 @@ SETTINGS: dict[str, tuple[type[EagerVariant], dict]] = {
     "fisher": (EagerFisherSAM, {"rho": 0.1, "eta": 20.0}),
     "gcsam": (EagerGCSAM, {"rho": 0.1}),
 }
+
+
+# ------------------------------------------------------------------ variants that change a step's structure
+
+
+def _move(params: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for p, value in zip(params, values, strict=True):
+            p.copy_(value.to(p.dtype))
+
+
+class EagerMultiStepSAM:
+    """Multi-step SAM: n normalized ascent steps of length a * rho, each from the current perturbed point
+    along its own gradient, projected on the rho-ball after each: e_j = P(e_{j-1} + a rho g_j / (‖g_j‖ +
+    eps)), P(e) = e * min(1, rho / (‖e‖ + eps)); the base optimizer steps from w with the gradient at
+    w + e_n. BatchNorm statistics are updated in the first pass only. A non-finite gradient in any pass
+    skips the step (w restored)."""
+
+    def __init__(self, model: nn.Module, base: torch.optim.Optimizer, *, rho: float = 0.05, steps: int = 2,
+                 step_size: float | None = None, eps: float = EPS, project: bool = True) -> None:
+        self.params = list(model.parameters())
+        self.base, self.rho, self.steps, self.eps, self.project = base, rho, steps, eps, project
+        self.step_size = 1.0 / steps if step_size is None else step_size
+        self.skipped: list[bool] = []
+
+    def step(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, corrupt_at: int | None = None,
+             value: float = math.nan) -> bool:
+        """One iteration; ``corrupt_at``: the pass (0 .. n) whose gradient gets ``value``."""
+        w = [p.detach().clone() for p in self.params]
+        e = [torch.zeros_like(p, dtype=torch.float64) for p in self.params]
+        finite = True
+        for j in range(self.steps + 1):
+            if j == 0:
+                g = gradients(model, x, y)
+            else:
+                with FrozenBatchNorm(model):
+                    g = gradients(model, x, y)
+            if corrupt_at == j:
+                poison(value)(g)
+            finite = finite and all_finite(g)
+            if j == self.steps or not finite:
+                break
+            moved = [ei + u for ei, u in zip(e, scaled(g, self.rho * self.step_size, self.eps), strict=True)]
+            factor = min(1.0, self.rho / (global_norm(moved) + self.eps)) if self.project else 1.0
+            e = [m * factor for m in moved]
+            _move(self.params, [wi.double() + ei for wi, ei in zip(w, e, strict=True)])
+        _move(self.params, w)
+        self.skipped.append(not finite)
+        if finite:
+            base_step(self.base, self.params, g)
+        return not finite
+
+
+class EagerMicroBatchSAM:
+    """Micro-batch SAM (m-sharpness, Foret et al. 2021): for each micro-batch (x_i, y_i) of a step, the
+    gradient g_i of loss_i * scale at w, e_i = rho g_i / (‖g_i‖ + eps), the gradient of loss_i * scale at
+    w + e_i (BatchNorm frozen), summed in float64 over the micro-batches; the base optimizer steps from w
+    with the sum. ``scale``: the loss factor (1/k for the mean). A non-finite gradient anywhere skips the
+    step. ``plain``: the step is a plain one (a schedule said no), the sum of the g_i."""
+
+    def __init__(self, model: nn.Module, base: torch.optim.Optimizer, *, rho: float = 0.05,
+                 eps: float = EPS, loss: Callable | None = None) -> None:
+        self.params = list(model.parameters())
+        self.base, self.rho, self.eps, self.loss = base, rho, eps, loss
+
+    def gradients(self, model: nn.Module, x, y) -> list[torch.Tensor]:
+        """The gradients of ``loss(model, x, y)`` (the batch loss by default) at the current weights."""
+        if self.loss is None:
+            return gradients(model, x, y)
+        for p in self.params:
+            p.grad = None
+        self.loss(model, x, y).backward()
+        grads = [p.grad.detach().clone() for p in self.params]
+        for p in self.params:
+            p.grad = None
+        return grads
+
+    def step(self, model: nn.Module, micro_batches: list, *, scale: float = 1.0, plain: bool = False,
+             corrupt: tuple[int, int, float] | None = None) -> bool:
+        """One iteration; ``corrupt``: (micro-batch, pass 0 or 1, value) written into that gradient."""
+        w = [p.detach().clone() for p in self.params]
+        total = [torch.zeros_like(p, dtype=torch.float64) for p in self.params]
+        finite = True
+        for index, (x, y) in enumerate(micro_batches):
+            g = [gi * scale for gi in self.gradients(model, x, y)]
+            if corrupt is not None and corrupt[:2] == (index, 0):
+                poison(corrupt[2])(g)
+            finite = finite and all_finite(g)
+            if not plain:
+                if all_finite(g):
+                    _move(self.params, [wi.double() + ei for wi, ei in zip(w, scaled(g, self.rho, self.eps),
+                                                                           strict=True)])
+                with FrozenBatchNorm(model):
+                    g = [gi * scale for gi in self.gradients(model, x, y)]
+                if corrupt is not None and corrupt[:2] == (index, 1):
+                    poison(corrupt[2])(g)
+                finite = finite and all_finite(g)
+                _move(self.params, w)
+            total = [t + gi.double() for t, gi in zip(total, g, strict=True)]
+        if finite:
+            base_step(self.base, self.params,
+                      [t.to(p.dtype) for t, p in zip(total, self.params, strict=True)])
+        return not finite

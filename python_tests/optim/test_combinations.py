@@ -21,8 +21,9 @@ from eager_reference import (
     make_batches,
     make_mlp,
 )
+from sparse_sam_reference import EagerSparseSAM
 from tolerance import assert_close
-from variant_reference import SETTINGS
+from variant_reference import SETTINGS, EagerMultiStepSAM
 
 from sam_kernels.optim import (
     AESAM,
@@ -36,6 +37,8 @@ from sam_kernels.optim import (
     Interval,
     LookSAM,
     MomentumSAM,
+    MultiStepSAM,
+    SparseSAM,
     VaSSO,
     combinations,
 )
@@ -70,7 +73,12 @@ TWO_PASS = {
 #: The SAM family's variants: (class, key of their settings in variant_reference.SETTINGS)
 FAMILY = {"GSAM": (GSAM, "gsam"), "WSAM": (WSAM, "wsam"), "FriendlySAM": (FriendlySAM, "friendly"),
           "VaSSO": (VaSSO, "vasso"), "FisherSAM": (FisherSAM, "fisher"), "GCSAM": (GCSAM, "gcsam")}
-assert set(TWO_PASS) | set(FAMILY) | {"LookSAM", "MomentumSAM"} == set(combinations.VARIANTS)
+#: Sparse SAM's options: refreshes at steps 0 and 2 of the three steps.
+SPARSE = {"rho": 0.1, "sparsity": 0.4, "update_every": 2, "criterion": "fisher", "fisher_batches": 2}
+#: MultiStepSAM's: two long steps, so the projection acts.
+MULTI_STEP = {"rho": 0.05, "ascent_steps": 2, "step_size": 0.8}
+assert (set(TWO_PASS) | set(FAMILY) | {"LookSAM", "MomentumSAM", "SparseSAM", "MultiStepSAM"}
+        == set(combinations.VARIANTS))
 assert set(BASES) == set(combinations.BASES) and set(PATHS) == set(combinations.PATHS)
 assert set(SCHEDULES) == set(combinations.SCHEDULES)
 
@@ -86,6 +94,10 @@ def build(variant: str, base: str, path: str, capturable: bool, schedule):
         return model, MomentumSAM(model.parameters(), rho=0.3, base_optimizer=cls, **options, **common)
     if variant == "LookSAM":
         return model, LookSAM(model.parameters(), cls, rho=0.05, k=2, alpha=0.7, **options, **common)
+    if variant == "SparseSAM":
+        return model, SparseSAM(model.parameters(), cls, **SPARSE, **options, **common)
+    if variant == "MultiStepSAM":
+        return model, MultiStepSAM(model.parameters(), cls, **MULTI_STEP, **options, **common)
     if variant in FAMILY:
         variant_cls, key = FAMILY[variant]
         return model, variant_cls(model.parameters(), cls, **SETTINGS[key][1], **options, **common)
@@ -109,6 +121,10 @@ def train(optimizer, model, batches, scaler, kept_log: list) -> None:
                 optimizer.step()
             continue
         optimizer.first_step(zero_grad=True, grad_scaler=scaler)
+        for _ in range(optimizer.policy.ascent_steps - 1):  # MultiStepSAM's further ascent steps
+            loss = batch_loss(model, x, y)
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            optimizer.first_step(zero_grad=True, grad_scaler=scaler)
         if optimizer.needs_second_pass():
             loss = batch_loss(model, x, y)
             (scaler.scale(loss) if scaler is not None else loss).backward()
@@ -130,6 +146,12 @@ def reference(variant: str, base: str, schedule: str, batches, kept_log: list) -
             eager.step(model, x, y)
         return model
     optimizer = cls(model.parameters(), **options)
+    if variant in ("SparseSAM", "MultiStepSAM"):
+        eager = (EagerSparseSAM(model, optimizer, **SPARSE, seed=SEED) if variant == "SparseSAM" else
+                 EagerMultiStepSAM(model, optimizer, rho=0.05, steps=2, step_size=0.8))
+        for x, y in batches:
+            eager.step(model, x, y)
+        return model
     if variant in FAMILY:
         eager_cls, eager_options = SETTINGS[FAMILY[variant][1]]
         eager = eager_cls(model, optimizer, **eager_options)

@@ -10,15 +10,18 @@ from .gcsam import GCSAM, GCSAMPolicy
 from .gsam import GSAM, GSAMPolicy
 from .looksam import LookSAM, LookSAMPolicy
 from .momentum_sam import MomentumSAM, MomentumSAMPolicy
+from .multi_step import MultiStepPolicy, MultiStepSAM
 from .policy import Policy, StepContext
 from .rho_schedulers import LambdaRho, MultiplicativeRho, ProportionalRho, RhoScheduler
 from .sam import SAM
 from .schedules import AESAM, Interval, LatePhase, Randomized, Schedule
+from .sparse_sam import SparseSAM, SparseSAMPolicy
 from .vasso import VaSSO, VaSSOPolicy
 from .wsam import WSAM, WSAMPolicy
 
 __all__ = ["AESAM", "ESAM", "GCSAM", "GSAM", "SAM", "WSAM", "ESAMPolicy", "FisherSAM", "FisherSAMPolicy",
            "FriendlySAM", "FriendlySAMPolicy", "GCSAMPolicy", "GSAMPolicy", "Interval", "LambdaRho",
-           "LatePhase", "LookSAM", "LookSAMPolicy", "MomentumSAM", "MomentumSAMPolicy", "MultiplicativeRho",
-           "Policy", "ProportionalRho", "Randomized", "RhoScheduler", "Schedule", "StepContext", "VaSSO",
-           "VaSSOPolicy", "WSAMPolicy", "freeze_bn_stats", "sample_losses_closure", "selected_count"]
+           "LatePhase", "LookSAM", "LookSAMPolicy", "MomentumSAM", "MomentumSAMPolicy", "MultiStepPolicy",
+           "MultiStepSAM", "MultiplicativeRho", "Policy", "ProportionalRho", "Randomized", "RhoScheduler",
+           "Schedule", "SparseSAM", "SparseSAMPolicy", "StepContext", "VaSSO", "VaSSOPolicy", "WSAMPolicy",
+           "freeze_bn_stats", "sample_losses_closure", "selected_count"]

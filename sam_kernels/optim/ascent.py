@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from . import amp
+from . import accumulation, amp
 from .base import clear_grads
 from .policy import Policy
 from .workspace import Ascent, ascent_parts, select
@@ -40,6 +40,7 @@ def ascend(engine, run, scaler: Any, zero_grad: bool) -> None:
     if not planned:
         ascent = run.ascent = Ascent(plan, [False] * len(plan.params), plain_norm, nonfinite, scaler,
                                      plain=True)
+        accumulation.unpark(engine, run, ascent)
         if zero_grad:  # a plain step: the gradients are put aside, not copied
             ascent.stashed = [param.grad for param in plan.params]
             clear_grads(engine)
@@ -55,13 +56,7 @@ def ascend(engine, run, scaler: Any, zero_grad: bool) -> None:
         norm, flag = own_norm or run.ascent_norm(plan, directions, kept, policy.ascent_weighting)
         nonfinite = torch.maximum(nonfinite, flag)
     elif scaler is not None:
-        if policy.normalize:
-            # NOTE: the op's scale is rho / (norm + eps) times the scaled gradient S * g; passing
-            # norm_S + (S - 1) * eps makes it rho / (||g|| + eps) * g, the unscaled ascent. A non-finite
-            # norm stays non-finite, so the op still leaves the weights untouched.
-            norm = norm + (scale - 1.0) * engine.eps
-        elif grads:
-            torch._foreach_mul_(select(grads, kept), inv_scale)
+        norm = scaled_norm(engine, norm, scale, grads, kept)
     # NOTE (atomic ascent): the ascent is recorded before the first perturbation, so that an error in a
     # later group's op puts the groups already perturbed back to w (``_restoring_on_error``).
     ascent = run.ascent = Ascent(plan, kept, plain_norm, nonfinite, scaler)
@@ -71,9 +66,59 @@ def ascend(engine, run, scaler: Any, zero_grad: bool) -> None:
             run.perturb(ascent, parts, norm,
                         lambda group: policy.perturb_config(group, engine.eps, engine.seed), engine.backend)
     if type(policy).after_ascent is not Policy.after_ascent:  # NOTE: no context to build for SAM itself
+        with engine._restoring_on_error():
+            policy.after_ascent(engine._context(plan, grads, ascent))
+    if zero_grad or run.parked is not None:
+        clear_grads(engine)
+    accumulation.unpark(engine, run, ascent)
+
+
+def ascend_further(engine, run, scaler: Any, zero_grad: bool) -> None:
+    """A further ascent step of a multi-step policy (``Policy.ascent_steps``): from the current point
+    w + e along its own gradient, ``after_ascent`` then projecting as the policy says; the backups keep
+    the w of the first step."""
+    ascent, policy = run.ascent, engine.policy
+    if ascent.plain or ascent.count >= policy.ascent_steps:
+        raise RuntimeError("first_step(): called twice; a SAM step is first_step() then second_step()"
+                           + (f" ({policy.name} takes {policy.ascent_steps} ascent steps)"
+                              if policy.ascent_steps > 1 else ""))
+    if (scaler is None) != (ascent.grad_scaler is None):
+        engine._abandon_ascent()
+        raise RuntimeError("first_step(): every ascent step of a SAM step takes the same grad_scaler; the "
+                           "weights were restored and this step skipped")
+    with engine._restoring_on_error():
+        plan, grads = engine._plan()
+        if plan is not ascent.plan:
+            raise RuntimeError("first_step(): the set of parameters with a gradient changed between the "
+                               "ascent steps; the weights were restored and this step skipped")
+        norm, nonfinite = run.ascent_norm(plan, grads, None, policy.ascent_weighting)
+        if scaler is not None:
+            norm = scaled_norm(engine, norm, amp.current_scale(scaler, plan.device), grads, None)
+        ascent.nonfinite = torch.maximum(ascent.nonfinite, nonfinite)
+        ascent.count += 1
+        # NOTE (one backup): a further step must not overwrite the backups (they hold w), so its perturb
+        # op writes its copy of the current point into a temporary, freed at once.
+        parts = [(params, directions, [torch.empty_like(p) for p in params], positions, group)
+                 for params, directions, _, positions, group in ascent_parts(plan, grads, None)]
+        further = Ascent(plan, None, norm, nonfinite)
+        run.perturb(further, parts, norm, lambda group: policy.perturb_config(group, engine.eps, engine.seed),
+                    engine.backend)
         policy.after_ascent(engine._context(plan, grads, ascent))
     if zero_grad:
         clear_grads(engine)
+
+
+def scaled_norm(engine, norm: torch.Tensor, scale: torch.Tensor, grads: list, kept) -> torch.Tensor:
+    """The perturb op's norm for gradients scaled by a GradScaler's ``scale`` S (USAM's gradients are
+    unscaled in place instead)."""
+    if engine.policy.normalize:
+        # NOTE: the op's scale is rho / (norm + eps) times the scaled gradient S * g; passing
+        # norm_S + (S - 1) * eps makes it rho / (||g|| + eps) * g, the unscaled ascent. A non-finite
+        # norm stays non-finite, so the op still leaves the weights untouched.
+        return norm + (scale - 1.0) * engine.eps
+    if grads:
+        torch._foreach_mul_(select(grads, kept), amp.inverse(scale))
+    return norm
 
 
 def excluded(engine) -> list[torch.Tensor]:

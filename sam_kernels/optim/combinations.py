@@ -22,8 +22,8 @@ from .fused_steps import class_kind
 
 #: The variants whose state follows every SAM step (EMA buffers, the first gradient's copy) and which
 #: neither take a schedule nor replay in a captured graph.
-FAMILY = ("GSAM", "WSAM", "FriendlySAM", "VaSSO", "FisherSAM", "GCSAM")
-VARIANTS = ("SAM", "ASAM", "USAM", "SSAM", "ESAM", "LookSAM", "MomentumSAM", *FAMILY)
+FAMILY = ("GSAM", "WSAM", "FriendlySAM", "VaSSO", "FisherSAM", "GCSAM", "SparseSAM")
+VARIANTS = ("SAM", "ASAM", "USAM", "SSAM", "ESAM", "LookSAM", "MomentumSAM", "MultiStepSAM", *FAMILY)
 BASES = ("sgd", "adam", "other")
 PATHS = ("auto", "fused", "generic", "foreach", "fused+foreach")
 SCHEDULES = ("none", "host", "after-backward")
@@ -44,6 +44,10 @@ class Combination:
     schedule_name: str = ""
     #: ESAM's per-tensor SWP drops tensors (``swp="tensor"`` and ``beta < 1``).
     drops_tensors: bool = False
+    #: Micro-batches each take their own ascent (``SAM.accumulate``, m-sharpness); whether the policy
+    #: allows it (``Policy.accumulates``, SSAM's renormalization not).
+    accumulate: bool = False
+    accumulates: bool = True
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,9 @@ REFUSALS = (
             "schedule: LookSAM takes a SAM step every k steps; pass k instead"),
     Refusal(lambda c: c.variant == "LookSAM" and c.capturable, ValueError,
             "capturable=True: LookSAM decides on the host which steps are SAM steps"),
+    Refusal(lambda c: c.variant == "MultiStepSAM" and c.schedule != "none", ValueError,
+            "schedule: not an option of MultiStepSAM (its extra passes are its point; use SAM with a "
+            "schedule for cheaper steps)"),
     Refusal(lambda c: c.variant in FAMILY and c.schedule != "none", ValueError,
             "schedule: not an option of {variant}, whose state follows every SAM step"),
     Refusal(lambda c: c.variant in FAMILY and c.capturable, ValueError,
@@ -104,6 +111,14 @@ REFUSALS = (
             "fused=True: " + _NO_FUSED_STEP + "; use fused=None (the generic path when the fused one "
             "cannot run) or fused=False"),
     Refusal(lambda c: c.capturable and c.base == "other", ValueError, "capturable=True: " + _NO_FUSED_STEP),
+    # Micro-batches show at ``accumulate()``.
+    Refusal(lambda c: c.accumulate and not c.accumulates, ValueError,
+            "accumulate(): {variant} with these options keeps state that follows a whole step's gradients "
+            "(or renormalizes the descent by the step's ascent norm); micro-batches each with their own "
+            "ascent run with SAM, ASAM, USAM and MultiStepSAM"),
+    Refusal(lambda c: c.accumulate and c.schedule == "after-backward", ValueError,
+            "accumulate(): {schedule} decides from each first gradient's norm, which differs between the "
+            "micro-batches of one step; use a host schedule (Interval, Randomized, LatePhase)"),
     # AMP shows at the first step (a GradScaler driving it), after everything above was checked.
     Refusal(lambda c: c.variant == "MomentumSAM" and c.amp, RuntimeError,
             "MomentumSAM: torch.amp.GradScaler is not supported; use bf16 autocast"),
@@ -147,11 +162,12 @@ def schedule_of(schedule) -> str:
 
 
 def combination_of(policy, base_optimizer, fused: bool | None, foreach: bool | None, capturable: bool,
-                   amp: bool = False) -> Combination:
+                   amp: bool = False, accumulate: bool = False) -> Combination:
     """The combination an optimizer is built with (``base_optimizer``: a class or an instance)."""
     base_class = base_optimizer if isinstance(base_optimizer, type) else type(base_optimizer)
     schedule = policy.schedule
     return Combination(policy.name, base_of(base_class), path_of(fused, foreach), capturable,
                        schedule_of(schedule), amp,
                        base_name=base_class.__name__, schedule_name=type(schedule).__name__,
-                       drops_tensors=bool(getattr(policy, "drops_tensors", False)))
+                       drops_tensors=bool(getattr(policy, "drops_tensors", False)), accumulate=accumulate,
+                       accumulates=bool(policy.accumulates) and not getattr(policy, "renormalize", False))

@@ -65,6 +65,8 @@ class DirectionPolicy(Policy):
 
 class EmaDirectionPolicy(DirectionPolicy):
     """A two-pass variant whose ascent direction and new buffer come from ``mix(g, buffer, started)``."""
+
+    accumulates = False  # NOTE: its buffer follows each step's whole gradient
     #: The buffer's key in each parameter's optimizer state.
     state_key = ""
 

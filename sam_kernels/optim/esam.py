@@ -79,6 +79,8 @@ class ESAMPolicy(Policy):
     it; both scale the kept perturbation by ``1 / beta``. SAM's options (``normalize``, ``renormalize``,
     a host ``schedule``) apply as for SAM."""
 
+    accumulates = False  # NOTE: its data selection and SWP are defined over the whole batch
+
     name = "ESAM"
 
     def __init__(self, beta: float = 0.6, swp: str = "tensor", **options: Any) -> None:

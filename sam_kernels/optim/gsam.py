@@ -18,6 +18,8 @@ class TwoGradientPolicy(Policy):
     """A variant whose descent combines the first gradient g with the second: g is copied at the ascent
     (one multi-tensor copy; the second backward overwrites the gradients)."""
 
+    accumulates = False  # NOTE: its descent pairs the step's one first gradient with the second
+
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
         self._first: list[torch.Tensor] | None = None

@@ -21,6 +21,8 @@ class LookSAMPolicy(Policy):
     """LookSAM's decisions: SAM on every ``k``-th step; the descent refreshes ``g_v`` on SAM steps and
     adds ``alpha * ||g|| / ||g_v|| * g_v`` to the gradient on the others."""
 
+    accumulates = False  # NOTE: g_v follows the whole step's gradients
+
     name = "LookSAM"
 
     def __init__(self, k: int = 5, alpha: float = 0.7, **options: Any) -> None:

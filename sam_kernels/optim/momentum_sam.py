@@ -35,6 +35,7 @@ class MomentumSAMPolicy(Policy):
     state entry the direction is read from (``DIRECTION_KEYS``) and the fused step whose lists it reuses."""
 
     name = "MomentumSAM"
+    accumulates = False  # NOTE: one pass per step, so no micro-batch has an ascent of its own
     fused_ops = ("sgd", "adam")
 
     def __init__(self, base_kind: str = "sgd", **options: Any) -> None:

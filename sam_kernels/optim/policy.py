@@ -112,6 +112,12 @@ class Policy:
     drops_tensors = False
     #: Whether ``ascent_direction`` replaces the gradient as the ascent's direction (asked only then).
     directs_ascent = False
+    #: Ascent steps per SAM step, each after its own backward (``first_step`` once per step; n + 1
+    #: passes); ``after_ascent`` runs after each.
+    ascent_steps = 1
+    #: Whether micro-batches may each take their own ascent (``SAM.accumulate``): the policy keeps no
+    #: state that follows a whole step's gradient (combinations.py refuses the others).
+    accumulates = True
 
     def __init__(self, *, normalize: bool = True, renormalize: bool = False,
                  schedule: Schedule | None = None) -> None:
@@ -184,7 +190,7 @@ class Policy:
         return None
 
     def after_ascent(self, context: StepContext) -> None:
-        """At the end of a SAM step's ascent, the first gradients still in ``context.grads``."""
+        """At the end of each ascent step of a SAM step, its gradients still in ``context.grads``."""
 
     # ----------------------------------------------------------------------------- the descent
 

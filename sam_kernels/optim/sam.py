@@ -17,8 +17,8 @@ from typing import Any
 import torch
 
 from .. import backends
-from . import amp, closure_convention, combinations, descent, fused_steps, surface
-from .ascent import ascend, ascent_pass
+from . import accumulation, amp, closure_convention, combinations, descent, fused_steps, surface
+from .ascent import ascend, ascend_further, ascent_pass
 from .base import make_base, run_step_hooks
 from .bn import freeze_bn_stats
 from .checks import adopt_group_options, check_distinct, check_engine_options, check_group
@@ -44,13 +44,9 @@ class SAM(torch.optim.Optimizer):
     host counter), ``policy`` (a variant's ``policy.Policy``, which then takes the SAM options above that
     are not per group). ``combinations.py`` lists the refused combinations.
 
-    ``param_groups`` and ``state`` are the base optimizer's own objects (LR schedulers, ``zero_grad``,
-    ``add_param_group`` act on both); ``state_dict`` is the base optimizer's plus ``"sam"`` (seed, step,
-    the policy's state). AMP: ``first_step(grad_scaler=scaler)``, the second scaled backward, then
-    ``scaler.step(optimizer)`` and ``scaler.update()``: the scaler hands over its scale and found-inf
-    tensors (``_step_supports_amp_scaling``), SAM unscales on the device and skips on inf in either pass.
-    ``ascent_context``: a callable returning a context manager around the first forward and backward of
-    ``step(closure)`` and ``ESAM.sds_step`` (for DDP, ``model.no_sync``: a per-worker ascent).
+    ``param_groups`` and ``state`` are the base optimizer's own objects; ``state_dict`` is the base
+    optimizer's plus ``"sam"`` (seed, step, the policy's state). AMP, ``ascent_context`` (DDP's per-worker
+    ascent) and micro-batches: docs/usage.md.
     """
 
     #: torch.amp.GradScaler.step hands this optimizer ``grad_scale`` and ``found_inf`` tensors instead of
@@ -152,12 +148,9 @@ class SAM(torch.optim.Optimizer):
         set), and ``step`` returns the loss at w. The popular SAM convention: the loop has already run
         the first forward and backward at w (since the last step or ``zero_grad()``) and the closure only
         computes and backpropagates; those gradients are the ascent's, the closure runs once, at w + e,
-        and ``step`` returns None. See closure_convention.py for how the two are told apart. BatchNorm
-        running statistics are frozen during the call at w + e.
-
-        Without a closure, between ``first_step()`` and the descent, ``step()`` is the descent: this is
-        how ``torch.amp.GradScaler.step(optimizer)`` drives SAM, handing over its ``grad_scale`` (None
-        when ``scaler.unscale_(optimizer)`` already ran) and ``found_inf`` tensors as attributes.
+        and ``step`` returns None (closure_convention.py tells the two apart). BatchNorm statistics are
+        frozen at w + e. Without a closure, after ``first_step()``, ``step()`` is the descent, as
+        ``torch.amp.GradScaler.step(optimizer)`` drives it (``grad_scale`` and ``found_inf`` attributes).
         """
         return self._step(closure)
 
@@ -177,29 +170,26 @@ class SAM(torch.optim.Optimizer):
         """torch.optim's ``zero_grad``; also records that the gradients were cleared, so that a later
         ``step(closure)`` can tell gradients computed since then (see ``step``)."""
         super().zero_grad(set_to_none)
+        self._run.parked = None  # NOTE: a micro-batch sum is dropped like the gradients
         self._run.grad_marks = (closure_convention.CLEARED if set_to_none
                                 else closure_convention.record(self._params()))
 
     @contextlib.contextmanager
     def second_pass(self) -> Iterator[None]:
         """The context of the second forward and backward, at w + e: gradients enabled, BatchNorm
-        running statistics frozen (they were updated at w), and the weights put back to w if the block
-        raises (so an error never leaves them perturbed)."""
+        statistics frozen, the weights put back to w if the block raises."""
         with self._restoring_on_error(), torch.enable_grad(), freeze_bn_stats():
             yield
 
     def needs_second_pass(self) -> bool:
-        """After ``first_step``: whether this step is a SAM step, so the second forward and backward
-        must run before the descent. False on a plain step of a ``schedule``: then call
-        ``second_step()`` (or ``scaler.step``) right away; it steps with the first gradients (kept even
-        when ``first_step(zero_grad=True)`` cleared them)."""
+        """After ``first_step``: whether the second forward and backward must run before the descent
+        (False on a plain step of a ``schedule``: ``second_step()`` then steps with the first gradients)."""
         if self._run.ascent is None:
             raise RuntimeError("needs_second_pass(): call it after first_step()")
         return not self._run.ascent.plain
 
     def planned_sam_step(self) -> bool | None:
-        """Whether the coming step is a SAM step, when known before its first backward (True without a
-        schedule; None for AE-SAM). ``distributed.per_worker_ascent`` skips ``no_sync`` unless True."""
+        """Whether the coming step is a SAM step, when known before its first backward (None: AE-SAM)."""
         return self._planned_sam_step()
 
     @torch.no_grad()
@@ -211,12 +201,28 @@ class SAM(torch.optim.Optimizer):
         unscaled in place); the descent must then go through ``scaler.step(optimizer)``. A disabled
         scaler is ignored.
         """
-        if self._run.ascent is not None:
-            raise RuntimeError("first_step(): called twice; a SAM step is first_step() then "
-                               "second_step()")
         scaler = grad_scaler if amp.scaler_enabled(grad_scaler) else None
+        if self._run.ascent is not None:
+            return ascend_further(self, self._run, scaler, zero_grad)  # raises unless one is due
         run_step_hooks(self, "pre")
         ascend(self, self._run, scaler, zero_grad)
+
+    def accumulate(self, closure: Callable[[], Any] | None = None, *, grad_scaler: Any = None) -> Any:
+        """Micro-batch SAM (m-sharpness, accumulation.py): after the second backward of a micro-batch
+        that is not the last, restore w and add its SAM gradient to the sum (the last one ends with the
+        descent). With a ``closure`` (loss and backward, never zeroing the gradients): the whole
+        micro-batch, both passes; returns the loss at w."""
+        if closure is not None:
+            return accumulation.micro_batch(self, closure, last=False, grad_scaler=grad_scaler)
+        with torch.no_grad():
+            accumulation.park(self, self._run)
+        return None
+
+    def micro_batch_step(self, closure: Callable[[Any], Any], micro_batches: Iterable) -> Any:
+        """One SAM step over ``micro_batches``, each with its own ascent (m-sharpness): ``closure(batch)``
+        computes a micro-batch's loss and calls backward; the descent is on the sum of their SAM
+        gradients. Returns the sum of the losses at w."""
+        return accumulation.micro_batch_step(self, closure, micro_batches)
 
     def second_step(self, zero_grad: bool = False) -> None:
         """Descent: restore w, then the base optimizer's step with the current (second) gradients.
@@ -271,16 +277,14 @@ class SAM(torch.optim.Optimizer):
         surface.reshare(self)
         return self._run.current_plan(self, self._descent_kind(), may_lack)
 
-    def _params(self) -> list[torch.Tensor]:
-        """Every parameter, in the param groups' order."""
+    def _params(self) -> list[torch.Tensor]:  # every parameter, in the param groups' order
         return [param for group in self.param_groups for param in group["params"]]
 
     def _rng_step(self, device: torch.device) -> torch.Tensor:
         return self._run.rng_step(device)
 
     def _abandon_ascent(self) -> None:
-        """Put the perturbed weights back to w and forget the ascent (right at any point of the descent
-        too: the backups hold w until the next ascent)."""
+        """Put the weights back to w, forget the ascent (the backups hold w until the next ascent)."""
         ascent, self._run.ascent = self._run.ascent, None
         if ascent is not None:
             with torch.no_grad():

@@ -32,12 +32,24 @@ def closure_step(engine, run, closure: Callable[[], Any]) -> Any:
         with torch.enable_grad(), engine._ascent_pass():
             loss = closure()
     engine.first_step(zero_grad=True)
-    if engine.needs_second_pass():
-        with engine.second_pass():
-            closure()
+    remaining_passes(engine, closure)
     engine.second_step()
     run.grad_marks = closure_convention.record(params)
     return loss
+
+
+def remaining_passes(engine, closure: Callable[[], Any], grad_scaler: Any = None) -> None:
+    """After the first ascent step: the passes at the perturbed points, each further ascent step of a
+    multi-step policy after its own, then the second pass (none on a plain step of a schedule)."""
+    for _ in range(engine.policy.ascent_steps - 1):
+        if not engine.needs_second_pass():
+            return
+        with engine.second_pass():
+            closure()
+        engine.first_step(zero_grad=True, grad_scaler=grad_scaler)
+    if engine.needs_second_pass():
+        with engine.second_pass():
+            closure()
 
 
 def _warn_ascent_context_unused(engine, run) -> None:

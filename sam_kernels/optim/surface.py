@@ -55,7 +55,7 @@ def load_state_dict(optimizer, run, state_dict: dict[str, Any]) -> None:
         base.__dict__.update(previous)
         share_base(optimizer)
         raise
-    optimizer.seed, run.step, run.decision = seed, step, None
+    optimizer.seed, run.step, run.decision, run.parked = seed, step, None, None
     if variant_state is not None:
         optimizer.policy.load_variant_state(variant_state)
     run.invalidate()

@@ -49,6 +49,19 @@ class Ascent:
     #: gradients, put aside in ``stashed`` when ``first_step(zero_grad=True)`` cleared them.
     plain: bool = False
     stashed: list | None = None
+    #: Ascent steps taken (a multi-step policy takes ``Policy.ascent_steps``).
+    count: int = 1
+
+
+@dataclass
+class Parked:
+    """The summed SAM gradients of the micro-batches accumulated so far (``SAM.accumulate``), off the
+    parameters while the next micro-batch takes its first gradient."""
+
+    #: (parameter, its summed gradient) pairs.
+    grads: list
+    #: 1.0 when an ascent gradient of an accumulated micro-batch was not finite.
+    nonfinite: torch.Tensor
 
 
 @torch.compiler.disable
@@ -88,6 +101,8 @@ class Workspace:
         #: loop ran itself (see closure_convention.py); None after any other descent.
         self.grad_marks: Any = closure_convention.CLEARED
         self.warned_ascent_context = False
+        #: The micro-batches' summed SAM gradients between ``accumulate()`` and the next first step.
+        self.parked: Parked | None = None
 
     # ---------------------------------------------------------------------------- counters
 
