@@ -8,6 +8,7 @@ import pytest
 import torch
 from eager_reference import ReferenceSAM
 from tolerance import assert_bitwise_equal, assert_close
+from variant_reference import EagerMicroBatchSAM
 
 from sam_kernels.optim import SAM, Interval
 
@@ -100,11 +101,31 @@ def test_sam_trainer_resumes_from_its_checkpoint(tmp_path):
     assert_bitwise_equal(resumed, straight)
 
 
-def test_sam_trainer_refuses_accumulation_and_other_optimizers(tmp_path):
+def test_sam_trainer_accumulation_is_micro_batch_sam(tmp_path):
+    """gradient_accumulation_steps=4: exactly 2 passes per micro-batch, and the steps of eager micro-batch
+    SAM (each micro-batch its own ascent, the descent on the sum of their SAM gradients) over the
+    micro-batches the Trainer drew."""
     model = tiny_model()
-    with pytest.raises(ValueError, match="gradient_accumulation_steps"):
-        SAMTrainer(model=model, args=arguments(tmp_path, 1, gradient_accumulation_steps=2),
-                   train_dataset=dataset(), optimizers=(sam_for(model), None)).train()
+    forwards = counting_forwards(model)
+    SAMTrainer(model=model, args=arguments(tmp_path, 2, gradient_accumulation_steps=4),
+               train_dataset=dataset(32), optimizers=(sam_for(model), None)).train()
+    assert len(forwards) == 2 * 4 * 2
+    assert all(torch.equal(a, b) for a, b in zip(forwards[0::2], forwards[1::2], strict=True))
+
+    expected = tiny_model()
+    items = torch.tensor(4 * forwards[0].numel())  # the Trainer's count: the label tokens of a whole step
+    ref = EagerMicroBatchSAM(expected, torch.optim.SGD(expected.parameters(), lr=0.05, momentum=0.9),
+                             rho=0.05, loss=lambda m, x, y: m(input_ids=x, labels=y,
+                                                              num_items_in_batch=items).loss)
+    firsts = forwards[0::2]
+    for step in range(2):
+        ref.step(expected, [(batch, batch) for batch in firsts[4 * step:4 * step + 4]])
+    assert_close([p.detach() for p in model.parameters()], [p.detach() for p in expected.parameters()],
+                 scale=50)
+
+
+def test_sam_trainer_refuses_other_optimizers(tmp_path):
+    model = tiny_model()
     with pytest.raises(TypeError, match="SAM-family optimizer"):
         SAMTrainer(model=model, args=arguments(tmp_path, 1), train_dataset=dataset(),
                    optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None)).train()

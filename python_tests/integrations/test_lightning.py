@@ -8,6 +8,7 @@ import pytest
 import torch
 from eager_reference import ReferenceSAM, batch_loss, make_batches, make_mlp
 from tolerance import assert_bitwise_equal, assert_close
+from variant_reference import EagerMicroBatchSAM
 
 from sam_kernels.optim import SAM
 
@@ -117,3 +118,22 @@ def test_lightning_checkpoint_resumes_exactly(tmp_path, manual):
         sam.second_step(zero_grad=True)
     assert_bitwise_equal([p.detach() for p in resumed.net.parameters()],
                          [p.detach() for p in by_hand.net.parameters()])
+
+
+def test_accumulate_grad_batches_is_micro_batch_sam(tmp_path):
+    """accumulate_grad_batches=4 with the micro-batch strategy: 2 closure calls per micro-batch, and the
+    steps of eager micro-batch SAM (Lightning divides each loss by 4); plain Lightning accumulation
+    would give one SAM step per micro-batch's pair of passes instead."""
+    from sam_kernels.integrations.lightning import MicroBatchSingleDeviceStrategy
+
+    micro = make_batches(8, size=4)
+    module = Classifier()
+    trainer(tmp_path, 2, enable_checkpointing=False, accumulate_grad_batches=4,
+            strategy=MicroBatchSingleDeviceStrategy("cpu")).fit(module, loader(micro))
+    assert module.closure_calls == 2 * len(micro)
+    model = make_mlp()
+    reference = EagerMicroBatchSAM(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), rho=0.05)
+    for step in range(2):
+        reference.step(model, micro[4 * step:4 * step + 4], scale=0.25)
+    assert_close([p.detach() for p in module.net.parameters()], [p.detach() for p in model.parameters()],
+                 scale=10)

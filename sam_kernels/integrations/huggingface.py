@@ -12,8 +12,11 @@ need nothing more. Checkpoints are the Trainer's own (SAM's state dict includes 
     trainer = SAMTrainer(model=model, args=args, train_dataset=data, optimizers=(optimizer, None))
     trainer.train()
 
-Gradient accumulation over several micro-batches is refused: SAM's ascent needs the whole batch's
-gradient before the second pass, which the Trainer's accumulation loop cannot provide.
+With ``gradient_accumulation_steps = k > 1`` each micro-batch takes its own ascent and second pass, and
+the descent is on the sum of their SAM gradients (micro-batch SAM, m-sharpness: the Trainer scales each
+micro-batch's loss for the accumulation, so the sum is their mean): every micro-batch but the last of a
+step ends with ``accumulate()`` (w restored, its SAM gradient added to the sum held in ``.grad``), the last
+with the Trainer's ``optimizer.step()``. Multi-step ascents (``MultiStepSAM``) run each further pass too.
 """
 
 from __future__ import annotations
@@ -44,15 +47,22 @@ class SAMTrainer(transformers.Trainer):
 
     def training_step(self, model: torch.nn.Module, inputs: dict[str, Any],
                       num_items_in_batch: Any = None) -> torch.Tensor:
-        if self.args.gradient_accumulation_steps != 1:
-            raise ValueError("gradient_accumulation_steps: SAMTrainer needs 1 (SAM's ascent needs the "
-                             "whole batch's gradient before its second pass); raise the batch size instead")
         sam = self.sam_optimizer()
         loss = super().training_step(model, inputs, num_items_in_batch)
         scaler = getattr(self.accelerator, "scaler", None)
         sam.first_step(zero_grad=True, grad_scaler=scaler)
+        for _ in range(sam.policy.ascent_steps - 1):
+            if not sam.needs_second_pass():
+                break
+            with sam.second_pass():
+                super().training_step(model, inputs, num_items_in_batch)
+            sam.first_step(zero_grad=True, grad_scaler=scaler)
         if sam.needs_second_pass():
             # NOTE: an error in the second pass puts the weights back to w before it propagates.
             with sam.second_pass():
                 super().training_step(model, inputs, num_items_in_batch)
+        if not self.accelerator.sync_gradients:
+            # NOTE (m-sharpness): not the last micro-batch of the step (the Trainer sets the flag before
+            # each one): w back, this micro-batch's SAM gradient joins the sum.
+            sam.accumulate()
         return loss
