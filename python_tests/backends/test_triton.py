@@ -48,6 +48,7 @@ def launches_per_op(n_tensors, launches, dtypes=(torch.float32,)):
     return per_op
 
 
+@pytest.mark.slow  # NOTE (test time): hundreds of tensors through the interpreter
 def test_launches_per_op_do_not_grow_with_tensor_count(launches):
     few, many = launches_per_op(3, launches), launches_per_op(300, launches)
     print(f"\nTriton kernel launches per op, 3 tensors: {few}; 300 tensors: {many}")
@@ -92,6 +93,7 @@ def test_the_interpreter_turns_a_scalar_into_an_index():
 MAX_REGISTERS = 128
 
 
+@pytest.mark.slow  # NOTE (test time): compiles every kernel ahead of time for a GPU
 @pytest.mark.parametrize("sm", [80, 90])
 def test_gpu_properties_in_the_ptx(sm):
     """Every kernel variant the backend can launch (each dtype and option), compiled ahead of time for
@@ -201,6 +203,7 @@ def _tables_built(monkeypatch) -> list:
     return built
 
 
+@pytest.mark.slow  # NOTE (test time): many interpreted steps
 def test_the_step_plan_owns_its_launch_tables(monkeypatch):
     """With 40 param groups (more tables than the functional API's shared set holds) the tables are built
     in the first two steps (the second descent's differ: its momentum buffers are no longer new) and

@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+from cases import pairwise_over_backends
 from eager_reference import assert_models_close, batch_loss, clone_model, make_batches, make_model
 from tolerance import assert_bitwise_equal
 from variant_reference import EagerMicroBatchSAM
@@ -97,8 +98,7 @@ def reference_of(model, base_name: str) -> EagerMicroBatchSAM:
     return EagerMicroBatchSAM(model, base(model.parameters(), **kwargs), rho=0.1)
 
 
-@pytest.mark.parametrize("base_name", BASES)
-@pytest.mark.parametrize("style", STYLES)
+@pairwise_over_backends(style=list(STYLES), base_name=list(BASES))
 def test_micro_batches_match_reference(backend, style, base_name):
     """Three steps of K micro-batches, the loss scaled by 1/K: the mean of K independent SAM gradients."""
     model = make_model()

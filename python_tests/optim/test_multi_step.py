@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from cases import pairwise_over_backends
 from eager_reference import (
     assert_models_close,
     assert_models_equal,
@@ -68,8 +69,7 @@ def closure_step(optimizer, model, x, y) -> int:
     return len(calls)
 
 
-@pytest.mark.parametrize("base_name", BASES)
-@pytest.mark.parametrize("setting", SETTINGS)
+@pairwise_over_backends(setting=list(SETTINGS), base_name=list(BASES))
 def test_multi_step_matches_reference(backend, setting, base_name):
     """Three steps (two-call, closure, two-call) equal the reference's; the closure runs n + 1 times."""
     steps, step_size = SETTINGS[setting]
