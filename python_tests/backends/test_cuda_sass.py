@@ -84,7 +84,7 @@ def find_tool(name: str) -> str | None:
 # ---------------------------------------------------------------------------------------- parsing
 
 KERNELS = ("sumsq_partials_kernel", "perturb_kernel", "restore_kernel", "sgd_kernel", "adam_kernel",
-           "finish_norm_kernel", "philox_kernel")
+           "finish_norm_kernel", "philox_kernel", "noise_kernel")
 _TYPE_NAMES = {"f": "fp32", "d": "fp64", "__half": "fp16", "__nv_bfloat16": "bf16", "t": "b16", "j": "b32",
                "m": "b64"}
 _NAME = re.compile(r"\d+(" + "|".join(KERNELS) + r")(I?)")
@@ -121,7 +121,7 @@ def kernel_label(mangled: str) -> str:
     raw = _template_args(mangled, match.end())
     dtype = _TYPE_NAMES.get(raw[0], raw[0])
     options = {"sumsq_partials": ["adaptive"], "perturb": ["adaptive", "masked"], "sgd": ["momentum"],
-               "adam": ["amsgrad"]}.get(name, [])
+               "adam": ["amsgrad"], "noise": ["precision"]}.get(name, [])
     flags = [option for option, value in zip(options, raw[1:], strict=False) if value == "b1"]
     return f"{name}<{','.join([dtype, *flags])}>"
 
@@ -135,6 +135,7 @@ def expected_labels() -> list[str]:
         labels += [f"perturb<{','.join([dtype, *flags])}>"
                    for flags in ([], ["masked"], ["adaptive"], ["adaptive", "masked"])]
         labels += [f"sgd<{dtype}>", f"sgd<{dtype},momentum>", f"adam<{dtype}>", f"adam<{dtype},amsgrad>"]
+        labels += [f"noise<{dtype}>", f"noise<{dtype},precision>"]
     labels += ["restore<b16>", "restore<b32>", "restore<b64>", "finish_norm", "philox"]
     return labels
 
@@ -149,6 +150,8 @@ def tensor_operands(label: str) -> tuple[int, int]:
         return 2, 2  # param and grad; backup and param
     if name == "restore":
         return 1, 1
+    if name == "noise":
+        return 2, 2  # param and scale; backup and param
     if name == "sgd":
         return (3, 2) if "momentum" in flags else (2, 1)
     if name == "adam":
@@ -291,6 +294,39 @@ def test_kernel_machine_code(compiled, arch, label):
         f"{label} on sm_{arch}: {code.vector_loads} 128-bit global loads for {reads} operands read")
     assert code.vector_stores >= writes, (
         f"{label} on sm_{arch}: {code.vector_stores} 128-bit global stores for {writes} operands written")
+
+
+def noise_kernel_ptx(csrc: Path, arch: str, workdir: Path, nvcc: str) -> dict[str, str]:
+    """mangled name -> PTX body of each Gaussian noise kernel of csrc/cuda/kernels.cu for sm_<arch>."""
+    ptx = workdir / f"kernels_sm{arch}.ptx"
+    command = [nvcc, "-ptx", f"-arch=sm_{arch}", *nvcc_flags(), f"-I{csrc}", f"-I{csrc / 'include'}",
+               str(csrc / "cuda" / "kernels.cu"), "-o", str(ptx)]
+    built = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert built.returncode == 0, f"nvcc -ptx failed for sm_{arch}:\n{built.stderr[-4000:]}"
+    bodies = {}
+    for chunk in ptx.read_text().split(".entry ")[1:]:
+        name = chunk.split("(", 1)[0].strip()
+        if "noise_kernel" in name:
+            bodies[name] = chunk
+    return bodies
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ARCHS)
+def test_noise_kernels_contract_nothing(arch):
+    """NOTE (noise contract): the Gaussian noise is bit-identical across backends only if no multiply-add
+    of the Box-Muller transform (or of w + sigma * z) becomes an FMA and division and sqrt are correctly
+    rounded. In the PTX (before ptxas expands an IEEE division or root into its own exact sequence): no
+    fma, no approximate division, root, logarithm or sine, and the .rn division and root are there."""
+    if NVCC is None:
+        pytest.skip("needs the CUDA toolkit's nvcc")
+    with tempfile.TemporaryDirectory() as workdir:
+        bodies = noise_kernel_ptx(CSRC, arch, Path(workdir), NVCC)
+    assert len(bodies) == 8, sorted(bodies)  # 4 dtypes x (std, precision)
+    for name, body in bodies.items():
+        assert not re.search(r"\bfma\.", body), f"{name} on sm_{arch}: fma in the PTX"
+        assert not re.search(r"\.approx\.", body), f"{name} on sm_{arch}: an approximate instruction"
+        assert re.search(r"\bdiv\.rn\.f32\b", body) and re.search(r"\bsqrt\.rn\.f32\b", body), name
 
 
 def test_flags_are_the_builds():
