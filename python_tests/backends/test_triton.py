@@ -115,7 +115,7 @@ def test_gpu_properties_in_the_ptx(sm):
         pytest.skip("this Triton cannot compile ahead of time")
     assert result.returncode == 0, result.stderr[-2000:]
     counts = json.loads(result.stdout.strip().splitlines()[-1])
-    assert len(counts) == 125
+    assert len(counts) == 135
     for name, found in counts.items():
         wide = name.endswith("fp64")  # fp64 math: IEEE `/`, 16-byte accesses of two doubles
         assert found["div.full.f32"] == found["div.approx"] == 0, (name, found)
@@ -124,6 +124,9 @@ def test_gpu_properties_in_the_ptx(sm):
             assert found["div.rn.f64" if wide else "div.rn.f32"] > 0, (name, found)
         if name.startswith("perturb_n1"):
             assert found["div.rn.f32"] > 0, (name, found)  # the fp32 scale, for every dtype
+        if name.startswith("noise"):  # the noise contract: IEEE-exact float32 arithmetic only
+            assert found["fma"] == found["approx"] == 0, (name, found)
+            assert found["div.rn.f32"] > 0 and found["sqrt.rn.f32"] > 0, (name, found)
         loads, stores = ("ld.v2.b64", "st.v2.b64") if wide else ("ld.v4.b32", "st.v4.b32")
         if "unaligned" in name:
             assert found[loads] == 0, (name, found)  # the general path: no alignment to rely on

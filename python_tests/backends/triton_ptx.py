@@ -1,7 +1,7 @@
 """Compiles every Triton kernel variant of the backend ahead of time for an NVIDIA GPU that need not be
 present and prints, as JSON, per variant: how often chosen PTX instructions occur, and (when the CUDA
 toolkit's ptxas is found) the registers and spill bytes ptxas reports. Run as a script (Triton must not
-be in interpreter mode): ``python python_tests/backends/triton_ptx.py [sm]``."""
+be in interpreter mode): ``python python_tests/backends/triton_ptx.py [sm] [name prefix]``."""
 
 import itertools
 import json
@@ -31,6 +31,8 @@ PATTERNS = {
     "ld.scalar": r"ld\.global(?:\.\w+)*\.b(?:16|32|64)\s", "local": r"\.local",
     # fp32 exp2 is an approximate instruction; Adam's bias corrections must not use it.
     "ex2.approx": r"ex2\.approx",
+    # The Gaussian noise contract: no contracted multiply-add, IEEE division and root, no approximations.
+    "fma": r"\bfma\.", "sqrt.rn.f32": r"sqrt\.rn\.f32", "approx": r"\.approx\.",
 }
 POINTERS = "*i64"
 DTYPES = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16, "fp64": tl.float64}
@@ -48,6 +50,9 @@ def compile_ptx(fn, runtime: dict[str, str], constants: dict, sm: int) -> str:
     options = {"num_warps": triton_backend.num_warps(torch_dtype[dtype])}
     if fn is triton_kernels.restore_adam_kernel:
         options["maxnreg"] = triton_backend.ADAM_MAX_REGISTERS  # as the backend launches it
+    if fn is triton_kernels.noise_kernel:
+        options["enable_fp_fusion"] = False  # as the backend launches it (the noise contract)
+        options["maxnreg"] = triton_backend.NOISE_MAX_REGISTERS
     return triton.compile(source, target=GPUTarget("cuda", sm, 32), options=options).asm["ptx"]
 
 
@@ -80,6 +85,8 @@ def kernels():
                       ["multiplier_ptr", "found_inf_ptr"],
                       doubles=["lr", "beta1", "beta2", "one_minus_beta1", "one_minus_beta2", "eps",
                                "weight_decay", "decay_factor"])
+    noise = _signature(["param_ptrs", "backup_ptrs", "scale_ptrs", "numels", "tensor_ids", "chunk_tensor",
+                        "chunk_start", "step_ptr"], ints=["seed_lo", "seed_hi"], doubles=["factor"])
     variants = []
     for (dname, dtype), aligned in itertools.product(DTYPES.items(), (True, False)):
         if not aligned and dname != "fp32":
@@ -99,6 +106,9 @@ def kernels():
                               "ADAPTIVE": adaptive, "MASKED": masked}))
         variants.append((f"restore_{tag}", triton_kernels.restore_kernel, restore,
                          {**typed, "PARAM_DTYPE": dtype}))
+        for precision in (False, True):
+            variants.append((f"noise_p{int(precision)}_{tag}", triton_kernels.noise_kernel, noise,
+                             {**typed, **compute, "PARAM_DTYPE": dtype, "PRECISION": precision}))
         for momentum, nesterov, scalars in itertools.product((True, False), (True, False), (True, False)):
             if nesterov and not momentum:
                 continue
@@ -150,8 +160,11 @@ def ptxas_report(ptx: str, sm: int) -> dict | None:
 
 def main() -> None:
     sm = int(sys.argv[1]) if len(sys.argv) > 1 else 90
+    only = sys.argv[2] if len(sys.argv) > 2 else ""  # a name prefix: compile just those variants
     counts = {}
     for name, fn, runtime, constants in kernels():
+        if not name.startswith(only):
+            continue
         ptx = compile_ptx(fn, runtime, constants, sm)
         counts[name] = {key: len(re.findall(pattern, ptx)) for key, pattern in PATTERNS.items()}
         report = ptxas_report(ptx, sm)

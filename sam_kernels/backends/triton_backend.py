@@ -106,6 +106,10 @@ ALIGNMENT = 16
 #: variants into 64 registers with 24 bytes of spills (sm_80 or sm_90); .maxnreg 96 lets it allocate the
 #: 70-96 they need without spills. The other kernels need no bound. Checked ahead of time in the tests.
 ADAM_MAX_REGISTERS = 96
+#: Register budget of the Gaussian noise kernel. NOTE (registers): eight Box-Muller draws per thread for
+#: 16-bit tensors; left to itself ptxas 13 fits the precision variant into 96 registers with 8 bytes of
+#: spills (sm_90); .maxnreg 128 lets it allocate what it needs. Checked ahead of time in the tests.
+NOISE_MAX_REGISTERS = 128
 #: Tables kept for calls outside an optimizer's step plan (the functional API): they only change when
 #: the tensors are reallocated.
 METADATA_CACHE_SIZE = 64
@@ -298,7 +302,7 @@ def _launch_noise(params, backups, scales, tensor_indices, step, config: NoiseCo
                 float(config.factor), seed_lo, seed_hi,
                 PARAM_DTYPE=TL_DTYPES[dtype], COMPUTE=_compute(dtype), PRECISION=bool(config.precision),
                 CHUNK=CHUNK, BLOCK=BLOCK, ALIGNED=meta.aligned, num_warps=num_warps(dtype),
-                enable_fp_fusion=False,
+                enable_fp_fusion=False, maxnreg=NOISE_MAX_REGISTERS,
             )
 
 
