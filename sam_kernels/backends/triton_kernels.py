@@ -304,7 +304,7 @@ def _rounded(x, DTYPE: tl.constexpr):
     """``x`` rounded to DTYPE, to nearest even. NOTE (interpreter bfloat16): the Triton interpreter
     truncates float32 to bfloat16, so that rounding is done here with integer operations (the same result
     as a GPU's conversion; NaN stays NaN), which keeps the noisy bfloat16 weights the other backends'."""
-    if DTYPE == tl.bfloat16:
+    if DTYPE.is_bf16():
         bits = x.to(tl.uint32, bitcast=True)
         nearest = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
         nearest = tl.where(x != x, (bits >> 16) | 0x40, nearest)
