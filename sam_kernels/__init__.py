@@ -10,6 +10,7 @@ from .optim import (
     GSAM,
     SAM,
     WSAM,
+    BayesianSAM,
     FisherSAM,
     FriendlySAM,
     LookSAM,
@@ -21,9 +22,30 @@ from .optim import (
     sample_losses_closure,
 )
 
-__all__ = ["ESAM", "GCSAM", "GSAM", "SAM", "WSAM", "FisherSAM", "FriendlySAM", "LookSAM", "MomentumSAM",
-           "MultiStepSAM", "SparseSAM", "VaSSO", "backend_report", "clip", "clip_grad_norm_", "distributed",
-           "freeze_bn_stats", "ops", "optim", "sample_losses_closure", "unwrap"]
+__all__ = [
+    "ESAM",
+    "GCSAM",
+    "GSAM",
+    "SAM",
+    "WSAM",
+    "BayesianSAM",
+    "FisherSAM",
+    "FriendlySAM",
+    "LookSAM",
+    "MomentumSAM",
+    "MultiStepSAM",
+    "SparseSAM",
+    "VaSSO",
+    "backend_report",
+    "clip",
+    "clip_grad_norm_",
+    "distributed",
+    "freeze_bn_stats",
+    "ops",
+    "optim",
+    "sample_losses_closure",
+    "unwrap",
+]
 # The package version, and the only place it is written: the build reads this line as text
 # (pyproject.toml, [tool.setuptools.dynamic]), so it stays a plain string literal.
 __version__ = "0.1.0"

@@ -3,6 +3,7 @@ MomentumSAM, each a policy (``policy.Policy``) over one engine (``sam.SAM``), ov
 schedulers of the radius."""
 
 from .bn import freeze_bn_stats
+from .bsam import BayesianSAM
 from .esam import ESAM, ESAMPolicy, sample_losses_closure, selected_count
 from .fisher_sam import FisherSAM, FisherSAMPolicy
 from .friendly_sam import FriendlySAM, FriendlySAMPolicy
@@ -19,9 +20,43 @@ from .sparse_sam import SparseSAM, SparseSAMPolicy
 from .vasso import VaSSO, VaSSOPolicy
 from .wsam import WSAM, WSAMPolicy
 
-__all__ = ["AESAM", "ESAM", "GCSAM", "GSAM", "SAM", "WSAM", "ESAMPolicy", "FisherSAM", "FisherSAMPolicy",
-           "FriendlySAM", "FriendlySAMPolicy", "GCSAMPolicy", "GSAMPolicy", "Interval", "LambdaRho",
-           "LatePhase", "LookSAM", "LookSAMPolicy", "MomentumSAM", "MomentumSAMPolicy", "MultiStepPolicy",
-           "MultiStepSAM", "MultiplicativeRho", "Policy", "ProportionalRho", "Randomized", "RhoScheduler",
-           "Schedule", "SparseSAM", "SparseSAMPolicy", "StepContext", "VaSSO", "VaSSOPolicy", "WSAMPolicy",
-           "freeze_bn_stats", "sample_losses_closure", "selected_count"]
+__all__ = [
+           "AESAM",
+           "ESAM",
+           "GCSAM",
+           "GSAM",
+           "SAM",
+           "WSAM",
+           "BayesianSAM",
+           "ESAMPolicy",
+           "FisherSAM",
+           "FisherSAMPolicy",
+           "FriendlySAM",
+           "FriendlySAMPolicy",
+           "GCSAMPolicy",
+           "GSAMPolicy",
+           "Interval",
+           "LambdaRho",
+           "LatePhase",
+           "LookSAM",
+           "LookSAMPolicy",
+           "MomentumSAM",
+           "MomentumSAMPolicy",
+           "MultiStepPolicy",
+           "MultiStepSAM",
+           "MultiplicativeRho",
+           "Policy",
+           "ProportionalRho",
+           "Randomized",
+           "RhoScheduler",
+           "Schedule",
+           "SparseSAM",
+           "SparseSAMPolicy",
+           "StepContext",
+           "VaSSO",
+           "VaSSOPolicy",
+           "WSAMPolicy",
+           "freeze_bn_stats",
+           "sample_losses_closure",
+           "selected_count",
+]
