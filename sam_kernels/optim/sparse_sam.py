@@ -15,20 +15,17 @@ e = rho (m * g) / ||m * g||, the mask chosen again every ``update_every`` steps 
 The class is ``SparseSAM``: the paper and its code call the method SSAM, which in this package is Stable
 SAM (``renormalize=True``). Everything else is the engine's (docs/algorithms.md, "Sparse SAM").
 
-NOTE (mask storage): the mask is optimizer state, ``state[p]["sparse_sam_mask"]``: a uint8 tensor of
-``ceil(numel / 8)`` bytes holding the bits of the flattened (logical, row-major) tensor, element i in
-byte i // 8, bit i % 8 (least significant first); 1 bit per element. A step unpacks the planned
-parameters' masks into a bool temporary (1 byte per element, plus a 1-byte shift temporary) and the
-masked gradient (the direction, one element per element in the gradient's dtype), freed after the
-ascent. torch's ``Optimizer.load_state_dict`` casts every state tensor to its parameter's dtype, so
-``SparseSAM.load_state_dict`` puts the saved uint8 tensors back (exact: the bytes are integers in
-[0, 255], which every floating dtype holds exactly).
+NOTE (mask storage): the mask is optimizer state, ``state[p]["sparse_sam_mask"]``, 1 bit per element
+(sparse_masks.py). A step unpacks the planned parameters' masks into a bool temporary (1 byte per element,
+plus a 1-byte shift temporary) and the masked gradient, freed after the ascent. torch's
+``Optimizer.load_state_dict`` casts every state tensor to its parameter's dtype, so
+``SparseSAM.load_state_dict`` puts the saved uint8 tensors back (exact: the bytes are integers in [0, 255],
+which every floating dtype holds exactly).
 """
 
 from __future__ import annotations
 
 import math
-from fractions import Fraction
 from typing import Any
 
 import torch
@@ -36,82 +33,22 @@ import torch
 from .ema_direction import DirectionPolicy, check_unit, refuse_options, true_grads
 from .policy import StepContext, policy_options
 from .sam import SAM
-
-CRITERIA = ("fisher", "dynamic")
-SCORES = ("gradient", "weight", "random")
-#: The optimizer-state keys: the packed mask, and the Fisher accumulator (held only during the steps
-#: that feed the next refresh; the gradient's dtype).
-MASK_KEY = "sparse_sam_mask"
-FISHER_KEY = "sparse_sam_fisher"
-#: The random streams of the dynamic criterion (``stream_seed``).
-STREAM_INITIAL, STREAM_DROP, STREAM_GROW = 0, 1, 2
-
-_MASK64 = (1 << 64) - 1
-
-
-def _mix64(value: int) -> int:
-    """SplitMix64's finalizer."""
-    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return value ^ (value >> 31)
-
-
-def stream_seed(seed: int, step: int, stream: int) -> int:
-    """The seed of a random draw of the dynamic criterion at ``step``:
-    ``mix64(seed * 0x9E3779B97F4A7C15 + mix64(4 * step + stream + 0x632BE59BD9B4E019))`` mod 2**64, so a
-    resumed run draws what the uninterrupted one would (nothing to save but the optimizer's seed)."""
-    return _mix64((seed * 0x9E3779B97F4A7C15 + _mix64((4 * step + stream + 0x632BE59BD9B4E019) & _MASK64))
-                  & _MASK64)
-
-
-def kept_count(numel: int, sparsity: float) -> int:
-    """K = floor((1 - sparsity) * numel), exact in ``sparsity``'s binary value (no float rounding)."""
-    return math.floor(numel * (1 - Fraction(sparsity)))
-
-
-def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """A bool mask of exactly ``k`` elements of the 1-d ``scores``: the largest, ties to the earlier index.
-
-    NOTE (ties, memory): the k-th largest value from ``topk`` (k values and indices, transient), then every
-    element above it and the first ``k - #above`` equal to it (a cumulative count), so the count is exact
-    whatever the ties (zero gradients tie often) and no device value is read on the host."""
-    n = scores.numel()
-    if k <= 0:
-        return torch.zeros(n, dtype=torch.bool, device=scores.device)
-    if k >= n:
-        return torch.ones(n, dtype=torch.bool, device=scores.device)
-    kth = torch.topk(scores, k, sorted=False).values.min()
-    above = scores > kth
-    tied = scores == kth
-    needed = k - above.sum()
-    return above | (tied & (torch.cumsum(tied, 0) <= needed))
-
-
-def pack_bits(bits: torch.Tensor) -> torch.Tensor:
-    """The 1-d bool ``bits`` as uint8 bytes (``ceil(n / 8)``), element i in bit i % 8 of byte i // 8."""
-    n = bits.numel()
-    padded = torch.zeros(-(-n // 8) * 8, dtype=torch.uint8, device=bits.device)
-    padded[:n] = bits
-    shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)
-    return torch.sum(padded.view(-1, 8) << shifts, dim=1, dtype=torch.uint8)
-
-
-def unpack_bits(packed: torch.Tensor) -> torch.Tensor:
-    """The bits of uint8 ``packed`` as a 1-d bool tensor of ``8 * packed.numel()`` elements."""
-    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
-    return ((packed.reshape(-1, 1) >> shifts) & 1).view(-1).bool()
-
-
-def _check_int(name: str, value: Any, minimum: int, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}: must be an int >= {minimum} ({what}), got {value!r}")
-    return value
-
-
-def _check_score(name: str, value: Any) -> str:
-    if value not in SCORES:
-        raise ValueError(f"{name}: must be one of {', '.join(map(repr, SCORES))}, got {value!r}")
-    return value
+from .sparse_masks import (
+    CRITERIA,
+    FISHER_KEY,
+    MASK_KEY,
+    STREAM_DROP,
+    STREAM_GROW,
+    STREAM_INITIAL,
+    _check_int,
+    _check_score,
+    kept_count,
+    pack_bits,
+    param_name,
+    stream_seed,
+    top_k_mask,
+    unpack_bits,
+)
 
 
 class SparseSAMPolicy(DirectionPolicy):
@@ -345,29 +282,17 @@ class SparseSAMPolicy(DirectionPolicy):
         self.next_refresh = int(state["next_refresh"])
 
 
-def param_name(groups: list[dict], param: torch.Tensor) -> str:
-    """``param_groups[g]['params'][i]`` of ``param`` (for messages)."""
-    for g, group in enumerate(groups):
-        for i, other in enumerate(group["params"]):
-            if other is param:
-                return f"param_groups[{g}]['params'][{i}]"
-    return "a parameter"
-
-
 class SparseSAM(SAM):
     """Sparse SAM over any torch.optim base (see the module docstring and docs/algorithms.md).
 
-    ``sparsity`` in [0, 1): the share of weights left unperturbed (0 is SAM); exactly
-    ``floor((1 - sparsity) N)`` of the N weights of every parameter together are perturbed.
-    ``update_every`` >= 1: steps between refreshes (the first is at step 0; 2000 is about the authors'
-    5 epochs of CIFAR at batch 128). ``criterion``: ``"fisher"`` (``fisher_batches``: the squared
-    first-pass gradients of that many steps up to each refresh; 8, about the authors' 1024 samples at
-    batch 128, or ``update_every`` when smaller) or ``"dynamic"`` (``drop_rate`` 0.5, ``drop_by``
-    "gradient", ``grow_by`` "random": the authors' defaults; ``total_steps`` for the cosine decay of the
-    drop rate). ``masked_norm``: e's norm over the masked gradient (True, the paper's definition:
-    ||e|| = rho) or the whole gradient (False, the authors' code: ||e|| <= rho). Schedules,
-    ``capturable`` and ASAM's ``adaptive`` are refused.
-    ``mask(param)`` returns a parameter's current mask.
+    ``sparsity`` in [0, 1): the share of weights left unperturbed (0 is SAM); exactly ``floor((1 - sparsity)
+    N)`` of the N weights of every parameter together are perturbed. ``update_every`` >= 1: steps between
+    refreshes (the first at step 0). ``criterion``: ``"fisher"`` (``fisher_batches``: the squared first-pass
+    gradients of that many steps up to each refresh; 8, about the authors' 1024 samples at batch 128, or
+    ``update_every`` when smaller) or ``"dynamic"`` (``drop_rate`` 0.5, ``drop_by`` "gradient", ``grow_by``
+    "random": the authors' defaults; ``total_steps`` for the cosine decay of the drop rate).
+    ``masked_norm``: e's norm over the masked gradient (True, the paper's definition: ||e|| = rho) or the
+    whole gradient (False, the authors' code). ``mask(param)``: a parameter's mask.
     """
 
     def __init__(self, params, base_optimizer, *, rho: float = 0.05, sparsity: float = 0.5,
