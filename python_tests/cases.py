@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 
 import pytest
-from targets import OPTIMIZER_BACKENDS
+from targets import KERNELS, OPTIMIZER_BACKENDS
 
 
 def _pairs(combination: tuple) -> set:
@@ -89,3 +89,15 @@ def slow_on(*backends: str) -> pytest.MarkDecorator:
     params = [pytest.param(backend, id=backend, marks=(pytest.mark.slow,) if backend in backends else ())
               for backend in OPTIMIZER_BACKENDS]
     return pytest.mark.parametrize("backend", params, indirect=True)
+
+
+def slow_in_the_interpreter() -> pytest.MarkDecorator:
+    """``pytest.mark.parametrize`` over the kernel targets (conftest.py's ``kernel`` fixture, given its value
+    indirectly), Triton on the CPU (the interpreter) marked slow: for a test whose case there is long and
+    whose property the default run checks on the compiled backends (and Triton's kernels elsewhere)."""
+    interpreted = {("triton", "cpu")}
+    params = [pytest.param(target, id=str(target),
+                           marks=(pytest.mark.slow,) if (target.backend, target.device_type) in interpreted
+                           else ())
+              for target in KERNELS]
+    return pytest.mark.parametrize("kernel", params, indirect=True)

@@ -19,7 +19,7 @@ import math
 
 import pytest
 import torch
-from cases import pairwise
+from cases import pairwise, slow_in_the_interpreter
 from targets import Target
 from tensors import clones, make_tensors
 from tolerance import assert_bitwise_equal, assert_close
@@ -156,6 +156,7 @@ def test_perturb_matches_reference(kernel, dtype, shapes, options):
     assert_matches(out[0], ref[0], dtype, kernel, "perturbed weights")
 
 
+@slow_in_the_interpreter()  # NOTE (test time): hundreds of tensors
 def test_perturb_many_tensors(kernel):
     params = make_tensors(MANY_SHAPES, torch.float32, 1, device=kernel.device)
     grads = make_tensors(MANY_SHAPES, torch.float32, 2, device=kernel.device)
@@ -322,6 +323,7 @@ def test_restore_adam_step_matches_reference(kernel, dtype, shapes, options, ste
     assert all(s.item() == step + 1 for s in out[6])
 
 
+@slow_in_the_interpreter()  # NOTE (test time): hundreds of tensors
 def test_restore_steps_many_tensors(kernel):
     dtype, device = torch.float32, kernel.device
     backups = make_tensors(MANY_SHAPES, dtype, 1, device=device)

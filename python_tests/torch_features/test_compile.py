@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from cases import slow_on
 from eager_reference import ReferenceSAM, batch_loss, make_batches, make_mlp
@@ -32,7 +33,7 @@ def sam_ops(params, grads, backups, buffers, step, backend):
     return norm, nonfinite
 
 
-@slow_on("triton")
+@slow_on("triton", "torch")  # NOTE (test time): native by default
 def test_ops_trace_in_one_graph(backend):
     """fullgraph=True: any graph break inside the ops fails; results equal the eager torch reference.
     (A backend module is imported on first use, which dynamo cannot trace: imported first here.)"""
@@ -67,7 +68,7 @@ def compiled_step(model, sam, compiler):
     return train_step
 
 
-@slow_on("triton", "torch")  # NOTE (test time): compiling a whole step is long; native by default
+@pytest.mark.slow  # NOTE (test time): compiling a whole step is long
 def test_compiled_training_step_matches_eager_and_compiles_once(backend):
     """The README's two-pass step under torch.compile (graph breaks allowed outside the ops: backward,
     zero_grad), compiled once for both checks: its first three steps match eager SAM, and over 20 steps no
