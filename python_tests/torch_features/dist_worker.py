@@ -102,6 +102,7 @@ def ddp_run(rank: int, out: str, backends: list[str]) -> None:
                     batch_loss(model, xs, ys).backward()
                 sam.second_step(zero_grad=True)
             results[(backend, mode)] = gathered(model)
+        results[(backend, "micro_batches")] = micro_batch_run(backend, rank)
         # ESAM: per-tensor SWP toggles requires_grad inside its ascent pass and SDS selects local
         # samples; DDP's reducer must not notice (per-worker ascent, the descent uses every parameter).
         # Built before or after wrapping the model in DDP (accelerate builds the optimizer first).
@@ -131,6 +132,29 @@ def ddp_run(rank: int, out: str, backends: list[str]) -> None:
             results[(backend, f"{key}_dropped")] = everyone
     if rank == 0:
         torch.save(results, out)
+
+
+def micro_batch_run(backend: str, rank: int) -> list[list[torch.Tensor]]:
+    """Micro-batch SAM under DDP, the documented recipe: each rank's shard in two micro-batches (each
+    loss halved), the first one's passes under ``no_sync`` and ended by ``accumulate()``, the last one's
+    synced (its backward reduces the whole sum)."""
+    model = DistributedDataParallel(make_mlp())
+    sam = SAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR, momentum=0.9, backend=backend)
+    for x, y in make_batches(STEPS, size=16):
+        micro = list(zip(*(part.chunk(2) for part in shard(x, y, rank)), strict=True))
+        sam.zero_grad()
+        with model.no_sync():
+            (batch_loss(model, *micro[0]) / 2).backward()
+            sam.first_step(zero_grad=True)
+            with sam.second_pass():
+                (batch_loss(model, *micro[0]) / 2).backward()
+        sam.accumulate()
+        (batch_loss(model, *micro[1]) / 2).backward()
+        sam.first_step(zero_grad=True)
+        with sam.second_pass():
+            (batch_loss(model, *micro[1]) / 2).backward()
+        sam.second_step(zero_grad=True)
+    return gathered(model)
 
 
 def fsdp_run(rank: int, out: str, backends: list[str]) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from eager_reference import ReferenceSAM, batch_loss, make_batches, make_mlp, per_worker_step
+from eager_reference import ReferenceSAM, base_step, batch_loss, make_batches, make_mlp, per_worker_step
 from targets import require
 from tolerance import assert_bitwise_equal, assert_close
 
@@ -112,6 +112,57 @@ def test_per_worker_differs_from_synced():
     """The two ascents are different algorithms on this data (so the comparisons above can fail)."""
     a, b = expected_params("per_worker"), expected_params("synced")
     assert any((x - y).abs().max() > 1e-4 for x, y in zip(a, b, strict=True))
+
+
+def expected_micro_batches() -> list[torch.Tensor]:
+    """dist_worker.micro_batch_run simulated in one process: per rank two micro-batches of its shard,
+    losses halved; the first micro-batch's ascent per worker (under no_sync), the second's from the
+    ranks' averaged gradient (synced); the descent on the ranks' average of their summed SAM gradients."""
+    model = make_mlp()
+    params = list(model.parameters())
+    base = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+
+    def grads_at(offsets, x, y):
+        with torch.no_grad():
+            for p, e in zip(params, offsets, strict=True):
+                p.add_(e)
+        model.zero_grad()
+        (batch_loss(model, x, y) / 2).backward()
+        with torch.no_grad():
+            for p, e in zip(params, offsets, strict=True):
+                p.sub_(e)
+        return [p.grad.detach().clone().double() for p in params]
+
+    def ascent(g):
+        norm = sum(float((t * t).sum()) for t in g) ** 0.5
+        return [(t * (0.05 / (norm + 1e-12))).float() for t in g]
+
+    zero = [torch.zeros_like(p) for p in params]
+    for x, y in make_batches(3, size=16):
+        ranks = [list(zip(*(part.chunk(2) for part in (x.chunk(2)[r], y.chunk(2)[r])), strict=True))
+                 for r in range(2)]
+        total = [torch.zeros_like(p, dtype=torch.float64) for p in params]
+        for micro in ranks:  # the first micro-batch: each rank's own ascent
+            e = ascent(grads_at(zero, *micro[0]))
+            total = [t + s / 2 for t, s in zip(total, grads_at(e, *micro[0]), strict=True)]
+        firsts = [grads_at(zero, *micro[1]) for micro in ranks]
+        e = ascent([(a + b) / 2 for a, b in zip(*firsts, strict=True)])  # the synced ascent
+        for micro in ranks:
+            total = [t + s / 2 for t, s in zip(total, grads_at(e, *micro[1]), strict=True)]
+        base_step(base, params, [t.float() for t in total])
+    return [p.detach() for p in params]
+
+
+@pytest.mark.slow  # NOTE (test time): two spawned processes
+def test_ddp_micro_batches(ddp_results):
+    """Micro-batch SAM under DDP (no_sync on all but the last micro-batch): ranks identical and equal to
+    the one-process simulation."""
+    results, backends = ddp_results
+    expected = expected_micro_batches()
+    for backend in backends:
+        rank0, rank1 = results[(backend, "micro_batches")]
+        assert_bitwise_equal(rank0, rank1, f"{backend}: ranks differ")
+        assert_close(rank0, expected, scale=10, msg=f"{backend}/micro_batches")
 
 
 @pytest.mark.slow  # NOTE (test time): two spawned processes
