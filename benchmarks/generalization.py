@@ -34,8 +34,9 @@ Protocol, per model:
    flipped labels ("noise fit": how much of the noise a run memorized), passes per step, time per epoch.
 
 Models: ``mlp`` (64-128-128-10, ReLU) and ``cnn`` (two 3x3 conv layers of 16 and 32 channels with ReLU,
-2x2 max-pool, linear head 512-10). Every optimizer runs over SGD with momentum 0.9 and weight decay 5e-4,
-lr 0.05 decayed to 0 by a cosine per step, identical for all.
+2x2 max-pool, linear head 512-10). Every optimizer but bSAM runs over SGD with momentum 0.9 and weight
+decay 5e-4, lr 0.05 decayed to 0 by a cosine per step, identical for all; bSAM (an Adam-like optimizer
+of its own) follows the same cosine from its own peak lr.
 
 The default is the quick setting (a few minutes on two CPU cores): the mlp, the three-radius grid, 20
 epochs, one sweep seed and three report seeds. ``--full``: both models, the six-radius grid, 40 epochs,
@@ -76,17 +77,41 @@ backward (B) passes of the model on the minibatch:
                                            0.99999 of SAM's on this problem (gradient entries are about
                                            1e-3 to 1e-1), at 1e4 it turns to cosine 0.75 to 0.87; scale 1
     GCSAM        2 F, 2 B                  gradient centralized ascent; scale 1
+    MultiStepSAM 3 F, 3 B                  MultiStepSAM, ascent_steps 2; step_size in {0.5, 1} (relative
+                                           to rho: 0.5 = 1/n, the default, the two steps add up to at
+                                           most rho; 1: each step rho, projected back on the rho-ball);
+                                           scale 1
+    MicroBatchSAM 8 F, 8 B                 SAM's micro_batch_step over k = 4 micro-batches of 16 (each
+                                           its own ascent, m-sharpness); 2k passes of a quarter batch:
+                                           2 F, 2 B in batches of work; scale 1
+    SparseSAM-F  2 F, 2 B                  SparseSAM, criterion "fisher" (SSAM-F), mask every 15 steps
+                                           (one epoch) from the squared gradients of the last 8;
+                                           sparsity in {0.5, 0.9} (0.5 the class's default); scale 1
+    SparseSAM-D  2 F, 2 B                  SparseSAM, criterion "dynamic" (SSAM-D), mask every 15 steps,
+                                           drop rate 0.5 decayed by a cosine over the run; sparsity in
+                                           {0.5, 0.9}; scale 1
+    BSAM         2 F, 2 B                  BayesianSAM, standalone (not over SGD): N = the trained-on
+                                           images, betas (0.9, 0.999), damping 0.1 (the official CIFAR-10
+                                           run's), weight decay (prior precision delta) 5e-4 as the
+                                           others'; its own peak lr in {0.2, 0.5} (0.5 the official
+                                           run's) on the same cosine; scale 1 (see below)
 
 The scales put each grid around the variant's best radius: ASAM's and MSAM's follow their usual radii
 (0.5 and 0.3 against SAM's 0.05); the four that perturb on only some steps (interval, randomized, late,
 AE-SAM) tolerate larger radii, and an exploratory quick run scored on the validation split only found
 their best at the top of the scale-1 grid, hence scale 3 (fewer, larger perturbations). In that run
-plain SAM peaked at 0.3 to 0.4 and fell to chance from 0.9 on (20 epochs).
+plain SAM peaked at 0.3 to 0.4 and fell to chance from 0.9 on (20 epochs). bSAM's ascent is rho g / s,
+not normalized, so its radius has its own scale. In an exploratory quick run (validation split only)
+its radii 0.001 to 0.1, the official 0.01 among them, scored alike at lr 0.2 (56.6 to 56.9%) and within
+2 points at lr 0.5 (52.2 to 54.2%); 0.3 and 1 scored 55.2 to 57.9%, 3 and more 44% and less; its lr
+mattered more (0.02 to 1 at rho 0.001: 39% to 57%, best at 0.2, then 0.5), hence scale 1 and lr in
+{0.2, 0.5}. bSAM is read at its mean w (no averaging over posterior samples).
 
 The table shows the passes as measured with module hooks on the model (a forward pre-hook counts
 forwards, a forward hook that hooks the output's gradient counts backwards; evaluation is not counted),
-never the model above. "gain kept" is (acc - acc_SGD) / (acc_SAM - acc_SGD) of the test means (given
-where SAM beats SGD).
+never the model above, and the backward passes in batches of work (the samples through them over the
+batch size); the figure plots the latter. "gain kept" is (acc - acc_SGD) / (acc_SAM - acc_SGD) of the
+test means (given where SAM beats SGD).
 
     python -m benchmarks.generalization [--full] [--models mlp cnn] [--epochs E] [--sweep-seeds S]
         [--seeds N] [--optimizers NAME ...] [--rho NAME=R1,R2,...] [--param NAME=V1,V2,...] [--threads 1]
@@ -120,14 +145,17 @@ from sam_kernels.optim import (
     GSAM,
     SAM,
     WSAM,
+    BayesianSAM,
     FisherSAM,
     FriendlySAM,
     Interval,
     LatePhase,
     LookSAM,
     MomentumSAM,
+    MultiStepSAM,
     ProportionalRho,
     Randomized,
+    SparseSAM,
     VaSSO,
     sample_losses_closure,
 )
@@ -141,6 +169,12 @@ TEST_SIZE, VAL_SIZE, FIT_SIZE, SPLIT_SEED = 500, 297, 1000, 0
 BATCH, LR, MOMENTUM, WEIGHT_DECAY = 64, 0.05, 0.9, 5e-4
 NOISE = 0.4
 K, P, LATE_START, ALPHA, BETA, GAMMA = 5, 0.5, 0.5, 0.7, 0.6, 0.5
+#: Multi-step SAM's ascent steps; micro-batch SAM's micro-batches per step; Sparse SAM's steps between mask
+#: refreshes (one epoch of the quick run); bSAM's betas and damping (the official CIFAR-10 run's).
+ASCENT_STEPS, MICRO_BATCHES, SPARSE_EVERY = 2, 4, 15
+BSAM_BETAS, BSAM_DAMPING = (0.9, 0.999), 0.1
+#: bSAM's radius scale and peak learning rates (see the module docstring).
+BSAM_RHO_SCALE, BSAM_LRS = 1.0, (0.2, 0.5)
 MODELS = ("mlp", "cnn")
 
 
@@ -162,12 +196,16 @@ FULL = Scale(MODELS, (0.05, 0.1, 0.2, 0.4, 0.8, 1.6), epochs=40, sweep_seeds=2, 
 @dataclass(frozen=True)
 class Variant:
     """One row of the table: its fixed settings (as shown), the factor on the base radius grid (None: no
-    radius), and the swept hyper-parameter with its values (where it has one)."""
+    radius), and the swept hyper-parameter with its values (where it has one). ``micro_batches``: the
+    micro-batches each step's batch is split into (micro-batch SAM); ``own_lr``: the swept
+    hyper-parameter is the peak lr of the shared cosine schedule (bSAM, which is not over SGD)."""
 
     settings: str = ""
     rho_scale: float | None = 1.0
     param: str | None = None
     values: tuple[float, ...] = ()
+    micro_batches: int = 1
+    own_lr: bool = False
 
 
 VARIANTS: dict[str, Variant] = {
@@ -188,6 +226,13 @@ VARIANTS: dict[str, Variant] = {
     "VaSSO": Variant(param="theta", values=(0.4, 0.9)),
     "FisherSAM": Variant(param="eta", values=(1.0, 1e4)),
     "GCSAM": Variant("centralized ascent"),
+    "MultiStepSAM": Variant(f"ascent_steps={ASCENT_STEPS}", param="step_size", values=(0.5, 1.0)),
+    "MicroBatchSAM": Variant(f"k={MICRO_BATCHES} micro-batches of {BATCH // MICRO_BATCHES}",
+                             micro_batches=MICRO_BATCHES),
+    "SparseSAM-F": Variant(f"fisher, mask every {SPARSE_EVERY} steps", param="sparsity", values=(0.5, 0.9)),
+    "SparseSAM-D": Variant(f"dynamic, mask every {SPARSE_EVERY} steps", param="sparsity", values=(0.5, 0.9)),
+    "BSAM": Variant(f"BayesianSAM, damping={BSAM_DAMPING}", BSAM_RHO_SCALE, param="lr",
+                    values=BSAM_LRS, own_lr=True),
 }
 OPTIMIZERS = tuple(VARIANTS)
 
@@ -338,9 +383,11 @@ class PassCounter:
 
 
 def make_optimizer(name: str, params, *, rho: float | None, param: float | None, lr: float,
-                   total_steps: int, seed: int, backend: str | None) -> torch.optim.Optimizer:
+                   total_steps: int, seed: int, backend: str | None,
+                   num_data: int = FIT_SIZE) -> torch.optim.Optimizer:
     """Optimizer ``name`` (a key of ``VARIANTS``) over SGD with the shared lr, momentum and weight decay;
-    ``param`` is the value of its swept hyper-parameter (None where it has none)."""
+    ``param`` is the value of its swept hyper-parameter (None where it has none). bSAM is not over SGD: its
+    lr is ``param``, its weight decay (the prior precision delta) the shared 5e-4, ``num_data`` its N."""
     sgd = torch.optim.SGD
     base = {"lr": lr, "momentum": MOMENTUM, "weight_decay": WEIGHT_DECAY}
     sam = {"rho": rho, "backend": backend, "seed": seed, **base}
@@ -363,6 +410,15 @@ def make_optimizer(name: str, params, *, rho: float | None, param: float | None,
         "VaSSO": lambda: VaSSO(params, sgd, theta=param, **sam),
         "FisherSAM": lambda: FisherSAM(params, sgd, eta=param, **sam),
         "GCSAM": lambda: GCSAM(params, sgd, **sam),
+        "MultiStepSAM": lambda: MultiStepSAM(params, sgd, ascent_steps=ASCENT_STEPS, step_size=param, **sam),
+        "MicroBatchSAM": lambda: SAM(params, sgd, **sam),
+        "SparseSAM-F": lambda: SparseSAM(params, sgd, sparsity=param, update_every=SPARSE_EVERY,
+                                         criterion="fisher", **sam),
+        "SparseSAM-D": lambda: SparseSAM(params, sgd, sparsity=param, update_every=SPARSE_EVERY,
+                                         criterion="dynamic", total_steps=total_steps, **sam),
+        "BSAM": lambda: BayesianSAM(params, num_data=num_data, lr=param, rho=rho, betas=BSAM_BETAS,
+                                    weight_decay=WEIGHT_DECAY, damping=BSAM_DAMPING, seed=seed,
+                                    backend=backend),
     }
     if name not in builders:
         raise ValueError(f"optimizer: expected one of {OPTIMIZERS}, got {name!r}")
@@ -378,8 +434,9 @@ def make_rho_schedule(name: str, optimizer: torch.optim.Optimizer, rho: float | 
 
 
 def expected_passes(name: str, total_steps: int) -> tuple[float, float] | None:
-    """(forward, backward) passes per step of the compute model over ``total_steps`` steps; None where
-    it depends on the data (AE-SAM) or on random draws (RandomSAM)."""
+    """(forward, backward) passes per step of the compute model over ``total_steps`` steps, counted as the
+    hooks count them (a micro-batch's pass is one pass); None where it depends on the data (AE-SAM) or on
+    random draws (RandomSAM)."""
     sam_steps = {"IntervalSAM": math.ceil(total_steps / K), "LookSAM": math.ceil(total_steps / K),
                  "LateSAM": total_steps - math.ceil(LATE_START * total_steps)}
     if name in ("SGD", "MSAM"):
@@ -391,7 +448,10 @@ def expected_passes(name: str, total_steps: int) -> tuple[float, float] | None:
         return passes, passes
     if name in ("RandomSAM", "AE-SAM"):
         return None
-    return 2.0, 2.0
+    if name == "MultiStepSAM":
+        return 1.0 + ASCENT_STEPS, 1.0 + ASCENT_STEPS
+    micro_batches = VARIANTS[name].micro_batches
+    return 2.0 * micro_batches, 2.0 * micro_batches
 
 
 # --------------------------------------------------------------------------------------- training
@@ -428,14 +488,25 @@ class Run:
             batch = order[start:start + BATCH]
             x, y = data.fit_x[batch], data.fit_y[batch]
             # NOTE (one schedule): the lr is set per step from the same cosine for every optimizer
-            # (MSAM's param groups are its SGD's, so this also sets its step size); GSAM's radius
-            # follows it, set after it as after an LR scheduler.
+            # (MSAM's param groups are its SGD's, so this also sets its step size; bSAM's peak is its
+            # own); GSAM's radius follows it, set after it as after an LR scheduler.
             for group in optimizer.param_groups:
                 group["lr"] = cosine_lr(self.lr, self.steps, self.total_steps)
             if self.rho_schedule is not None:
                 self.rho_schedule.step()
+            micro_batches = VARIANTS[self.name].micro_batches
             if isinstance(optimizer, ESAM):
                 optimizer.sds_step(sample_losses_closure(model, x, y, sample_loss_fn))
+            elif micro_batches > 1:
+                # NOTE (micro-batch SAM): each micro-batch's loss scaled by 1/k, so that the descent is on
+                # the mean of their SAM gradients; the closure must not zero the gradients.
+                def micro_closure(batch: tuple[torch.Tensor, torch.Tensor], k=micro_batches) -> torch.Tensor:
+                    loss = loss_fn(model(batch[0]), batch[1]) / k
+                    loss.backward()
+                    return loss
+
+                optimizer.zero_grad(set_to_none=True)
+                optimizer.micro_batch_step(micro_closure, zip(x.chunk(micro_batches), y.chunk(micro_batches)))
             else:
                 def closure(x=x, y=y) -> torch.Tensor:
                     optimizer.zero_grad(set_to_none=True)
@@ -515,9 +586,11 @@ def train_runs(kind: str, settings: list[tuple[str, Setting]], data: TrainingDat
         rho, param = setting
         model = copy.deepcopy(initial)
         optimizer = make_optimizer(name, model.parameters(), rho=rho, param=param, lr=lr,
-                                   total_steps=total_steps, seed=seed, backend=backend)
+                                   total_steps=total_steps, seed=seed, backend=backend,
+                                   num_data=len(data.fit_y))
+        peak = param if VARIANTS[name].own_lr else lr
         runs.append(Run(name, setting, model, optimizer, make_rho_schedule(name, optimizer, rho, lr),
-                        PassCounter(model), torch.Generator().manual_seed(20_000 + seed), lr, total_steps))
+                        PassCounter(model), torch.Generator().manual_seed(20_000 + seed), peak, total_steps))
     for epoch in range(epochs):
         # NOTE (interleaving): each epoch starts with the next run, so no run always goes first (cold
         # caches) or last; results do not depend on the order (no global RNG is used).
@@ -673,7 +746,8 @@ def _label_positions(points: list[tuple[float, float]], gap: float,
 
 
 def plot(results: dict[str, dict[str, dict]], path: Path, subtitle: str) -> bool:
-    """Accuracy against measured backward passes per step; False (with a note) without matplotlib."""
+    """Accuracy against measured backward passes per step (in minibatches of work); False (with a note)
+    without matplotlib."""
     try:
         from matplotlib.figure import Figure
     except ImportError:
@@ -681,11 +755,14 @@ def plot(results: dict[str, dict[str, dict]], path: Path, subtitle: str) -> bool
         return False
     names = list(next(iter(results.values())))
     markers = "osD^v<>pPX*h"
-    colors = [f"C{i}" for i in range(10)] + ["black", "olive", "teal", "maroon", "navy", "gold", "magenta"]
+    colors = [f"C{i}" for i in range(10)] + ["black", "olive", "teal", "maroon", "navy", "gold", "magenta",
+                                             "lime", "sienna", "slategray", "crimson", "darkcyan"]
     figure = Figure(figsize=(6 * len(results), 5), layout="constrained")
     axes = figure.subplots(1, len(results), squeeze=False)[0]
     for ax, (kind, summary) in zip(axes, results.items()):
-        points = [(summary[name]["backward_passes_per_step"], 100 * summary[name]["test_accuracy_mean"])
+        # NOTE (batches of work): a micro-batch's pass counts as its share of a minibatch, so that
+        # micro-batch SAM sits at its cost, 2, not at its 2k passes (ESAM at its 1.5).
+        points = [(summary[name]["backward_batches_per_step"], 100 * summary[name]["test_accuracy_mean"])
                   for name in names]
         for index, (name, (x, y)) in enumerate(zip(names, points)):
             ax.errorbar(x, y, yerr=100 * summary[name]["test_accuracy_std"],
@@ -700,8 +777,8 @@ def plot(results: dict[str, dict[str, dict]], path: Path, subtitle: str) -> bool
         for reference, style in (("SGD", ":"), ("SAM", "--")):
             if reference in summary:
                 ax.axhline(100 * summary[reference]["test_accuracy_mean"], color="0.5", ls=style, lw=0.8)
-        ax.set_xlim(0.9, 2.35)
-        ax.set_xlabel("backward passes per step (measured)")
+        ax.set_xlim(0.9, max(2.0, max(x for x, _ in points)) + 0.35)
+        ax.set_xlabel("backward passes per step, in minibatches of work (measured)")
         ax.set_ylabel("clean test accuracy (%), mean ± std over seeds")
         ax.set_title(f"{kind} (dotted: SGD, dashed: SAM)")
         ax.grid(alpha=0.3)
@@ -760,7 +837,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="replace one optimizer's radius grid (repeatable)")
     parser.add_argument("--param", action="append", default=[], metavar="NAME=V1,V2,...",
                         help=f"replace the swept hyper-parameter's values of one of {', '.join(with_param)}")
-    parser.add_argument("--lr", type=float, default=LR, help="peak lr of the cosine schedule (all)")
+    parser.add_argument("--lr", type=float, default=LR,
+                        help="peak lr of the cosine schedule (all but BSAM, whose peak lr is swept)")
     parser.add_argument("--noise", type=float, default=NOISE, help="fraction of noisy training labels")
     parser.add_argument("--backend", default="auto", choices=["auto", *backends.BACKEND_NAMES],
                         help="op backend of the sam_kernels optimizers")

@@ -19,6 +19,15 @@ the weight gradients):
     cheap        3F + f x 3F, f the fraction of steps that run the second pass: counted while timing
                  (interval k = 5 and LookSAM k = 5: f = 0.2; randomized p = 0.5: about 0.5; AE-SAM:
                  data dependent); Momentum SAM 3F (no second pass)
+    MultiStepSAM (n + 1) x 3F = 9F at n = 2 ascent steps
+    micro-batch SAM
+                 6F in samples, as SAM: both passes of each of k = 4 micro-batches of a quarter batch
+                 (smaller passes, so less efficient on a device that a full batch fills)
+    SparseSAM-F, SparseSAM-D
+                 as SAM: sparsity 0.5, the mask refreshed every 2000 steps (the class's default), so
+                 the timed steps are masked SAM steps and the refresh is amortized away
+    BayesianSAM  as SAM (the sample's noise and the Adam-like update are optimizer-side work), at its
+                 class defaults (lr 0.5, rho 0.01, damping 0.1) with N = 50000
 
 The variants are interleaved across ``--repeats`` rounds (machine noise hits all alike); the table gives
 the median with the spread (min-max) of the images per second.
@@ -48,13 +57,16 @@ from sam_kernels.optim import (
     GSAM,
     SAM,
     WSAM,
+    BayesianSAM,
     FisherSAM,
     FriendlySAM,
     Interval,
     LookSAM,
     MomentumSAM,
+    MultiStepSAM,
     ProportionalRho,
     Randomized,
+    SparseSAM,
     VaSSO,
     sample_losses_closure,
 )
@@ -63,9 +75,13 @@ LR, MOMENTUM, WEIGHT_DECAY, RHO = 0.05, 0.9, 5e-4, 0.05
 BETA, GAMMA = 0.6, 0.5  # the ESAM paper's ResNet-18 setting
 K = 5  # interval SAM's and LookSAM's period
 MSAM_RHO = 0.3  # the Momentum SAM code's default
+ASCENT_STEPS = 2  # multi-step SAM's ascent steps
+MICRO_BATCHES = 4  # micro-batch SAM's micro-batches per step
+BSAM_NUM_DATA = 50_000  # bSAM's N: CIFAR-10's training set, whose shapes the data has
 #: The rows with one forward and backward per step; every other row without a measured second-pass
-#: fraction runs two.
+#: fraction runs two, except multi-step SAM's (ascent_steps + 1).
 ONE_PASS = ("SGD", "Momentum SAM")
+MULTI_STEP = f"sam_kernels MultiStepSAM (n={ASCENT_STEPS})"
 
 
 def compute_model(variant: str, second_pass_fraction: float | None = None) -> float:
@@ -77,6 +93,8 @@ def compute_model(variant: str, second_pass_fraction: float | None = None) -> fl
         return 3 + BETA + 3 * GAMMA
     if variant in ONE_PASS:
         return 3.0
+    if variant == MULTI_STEP:
+        return 3.0 * (1 + ASCENT_STEPS)
     return 6.0
 
 
@@ -201,6 +219,64 @@ def two_pass_family_step(model, variant, **options):
     return gsam_step
 
 
+def multi_step_sam_step(model):
+    """Multi-step SAM's two-call loop: first_step after the first backward and after each of the next
+    n - 1 (inside second_pass), the last backward inside second_pass, then second_step."""
+    optimizer = MultiStepSAM(model.parameters(), torch.optim.SGD, rho=RHO, ascent_steps=ASCENT_STEPS, lr=LR,
+                             momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+
+    def step(inputs, targets):
+        per_sample_loss(model(inputs), targets).mean().backward()
+        optimizer.first_step(zero_grad=True)
+        for _ in range(ASCENT_STEPS - 1):
+            with optimizer.second_pass():
+                per_sample_loss(model(inputs), targets).mean().backward()
+            optimizer.first_step(zero_grad=True)
+        with optimizer.second_pass():
+            per_sample_loss(model(inputs), targets).mean().backward()
+        optimizer.second_step(zero_grad=True)
+
+    return step
+
+
+def micro_batch_sam_step(model, micro_batches=MICRO_BATCHES):
+    """Micro-batch SAM (m-sharpness) on plain SAM in the two-call loop: each micro-batch's own ascent and
+    second pass, ``accumulate()`` after every one but the last, ``second_step()`` after the last; each
+    micro-batch's loss divided by their count (the descent on the mean of their SAM gradients)."""
+    optimizer = SAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR, momentum=MOMENTUM,
+                    weight_decay=WEIGHT_DECAY)
+
+    def step(inputs, targets):
+        chunks = list(zip(inputs.chunk(micro_batches), targets.chunk(micro_batches)))
+        for index, (x, y) in enumerate(chunks):
+            (per_sample_loss(model(x), y).mean() / len(chunks)).backward()
+            optimizer.first_step(zero_grad=True)
+            with optimizer.second_pass():
+                (per_sample_loss(model(x), y).mean() / len(chunks)).backward()
+            if index < len(chunks) - 1:
+                optimizer.accumulate()
+            else:
+                optimizer.second_step(zero_grad=True)
+
+    return step
+
+
+def bsam_step(model):
+    """bSAM (standalone, Adam-like) at its class defaults (the official CIFAR-10 run's lr 0.5, rho 0.01,
+    betas (0.9, 0.999), damping 0.1) with N = 50000: the sample, the backward there, the ascent, the
+    backward at w + e, the update."""
+    optimizer = BayesianSAM(model.parameters(), num_data=BSAM_NUM_DATA)
+
+    def step(inputs, targets):
+        optimizer.sample_noise()
+        per_sample_loss(model(inputs), targets).mean().backward()
+        optimizer.first_step(zero_grad=True)
+        per_sample_loss(model(inputs), targets).mean().backward()
+        optimizer.second_step(zero_grad=True)
+
+    return step
+
+
 #: NOTE (AE-SAM's horizon): its threshold moves over ``total_steps``; the benchmark's run is short, so
 #: the horizon is set to a typical training length and the measured fraction of SAM steps is reported.
 AESAM_HORIZON = 1000
@@ -223,6 +299,11 @@ VARIANTS = {
     "sam_kernels VaSSO": lambda model: two_pass_family_step(model, VaSSO, theta=0.9),
     "sam_kernels FisherSAM": lambda model: two_pass_family_step(model, FisherSAM, eta=1.0),
     "sam_kernels GCSAM": lambda model: two_pass_family_step(model, GCSAM),
+    MULTI_STEP: multi_step_sam_step,
+    f"micro-batch SAM (k={MICRO_BATCHES})": micro_batch_sam_step,
+    "sam_kernels SparseSAM-F": lambda model: two_pass_family_step(model, SparseSAM, criterion="fisher"),
+    "sam_kernels SparseSAM-D": lambda model: two_pass_family_step(model, SparseSAM, criterion="dynamic"),
+    "sam_kernels BayesianSAM": bsam_step,
 }
 
 
@@ -303,15 +384,16 @@ def run(models, device, batch, steps, warmup, repeats=1, variants=None):
 
 
 def format_table(rows):
+    width = max(24, *(len(r["variant"]) + 1 for r in rows))
     lines = [f"\n{rows[0]['model']}: images/s median (min-max over {rows[0]['repeats']}), measured ratio "
              "(compute-model ratio)",
-             f"{'variant':<24} {'img/s':>9} {'spread':>15} {'vs eager SAM':>18} {'vs SGD':>18} "
+             f"{'variant':<{width}} {'img/s':>9} {'spread':>15} {'vs eager SAM':>18} {'vs SGD':>18} "
              f"{'2nd pass':>8} {'peak MB':>8}"]
     for r in rows:
         peak = "n/a" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"
         fraction = "" if r["second_pass_fraction"] is None else f"{r['second_pass_fraction']:.2f}"
         spread = f"{r['images_per_s_min']:.1f}-{r['images_per_s_max']:.1f}"
-        lines.append(f"{r['variant']:<24} {r['images_per_s']:>9.1f} {spread:>15} "
+        lines.append(f"{r['variant']:<{width}} {r['images_per_s']:>9.1f} {spread:>15} "
                      f"{r['vs_eager_sam']:>9.2f}x ({r['model_vs_eager_sam']:.2f}x) "
                      f"{r['vs_sgd']:>9.2f}x ({r['model_vs_sgd']:.2f}x) {fraction:>8} {peak:>8}")
     return "\n".join(lines)

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from sparse_sam_reference import EagerSparseSAM
 from tolerance import assert_close
 from torch import nn
 from variant_reference import (
@@ -11,6 +12,8 @@ from variant_reference import (
     EagerFriendlySAM,
     EagerGCSAM,
     EagerGSAM,
+    EagerMicroBatchSAM,
+    EagerMultiStepSAM,
     EagerSAMStep,
     EagerVaSSO,
     EagerWSAM,
@@ -155,6 +158,8 @@ FAMILY_ROWS = {
     "sam_kernels VaSSO": (EagerVaSSO, {"theta": 0.9}),
     "sam_kernels FisherSAM": (EagerFisherSAM, {"eta": 1.0}),
     "sam_kernels GCSAM": (EagerGCSAM, {}),
+    "sam_kernels SparseSAM-F": (EagerSparseSAM, {"criterion": "fisher"}),
+    "sam_kernels SparseSAM-D": (EagerSparseSAM, {"criterion": "dynamic", "seed": 0}),
 }
 
 
@@ -213,5 +218,82 @@ def test_training_cli_runs_every_variant(tmp_path, monkeypatch):
     for variant in FAMILY_ROWS:  # two passes, like SAM
         assert rows[variant]["model_vs_eager_sam"] == pytest.approx(1.0), variant
         assert rows[variant]["second_pass_fraction"] is None, variant
+    assert rows["sam_kernels MultiStepSAM (n=2)"]["model_vs_eager_sam"] == pytest.approx(6 / 9)
+    for variant in ("micro-batch SAM (k=4)", "sam_kernels BayesianSAM"):  # two passes' work, like SAM
+        assert rows[variant]["model_vs_eager_sam"] == pytest.approx(1.0), variant
+        assert rows[variant]["second_pass_fraction"] is None, variant
     assert all(row["images_per_s_min"] <= row["images_per_s"] <= row["images_per_s_max"]
                for row in record["rows"])
+
+
+def _tiny_batches(count=3):
+    generator = torch.Generator().manual_seed(5)
+    return [(10 * torch.randn(8, 12, generator=generator), torch.randint(0, 10, (8,), generator=generator))
+            for _ in range(count)]
+
+
+def _tiny_models(count):
+    models = []
+    for _ in range(count):
+        torch.manual_seed(0)
+        models.append(nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 10)))
+    return models
+
+
+def _farthest(first, second):
+    pairs = zip(first.parameters(), second.parameters(), strict=True)
+    return max(float((a - b).detach().abs().max()) for a, b in pairs)
+
+
+@pytest.mark.parametrize("variant", ["sam_kernels MultiStepSAM (n=2)", "micro-batch SAM (k=4)"])
+def test_training_structure_rows_take_their_reference_steps(variant):
+    """Three steps of multi-step SAM's and micro-batch SAM's two-call loops end where their eager
+    references' three iterations end, and far from plain SAM's."""
+    from benchmarks import training
+
+    model, expected, sam = _tiny_models(3)
+    step = training.VARIANTS[variant](model)
+    if variant.startswith("micro"):
+        reference = EagerMicroBatchSAM(expected, sgd(expected), rho=training.RHO)
+
+        def reference_step(x, y):
+            return reference.step(expected, list(zip(x.chunk(4), y.chunk(4))), scale=0.25)
+    else:
+        reference = EagerMultiStepSAM(expected, sgd(expected), rho=training.RHO, steps=training.ASCENT_STEPS)
+
+        def reference_step(x, y):
+            return reference.step(expected, x, y)
+    plain = EagerSAMStep(sam, sgd(sam), rho=training.RHO)
+    for x, y in _tiny_batches():
+        step(x, y)
+        assert not reference_step(x, y)
+        assert not plain.step(sam, x, y)
+    assert_close([p.detach() for p in model.parameters()], [p.detach() for p in expected.parameters()],
+                 scale=10, msg=variant)
+    assert _farthest(expected, sam) > 1e-4
+
+
+def test_training_bsam_row_is_bsam_s_closure_step():
+    """The bSAM row's calls (sample, backward, first_step, backward, second_step) take the steps that
+    ``BayesianSAM.step(closure)`` takes at the same seed, which differ from plain SAM's."""
+    from benchmarks import training
+    from sam_kernels import BayesianSAM
+
+    model, expected, sam = _tiny_models(3)  # NOTE: torch.manual_seed(0) last, so the row's seed is 0
+    step = training.VARIANTS["sam_kernels BayesianSAM"](model)
+    reference = BayesianSAM(expected.parameters(), num_data=training.BSAM_NUM_DATA, seed=0)
+    plain = EagerSAMStep(sam, sgd(sam), rho=training.RHO)
+    for x, y in _tiny_batches():
+        step(x, y)
+
+        def closure(x=x, y=y):
+            reference.zero_grad()
+            loss = training.per_sample_loss(expected(x), y).mean()
+            loss.backward()
+            return loss
+
+        reference.step(closure)
+        plain.step(sam, x, y)
+    assert_close([p.detach() for p in model.parameters()], [p.detach() for p in expected.parameters()],
+                 msg="bSAM")
+    assert _farthest(expected, sam) > 1e-4

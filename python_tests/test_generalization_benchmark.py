@@ -33,6 +33,11 @@ EXPECTED = {
     "VaSSO": (2.0, 2.0),
     "FisherSAM": (2.0, 2.0),
     "GCSAM": (2.0, 2.0),
+    "MultiStepSAM": (3.0, 3.0),  # two ascent steps, then the descent's pass
+    "MicroBatchSAM": (8.0, 8.0),  # both passes of each of 4 micro-batches: 2 batches of work
+    "SparseSAM-F": (2.0, 2.0),
+    "SparseSAM-D": (2.0, 2.0),
+    "BSAM": (2.0, 2.0),  # at the sample, then at the ascent
 }
 
 
@@ -178,6 +183,9 @@ def test_measured_passes_match_each_compute_model(record):
     assert esam["forward_batches_per_step"] == pytest.approx(2.5)
     assert esam["backward_batches_per_step"] == pytest.approx(1.5)
     assert summary["SGD"]["backward_batches_per_step"] == pytest.approx(1.0)
+    # NOTE: micro-batch SAM's 8 passes are of a quarter batch each, SAM's work in samples.
+    assert summary["MicroBatchSAM"]["forward_batches_per_step"] == pytest.approx(2.0)
+    assert summary["MicroBatchSAM"]["backward_batches_per_step"] == pytest.approx(2.0)
 
 
 def test_grid_choice_and_edges():
@@ -185,6 +193,8 @@ def test_grid_choice_and_edges():
     assert generalization.grid("ASAM", (0.1, 0.3)) == [(1.0, None), (3.0, None)]
     assert generalization.grid("WSAM", (0.3, 0.1)) == [(0.1, 0.8), (0.1, 0.9), (0.3, 0.8), (0.3, 0.9)]
     assert generalization.grid("GSAM", (0.1,), rhos=(0.5, 0.2), values=(0.0,)) == [(0.2, 0.0), (0.5, 0.0)]
+    assert generalization.grid("BSAM", (0.1,)) == [(0.1, 0.2), (0.1, 0.5)]
+    assert generalization.grid("MultiStepSAM", (0.3,)) == [(0.3, 0.5), (0.3, 1.0)]
     # NOTE: equal means go to the earlier setting, the smaller radius.
     assert generalization.choose({(0.1, None): [0.5, 0.7], (0.3, None): [0.6, 0.6],
                                   (0.9, None): [0.1, 0.2]}) == (0.1, None)
@@ -203,3 +213,40 @@ def test_the_cnn_maps_digits_to_ten_logits():
 def test_bad_grid_overrides_are_refused(argv):
     with pytest.raises(SystemExit):
         generalization.main([*argv, "--no-progress", "--no-figure"])
+
+
+def test_the_new_variants_are_built_as_their_rows_say():
+    """Multi-step SAM's step size, Sparse SAM's criterion and sparsity, micro-batch SAM's plain SAM, and
+    bSAM's own lr (its swept value, also the peak of its cosine) and N."""
+    from sam_kernels.optim import SAM, BayesianSAM, MultiStepSAM, SparseSAM
+
+    def build(name, rho, param):
+        model = generalization.make_model("mlp")
+        return generalization.make_optimizer(name, model.parameters(), rho=rho, param=param, lr=0.05,
+                                             total_steps=10, seed=0, backend="torch", num_data=320)
+
+    multi = build("MultiStepSAM", 0.3, 1.0)
+    assert isinstance(multi, MultiStepSAM)
+    assert multi.policy.ascent_steps == 2 and multi.policy.step_size == 1.0 and multi.policy.projects
+    for name, criterion in (("SparseSAM-F", "fisher"), ("SparseSAM-D", "dynamic")):
+        sparse = build(name, 0.3, 0.9)
+        assert isinstance(sparse, SparseSAM) and sparse.criterion == criterion and sparse.sparsity == 0.9
+    assert type(build("MicroBatchSAM", 0.3, None)) is SAM
+    assert generalization.VARIANTS["MicroBatchSAM"].micro_batches == 4
+    bsam = build("BSAM", 0.9, 0.2)
+    assert isinstance(bsam, BayesianSAM) and bsam.num_data == 320
+    group = bsam.param_groups[0]
+    assert (group["lr"], group["rho"], group["weight_decay"]) == (0.2, 0.9, generalization.WEIGHT_DECAY)
+    assert generalization.VARIANTS["BSAM"].own_lr and not generalization.VARIANTS["SAM"].own_lr
+
+
+def test_bsam_follows_the_cosine_from_its_own_peak_lr():
+    training = generalization.with_label_noise(generalization.load_split(), 0.4, 0).training
+    runs = generalization.train_runs("mlp", [("BSAM", (0.9, 0.2)), ("SAM", (0.3, None))], training, seed=0,
+                                     epochs=1, lr=0.05, backend="torch",
+                                     progress=generalization.Progress(2, enabled=False))
+    steps = len(training.fit_y) // generalization.BATCH
+    for run, peak in zip(runs, (0.2, 0.05)):
+        assert run.lr == peak and run.steps == steps, run.name
+        last = generalization.cosine_lr(peak, steps - 1, steps)
+        assert run.optimizer.param_groups[0]["lr"] == pytest.approx(last), run.name
