@@ -36,7 +36,7 @@ Protocol, per model:
 Models: ``mlp`` (64-128-128-10, ReLU) and ``cnn`` (two 3x3 conv layers of 16 and 32 channels with ReLU,
 2x2 max-pool, linear head 512-10). Every optimizer but bSAM runs over SGD with momentum 0.9 and weight
 decay 5e-4, lr 0.05 decayed to 0 by a cosine per step, identical for all; bSAM (an Adam-like optimizer
-of its own) follows the same cosine from its own peak lr.
+of its own), AdamW and Momentum SAM over AdamW follow the same cosine from their own peak lr.
 
 The default is the quick setting (a few minutes on two CPU cores): the mlp, the three-radius grid, 20
 epochs, one sweep seed and three report seeds. ``--full``: both models, the six-radius grid, 40 epochs,
@@ -95,6 +95,13 @@ backward (B) passes of the model on the minibatch:
                                            run's), weight decay (prior precision delta) 5e-4 as the
                                            others'; its own peak lr in {0.2, 0.5} (0.5 the official
                                            run's) on the same cosine; scale 1 (see below)
+    AdamW        1 F, 1 B                  torch.optim.AdamW, betas (0.9, 0.999), weight decay 0.01
+                                           (torch's default; decoupled, so times the lr); no radius; its
+                                           own peak lr in {1e-3, 3e-3} on the same cosine: the baseline
+                                           that MSAM-AdamW is read against
+    MSAM-AdamW   1 F, 1 B                  MomentumSAM over AdamW (perturbs along AdamW's first moment
+                                           exp_avg), AdamW's settings above; its own peak lr in {1e-3,
+                                           3e-3} on the same cosine; scale 6, as MSAM's
 
 The scales put each grid around the variant's best radius: ASAM's and MSAM's follow their usual radii
 (0.5 and 0.3 against SAM's 0.05); the four that perturb on only some steps (interval, randomized, late,
@@ -106,6 +113,12 @@ its radii 0.001 to 0.1, the official 0.01 among them, scored alike at lr 0.2 (56
 2 points at lr 0.5 (52.2 to 54.2%); 0.3 and 1 scored 55.2 to 57.9%, 3 and more 44% and less; its lr
 mattered more (0.02 to 1 at rho 0.001: 39% to 57%, best at 0.2, then 0.5), hence scale 1 and lr in
 {0.2, 0.5}. bSAM is read at its mean w (no averaging over posterior samples).
+
+MSAM-AdamW's perturbation is normalized (rho m / ||m||), so its radius is MSAM's whatever the base
+optimizer's step size: its grid is MSAM's. Its base optimizer is not SGD, so its accuracy mixes the
+perturbation's effect with AdamW's own; plain AdamW, swept over the same two lrs, is the row that tells
+them apart (its "gain kept" is still relative to SGD and SAM, as every row's). Both Momentum SAM rows are
+read inside ``optimizer.unperturbed()``, at w.
 
 The table shows the passes as measured with module hooks on the model (a forward pre-hook counts
 forwards, a forward hook that hooks the output's gradient counts backwards; evaluation is not counted),
@@ -175,6 +188,10 @@ ASCENT_STEPS, MICRO_BATCHES, SPARSE_EVERY = 2, 4, 15
 BSAM_BETAS, BSAM_DAMPING = (0.9, 0.999), 0.1
 #: bSAM's radius scale and peak learning rates (see the module docstring).
 BSAM_RHO_SCALE, BSAM_LRS = 1.0, (0.2, 0.5)
+#: AdamW's and Momentum SAM over AdamW's betas, (decoupled) weight decay and swept peak lrs; MSAM's radius
+#: scale, which MSAM-AdamW shares.
+ADAMW_BETAS, ADAMW_WEIGHT_DECAY, ADAMW_LRS = (0.9, 0.999), 0.01, (1e-3, 3e-3)
+MSAM_RHO_SCALE = 6.0
 MODELS = ("mlp", "cnn")
 
 
@@ -198,7 +215,8 @@ class Variant:
     """One row of the table: its fixed settings (as shown), the factor on the base radius grid (None: no
     radius), and the swept hyper-parameter with its values (where it has one). ``micro_batches``: the
     micro-batches each step's batch is split into (micro-batch SAM); ``own_lr``: the swept
-    hyper-parameter is the peak lr of the shared cosine schedule (bSAM, which is not over SGD)."""
+    hyper-parameter is the peak lr of the shared cosine schedule (bSAM, AdamW and MSAM-AdamW, which are
+    not over SGD)."""
 
     settings: str = ""
     rho_scale: float | None = 1.0
@@ -219,7 +237,7 @@ VARIANTS: dict[str, Variant] = {
     "LateSAM": Variant(f"LatePhase(start={LATE_START})", 3.0),
     "AE-SAM": Variant("AESAM()", 3.0),
     "LookSAM": Variant(f"k={K}, alpha={ALPHA}"),
-    "MSAM": Variant("MomentumSAM", 6.0),
+    "MSAM": Variant("MomentumSAM", MSAM_RHO_SCALE),
     "GSAM": Variant("rho proportional to lr", param="alpha", values=(0.1, 0.3)),
     "WSAM": Variant("decoupled", param="gamma", values=(0.8, 0.9)),
     "FriendlySAM": Variant("sigma=1", param="lambd", values=(0.6, 0.95)),
@@ -233,6 +251,9 @@ VARIANTS: dict[str, Variant] = {
     "SparseSAM-D": Variant(f"dynamic, mask every {SPARSE_EVERY} steps", param="sparsity", values=(0.5, 0.9)),
     "BSAM": Variant(f"BayesianSAM, damping={BSAM_DAMPING}", BSAM_RHO_SCALE, param="lr",
                     values=BSAM_LRS, own_lr=True),
+    "AdamW": Variant(f"weight_decay={ADAMW_WEIGHT_DECAY}", None, param="lr", values=ADAMW_LRS, own_lr=True),
+    "MSAM-AdamW": Variant(f"MomentumSAM over AdamW, weight_decay={ADAMW_WEIGHT_DECAY}", MSAM_RHO_SCALE,
+                          param="lr", values=ADAMW_LRS, own_lr=True),
 }
 OPTIMIZERS = tuple(VARIANTS)
 
@@ -387,10 +408,13 @@ def make_optimizer(name: str, params, *, rho: float | None, param: float | None,
                    num_data: int = FIT_SIZE) -> torch.optim.Optimizer:
     """Optimizer ``name`` (a key of ``VARIANTS``) over SGD with the shared lr, momentum and weight decay;
     ``param`` is the value of its swept hyper-parameter (None where it has none). bSAM is not over SGD: its
-    lr is ``param``, its weight decay (the prior precision delta) the shared 5e-4, ``num_data`` its N."""
+    lr is ``param``, its weight decay (the prior precision delta) the shared 5e-4, ``num_data`` its N.
+    AdamW and MSAM-AdamW (Momentum SAM over AdamW) are not over SGD either: their lr is ``param``, their
+    betas and decoupled weight decay AdamW's (``ADAMW_BETAS``, ``ADAMW_WEIGHT_DECAY``)."""
     sgd = torch.optim.SGD
     base = {"lr": lr, "momentum": MOMENTUM, "weight_decay": WEIGHT_DECAY}
     sam = {"rho": rho, "backend": backend, "seed": seed, **base}
+    adamw = {"lr": param, "betas": ADAMW_BETAS, "weight_decay": ADAMW_WEIGHT_DECAY}
     builders: dict[str, Callable[[], torch.optim.Optimizer]] = {
         "SGD": lambda: sgd(params, **base),
         "SAM": lambda: SAM(params, sgd, **sam),
@@ -419,6 +443,9 @@ def make_optimizer(name: str, params, *, rho: float | None, param: float | None,
         "BSAM": lambda: BayesianSAM(params, num_data=num_data, lr=param, rho=rho, betas=BSAM_BETAS,
                                     weight_decay=WEIGHT_DECAY, damping=BSAM_DAMPING, seed=seed,
                                     backend=backend),
+        "AdamW": lambda: torch.optim.AdamW(params, **adamw),
+        "MSAM-AdamW": lambda: MomentumSAM(params, rho=rho, base_optimizer=torch.optim.AdamW, backend=backend,
+                                          seed=seed, **adamw),
     }
     if name not in builders:
         raise ValueError(f"optimizer: expected one of {OPTIMIZERS}, got {name!r}")
@@ -439,7 +466,7 @@ def expected_passes(name: str, total_steps: int) -> tuple[float, float] | None:
     random draws (RandomSAM)."""
     sam_steps = {"IntervalSAM": math.ceil(total_steps / K), "LookSAM": math.ceil(total_steps / K),
                  "LateSAM": total_steps - math.ceil(LATE_START * total_steps)}
-    if name in ("SGD", "MSAM"):
+    if name in ("SGD", "MSAM", "AdamW", "MSAM-AdamW"):
         return 1.0, 1.0
     if name == "ESAM":
         return (3.0 if GAMMA < 1 else 2.0), 2.0
@@ -488,8 +515,9 @@ class Run:
             batch = order[start:start + BATCH]
             x, y = data.fit_x[batch], data.fit_y[batch]
             # NOTE (one schedule): the lr is set per step from the same cosine for every optimizer
-            # (MSAM's param groups are its SGD's, so this also sets its step size; bSAM's peak is its
-            # own); GSAM's radius follows it, set after it as after an LR scheduler.
+            # (MSAM's param groups are its SGD's or AdamW's, so this also sets its step size; bSAM's,
+            # AdamW's and MSAM-AdamW's peak is their own); GSAM's radius follows it, set after it as after
+            # an LR scheduler.
             for group in optimizer.param_groups:
                 group["lr"] = cosine_lr(self.lr, self.steps, self.total_steps)
             if self.rho_schedule is not None:
@@ -523,7 +551,8 @@ class Run:
         """Accuracy at the unperturbed weights, not counted as passes."""
         unperturbed = (self.optimizer.unperturbed() if isinstance(self.optimizer, MomentumSAM)
                        else contextlib.nullcontext())
-        # NOTE (MSAM): between steps its weights sit at w - rho v / ||v||; the model is w.
+        # NOTE (MSAM, MSAM-AdamW): between steps the weights sit at w - rho v / ||v|| (v: SGD's momentum
+        # buffer or AdamW's first moment); the model is w.
         with unperturbed, self.counter.paused():
             self.model.eval()
             correct = (self.model(x).argmax(dim=1) == y).float().mean().item()
@@ -838,7 +867,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--param", action="append", default=[], metavar="NAME=V1,V2,...",
                         help=f"replace the swept hyper-parameter's values of one of {', '.join(with_param)}")
     parser.add_argument("--lr", type=float, default=LR,
-                        help="peak lr of the cosine schedule (all but BSAM, whose peak lr is swept)")
+                        help="peak lr of the cosine schedule (all but BSAM, AdamW and MSAM-AdamW, whose "
+                             "peak lr is swept)")
     parser.add_argument("--noise", type=float, default=NOISE, help="fraction of noisy training labels")
     parser.add_argument("--backend", default="auto", choices=["auto", *backends.BACKEND_NAMES],
                         help="op backend of the sam_kernels optimizers")
@@ -911,6 +941,7 @@ def main(argv: list[str] | None = None) -> dict:
               "report_seeds": list(report_range), "epochs": epochs,
               "steps_per_epoch": steps_per_epoch, "batch": BATCH, "lr": args.lr,
               "lr_schedule": "cosine per step to 0", "momentum": MOMENTUM, "weight_decay": WEIGHT_DECAY,
+              "adamw": {"betas": list(ADAMW_BETAS), "weight_decay": ADAMW_WEIGHT_DECAY},
               "label_noise": args.noise, "fit_size": FIT_SIZE, "validation_size": VAL_SIZE,
               "test_size": TEST_SIZE, "split_seed": SPLIT_SEED,
               "grids": {name: [list(point) for point in points] for name, points in grids.items()},

@@ -18,7 +18,7 @@ the weight gradients):
                  0.9, Fisher-SAM eta 1
     cheap        3F + f x 3F, f the fraction of steps that run the second pass: counted while timing
                  (interval k = 5 and LookSAM k = 5: f = 0.2; randomized p = 0.5: about 0.5; AE-SAM:
-                 data dependent); Momentum SAM 3F (no second pass)
+                 data dependent); Momentum SAM 3F (no second pass), over SGD and over AdamW alike
     MultiStepSAM (n + 1) x 3F = 9F at n = 2 ascent steps
     micro-batch SAM
                  6F in samples, as SAM: both passes of each of k = 4 micro-batches of a quarter batch
@@ -28,6 +28,11 @@ the weight gradients):
                  the timed steps are masked SAM steps and the refresh is amortized away
     BayesianSAM  as SAM (the sample's noise and the Adam-like update are optimizer-side work), at its
                  class defaults (lr 0.5, rho 0.01, damping 0.1) with N = 50000
+
+Every row runs over SGD with momentum 0.9 and weight decay 5e-4, except bSAM (standalone) and
+"Momentum SAM (AdamW)": MomentumSAM over torch.optim.AdamW (lr 1e-3, betas (0.9, 0.999), decoupled
+weight decay 0.01, rho 0.3), one pass per step; its only extra cost over SGD is AdamW's step and the
+perturbation, optimizer-side work (no plain AdamW row: the pass count is what the ratio is read against).
 
 The variants are interleaved across ``--repeats`` rounds (machine noise hits all alike); the table gives
 the median with the spread (min-max) of the images per second.
@@ -75,12 +80,15 @@ LR, MOMENTUM, WEIGHT_DECAY, RHO = 0.05, 0.9, 5e-4, 0.05
 BETA, GAMMA = 0.6, 0.5  # the ESAM paper's ResNet-18 setting
 K = 5  # interval SAM's and LookSAM's period
 MSAM_RHO = 0.3  # the Momentum SAM code's default
+#: Momentum SAM over AdamW: AdamW's lr (torch's default), betas and decoupled weight decay.
+ADAMW_LR, ADAMW_BETAS, ADAMW_WEIGHT_DECAY = 1e-3, (0.9, 0.999), 0.01
+MSAM_ADAMW = "Momentum SAM (AdamW)"
 ASCENT_STEPS = 2  # multi-step SAM's ascent steps
 MICRO_BATCHES = 4  # micro-batch SAM's micro-batches per step
 BSAM_NUM_DATA = 50_000  # bSAM's N: CIFAR-10's training set, whose shapes the data has
 #: The rows with one forward and backward per step; every other row without a measured second-pass
 #: fraction runs two, except multi-step SAM's (ascent_steps + 1).
-ONE_PASS = ("SGD", "Momentum SAM")
+ONE_PASS = ("SGD", "Momentum SAM", MSAM_ADAMW)
 MULTI_STEP = f"sam_kernels MultiStepSAM (n={ASCENT_STEPS})"
 
 
@@ -153,9 +161,16 @@ def scheduled_step(model, optimizer):
     return step
 
 
-def momentum_sam_step(model):
-    optimizer = MomentumSAM(model.parameters(), lr=LR, momentum=MOMENTUM, rho=MSAM_RHO,
-                            weight_decay=WEIGHT_DECAY)
+def momentum_sam_step(model, base="sgd"):
+    """Momentum SAM's one backward and ``step()``: over SGD (``base="sgd"``) or over AdamW
+    (``"adamw"``, perturbing along AdamW's first moment)."""
+    if base == "adamw":
+        optimizer = MomentumSAM(model.parameters(), lr=ADAMW_LR, rho=MSAM_RHO,
+                                base_optimizer=torch.optim.AdamW, betas=ADAMW_BETAS,
+                                weight_decay=ADAMW_WEIGHT_DECAY)
+    else:
+        optimizer = MomentumSAM(model.parameters(), lr=LR, momentum=MOMENTUM, rho=MSAM_RHO,
+                                weight_decay=WEIGHT_DECAY)
 
     def step(inputs, targets):
         per_sample_loss(model(inputs), targets).mean().backward()
@@ -293,6 +308,7 @@ VARIANTS = {
     "AE-SAM": lambda model: sam_kernels_schedule_step(model, AESAM(AESAM_HORIZON)),
     f"LookSAM (k={K})": looksam_step,
     "Momentum SAM": momentum_sam_step,
+    MSAM_ADAMW: lambda model: momentum_sam_step(model, base="adamw"),
     "sam_kernels GSAM": lambda model: two_pass_family_step(model, GSAM, alpha=0.2),
     "sam_kernels WSAM": lambda model: two_pass_family_step(model, WSAM, gamma=0.9),
     "sam_kernels FriendlySAM": lambda model: two_pass_family_step(model, FriendlySAM, lambd=0.9),

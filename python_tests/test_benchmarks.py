@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from eager_reference import EagerAdamMSAM, EagerMSAM
 from sparse_sam_reference import EagerSparseSAM
 from tolerance import assert_close
 from torch import nn
@@ -214,7 +215,10 @@ def test_training_cli_runs_every_variant(tmp_path, monkeypatch):
     assert rows["interval SAM (k=5)"]["second_pass_fraction"] == pytest.approx(0.2)
     assert rows["LookSAM (k=5)"]["second_pass_fraction"] == pytest.approx(0.2)
     assert rows["interval SAM (k=5)"]["model_vs_eager_sam"] == pytest.approx(6 / 3.6)
-    assert rows["Momentum SAM"]["model_vs_eager_sam"] == pytest.approx(2.0)
+    for variant in ("Momentum SAM", "Momentum SAM (AdamW)"):  # one pass per step, like SGD
+        assert rows[variant]["model_vs_eager_sam"] == pytest.approx(2.0), variant
+        assert rows[variant]["model_vs_sgd"] == pytest.approx(1.0), variant
+        assert rows[variant]["second_pass_fraction"] is None, variant
     for variant in FAMILY_ROWS:  # two passes, like SAM
         assert rows[variant]["model_vs_eager_sam"] == pytest.approx(1.0), variant
         assert rows[variant]["second_pass_fraction"] is None, variant
@@ -297,3 +301,34 @@ def test_training_bsam_row_is_bsam_s_closure_step():
     assert_close([p.detach() for p in model.parameters()], [p.detach() for p in expected.parameters()],
                  msg="bSAM")
     assert _farthest(expected, sam) > 1e-4
+
+
+@pytest.mark.parametrize("variant", ["Momentum SAM", "Momentum SAM (AdamW)"])
+def test_training_momentum_sam_rows_take_their_reference_steps(variant):
+    """Three steps of each Momentum SAM row (one backward, ``step()``) end at the eager reference's w~
+    (over SGD: the momentum buffer; over AdamW: the first moment, AdamW's own lr, betas and decoupled
+    weight decay), and far from where the base optimizer alone ends."""
+    from benchmarks import training
+
+    model, expected, plain = _tiny_models(3)
+    step = training.VARIANTS[variant](model)
+    if variant.endswith("(AdamW)"):
+        options = {"lr": training.ADAMW_LR, "betas": training.ADAMW_BETAS,
+                   "weight_decay": training.ADAMW_WEIGHT_DECAY}
+        reference = EagerAdamMSAM(expected, torch.optim.AdamW, rho=training.MSAM_RHO, **options)
+        base = torch.optim.AdamW(plain.parameters(), **options)
+    else:
+        reference = EagerMSAM(expected, lr=training.LR, momentum=training.MOMENTUM, rho=training.MSAM_RHO,
+                              weight_decay=training.WEIGHT_DECAY)
+        base = sgd(plain)
+    for x, y in _tiny_batches():
+        step(x, y)
+        reference.step(expected, x, y)
+        base.zero_grad()
+        training.per_sample_loss(plain(x), y).mean().backward()
+        base.step()
+    assert_close([p.detach() for p in model.parameters()], [p.detach() for p in expected.parameters()],
+                 scale=10, msg=variant)
+    # NOTE: w (not w~, which is rho away from it by construction) left the base optimizer's path.
+    pairs = zip(reference.unperturbed(), plain.parameters(), strict=True)
+    assert max(float((w - p.detach()).abs().max()) for w, p in pairs) > 1e-4

@@ -38,6 +38,8 @@ EXPECTED = {
     "SparseSAM-F": (2.0, 2.0),
     "SparseSAM-D": (2.0, 2.0),
     "BSAM": (2.0, 2.0),  # at the sample, then at the ascent
+    "AdamW": (1.0, 1.0),
+    "MSAM-AdamW": (1.0, 1.0),  # the gradient at w~ only
 }
 
 
@@ -195,6 +197,10 @@ def test_grid_choice_and_edges():
     assert generalization.grid("GSAM", (0.1,), rhos=(0.5, 0.2), values=(0.0,)) == [(0.2, 0.0), (0.5, 0.0)]
     assert generalization.grid("BSAM", (0.1,)) == [(0.1, 0.2), (0.1, 0.5)]
     assert generalization.grid("MultiStepSAM", (0.3,)) == [(0.3, 0.5), (0.3, 1.0)]
+    # NOTE: MSAM's radii, times AdamW's two peak lrs; plain AdamW has its lrs and no radius.
+    assert generalization.grid("MSAM-AdamW", (0.1, 0.3)) == [(0.6, 1e-3), (0.6, 3e-3), (1.8, 1e-3),
+                                                              (1.8, 3e-3)]
+    assert generalization.grid("AdamW", (0.1, 0.3)) == [(None, 1e-3), (None, 3e-3)]
     # NOTE: equal means go to the earlier setting, the smaller radius.
     assert generalization.choose({(0.1, None): [0.5, 0.7], (0.3, None): [0.6, 0.6],
                                   (0.9, None): [0.1, 0.2]}) == (0.1, None)
@@ -240,13 +246,41 @@ def test_the_new_variants_are_built_as_their_rows_say():
     assert generalization.VARIANTS["BSAM"].own_lr and not generalization.VARIANTS["SAM"].own_lr
 
 
-def test_bsam_follows_the_cosine_from_its_own_peak_lr():
+def test_msam_adamw_is_momentum_sam_over_adamw_at_its_own_lr():
+    """MSAM-AdamW: MomentumSAM over torch.optim.AdamW (its first moment the direction), the swept value
+    its lr, AdamW's betas and decoupled weight decay; plain AdamW the same base optimizer, no radius."""
+    from sam_kernels.optim import MomentumSAM
+
+    def build(name, rho, param):
+        model = generalization.make_model("mlp")
+        return generalization.make_optimizer(name, model.parameters(), rho=rho, param=param, lr=0.05,
+                                             total_steps=10, seed=0, backend="torch", num_data=320)
+
+    msam = build("MSAM-AdamW", 1.8, 3e-3)
+    assert isinstance(msam, MomentumSAM) and msam.policy.base_kind == "adam"
+    assert msam.policy.direction_key == "exp_avg"
+    group = msam.param_groups[0]
+    assert (group["lr"], group["sam_rho"], group["betas"], group["weight_decay"]) == (
+        3e-3, 1.8, generalization.ADAMW_BETAS, generalization.ADAMW_WEIGHT_DECAY)
+    assert type(msam.base_optimizer) is torch.optim.AdamW
+    adamw = build("AdamW", None, 1e-3)
+    assert type(adamw) is torch.optim.AdamW
+    group = adamw.param_groups[0]
+    assert (group["lr"], group["betas"], group["weight_decay"]) == (
+        1e-3, generalization.ADAMW_BETAS, generalization.ADAMW_WEIGHT_DECAY)
+    for name in ("AdamW", "MSAM-AdamW"):
+        assert generalization.VARIANTS[name].own_lr and generalization.VARIANTS[name].param == "lr"
+    assert generalization.VARIANTS["MSAM-AdamW"].rho_scale == generalization.VARIANTS["MSAM"].rho_scale
+
+
+def test_own_lr_rows_follow_the_cosine_from_their_own_peak_lr():
     training = generalization.with_label_noise(generalization.load_split(), 0.4, 0).training
-    runs = generalization.train_runs("mlp", [("BSAM", (0.9, 0.2)), ("SAM", (0.3, None))], training, seed=0,
-                                     epochs=1, lr=0.05, backend="torch",
-                                     progress=generalization.Progress(2, enabled=False))
+    settings = [("BSAM", (0.9, 0.2)), ("MSAM-AdamW", (1.8, 3e-3)), ("AdamW", (None, 1e-3)),
+                ("SAM", (0.3, None))]
+    runs = generalization.train_runs("mlp", settings, training, seed=0, epochs=1, lr=0.05, backend="torch",
+                                     progress=generalization.Progress(len(settings), enabled=False))
     steps = len(training.fit_y) // generalization.BATCH
-    for run, peak in zip(runs, (0.2, 0.05)):
+    for run, peak in zip(runs, (0.2, 3e-3, 1e-3, 0.05)):
         assert run.lr == peak and run.steps == steps, run.name
         last = generalization.cosine_lr(peak, steps - 1, steps)
         assert run.optimizer.param_groups[0]["lr"] == pytest.approx(last), run.name
