@@ -301,9 +301,12 @@ class EagerMicroBatchSAM:
     step. ``plain``: the step is a plain one (a schedule said no), the sum of the g_i."""
 
     def __init__(self, model: nn.Module, base: torch.optim.Optimizer, *, rho: float = 0.05,
-                 eps: float = EPS, loss: Callable | None = None) -> None:
+                 eps: float = EPS, loss: Callable | None = None, ascent_steps: int = 1) -> None:
         self.params = list(model.parameters())
         self.base, self.rho, self.eps, self.loss = base, rho, eps, loss
+        #: Multi-step ascents per micro-batch: n normalized steps of rho / n (EagerMultiStepSAM's, which
+        #: never leave the ball), each from the current point along its own gradient (BatchNorm frozen).
+        self.ascent_steps = ascent_steps
 
     def gradients(self, model: nn.Module, x, y) -> list[torch.Tensor]:
         """The gradients of ``loss(model, x, y)`` (the batch loss by default) at the current weights."""
@@ -329,9 +332,16 @@ class EagerMicroBatchSAM:
                 poison(corrupt[2])(g)
             finite = finite and all_finite(g)
             if not plain:
-                if all_finite(g):
-                    _move(self.params, [wi.double() + ei for wi, ei in zip(w, scaled(g, self.rho, self.eps),
-                                                                           strict=True)])
+                e = [torch.zeros_like(p, dtype=torch.float64) for p in self.params]
+                for j in range(self.ascent_steps):
+                    if j > 0:
+                        with FrozenBatchNorm(model):
+                            g = [gi * scale for gi in self.gradients(model, x, y)]
+                        finite = finite and all_finite(g)
+                    if all_finite(g):
+                        step = scaled(g, self.rho / self.ascent_steps, self.eps)
+                        e = [ei + si for ei, si in zip(e, step, strict=True)]
+                        _move(self.params, [wi.double() + ei for wi, ei in zip(w, e, strict=True)])
                 with FrozenBatchNorm(model):
                     g = [gi * scale for gi in self.gradients(model, x, y)]
                 if corrupt is not None and corrupt[:2] == (index, 1):

@@ -264,3 +264,37 @@ def test_bad_state_dicts_are_refused_before_anything_changes():
     with pytest.raises(ValueError, match=r"param_groups\[0\]\['lr'\]"):
         optimizer.load_state_dict({**saved, "param_groups": [{**saved["param_groups"][0], "lr": -1.0}]})
     assert optimizer.seed == 5 and optimizer.param_groups[0]["lr"] == 0.5
+
+
+def test_a_non_finite_first_gradient_leaves_the_second_pass_at_the_mean(backend):
+    """An inf in the first gradient (an fp16 overflow, say): no ascent, so the second forward runs at the
+    mean w (finite), BatchNorm's statistics stay finite, and the skipped step restores w bit for bit;
+    ``step(closure)`` freezes BatchNorm's statistics at the ascent point."""
+    require(backend)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 1))
+    optimizer = BayesianSAM(model.parameters(), num_data=1000, backend=backend)
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer.sample_noise()
+    ((model(x) - y) ** 2).mean().backward()
+    model[0].weight.grad[0, 0] = float("inf")
+    optimizer.first_step(zero_grad=True)
+    assert_bitwise_equal(list(model.parameters()), before, "no ascent: the weights are the mean")
+    ((model(x) - y) ** 2).mean().backward()
+    optimizer.second_step(zero_grad=True)
+    assert_bitwise_equal(list(model.parameters()), before, "the skipped step restores w")
+    assert torch.isfinite(model[1].running_mean).all() and torch.isfinite(model[1].running_var).all()
+
+    def closure():
+        optimizer.zero_grad()
+        loss = ((model(x) - y) ** 2).mean()
+        loss.backward()
+        return loss
+
+    statistics = model[1].running_mean.clone()
+    calls = []
+    model[1].register_forward_hook(lambda module, args, out: calls.append(module.running_mean.clone()))
+    optimizer.step(closure)
+    assert not torch.equal(calls[0], statistics)  # the pass at the sample updated them ...
+    assert torch.equal(model[1].running_mean, calls[0])  # ... the pass at the ascent point did not

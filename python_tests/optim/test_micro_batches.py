@@ -15,7 +15,7 @@ from eager_reference import assert_models_close, batch_loss, clone_model, make_b
 from tolerance import assert_bitwise_equal
 from variant_reference import EagerMicroBatchSAM
 
-from sam_kernels.optim import AESAM, ESAM, GSAM, SAM, Interval, LookSAM
+from sam_kernels.optim import AESAM, ESAM, GSAM, SAM, Interval, LookSAM, MultiStepSAM
 
 K = 4
 BASES = {
@@ -81,7 +81,8 @@ def micro_batch_step(optimizer, model, batches) -> None:
         return losses[-1]
 
     total = optimizer.micro_batch_step(closure, batches)
-    assert total == sum(loss.detach() for loss in losses[::2])  # the losses at w, summed
+    passes = optimizer.policy.ascent_steps + 1
+    assert total == sum(loss.detach() for loss in losses[::passes])  # the losses at w, summed
 
 
 STYLES = {"two_call": two_call, "accumulate_closure": accumulate_closures,
@@ -249,3 +250,83 @@ def test_zero_grad_drops_the_sum():
     two_call(optimizer, model, batches[1:2])
     two_call(single, twin, batches[1:2])
     assert_bitwise_equal(list(model.parameters()), list(twin.parameters()), "the dropped sum")
+
+
+def test_multi_step_ascents_per_micro_batch(backend):
+    """MultiStepSAM's further ascent steps in each micro-batch: the sum is set aside until the last of
+    them, so the descent is the sum of the micro-batches' multi-step SAM gradients."""
+    model = make_model()
+    expected = clone_model(model)
+    base, kwargs = BASES["sgd"]
+    optimizer = MultiStepSAM(model.parameters(), base, rho=0.1, ascent_steps=2, backend=backend, **kwargs)
+    reference = EagerMicroBatchSAM(expected, base(expected.parameters(), **kwargs), rho=0.1, ascent_steps=2)
+    for x, y in make_batches(2, size=16):
+        micro_batch_step(optimizer, model, micro_batches(x, y))
+        reference.step(expected, micro_batches(x, y), scale=1.0 / K)
+    assert_models_close(model, expected)
+
+
+def test_zeroing_the_held_sum_is_refused_and_nothing_is_lost():
+    """zero_grad() between a later micro-batch's first_step and its descent would drop the sum: refused
+    with the fix named, and the step then completes as the reference's; a closure that zeroes the
+    gradients is refused the same way."""
+    model = make_model()
+    expected = clone_model(model)
+    optimizer = build(model, "sgd", "torch")
+    reference = reference_of(expected, "sgd")
+    x, y = make_batches(1, size=16)[0]
+    batches = micro_batches(x, y)[:2]
+    optimizer.zero_grad()
+    for index, batch in enumerate(batches):
+        micro_loss(model, batch).backward()
+        optimizer.first_step(zero_grad=True)
+        if index == 1:
+            with pytest.raises(RuntimeError, match=r"first_step\(zero_grad=True\)"):
+                optimizer.zero_grad()
+        with optimizer.second_pass():
+            micro_loss(model, batch).backward()
+        optimizer.accumulate() if index == 0 else optimizer.second_step()
+    reference.step(expected, batches, scale=1.0 / K)
+    assert_models_close(model, expected)
+
+    def zeroing(batch):
+        optimizer.zero_grad()
+        return backward_closure(model, batch)
+
+    optimizer.accumulate(lambda: zeroing(batches[0]))
+    with pytest.raises(RuntimeError, match="must not zero"):
+        optimizer.accumulate(lambda: zeroing(batches[1]))
+
+
+def test_a_parameter_absent_from_a_later_micro_batch_keeps_its_sum():
+    """On a schedule's plain step and on a SAM step alike, a parameter used only by the first micro-batch
+    descends on that micro-batch's gradient."""
+    torch.manual_seed(0)
+    shared, first_only = (torch.nn.Parameter(torch.randn(3)) for _ in range(2))
+    optimizer = SAM([shared, first_only], torch.optim.SGD, lr=1.0, rho=0.1, schedule=Interval(2),
+                    backend="torch")
+    for step in range(2):
+        before = first_only.detach().clone()
+        optimizer.zero_grad()
+        for index in range(2):
+            def loss(index=index):
+                return (shared * shared).sum() + ((first_only * first_only).sum() if index == 0 else 0)
+            loss().backward()
+            optimizer.first_step(zero_grad=True)
+            if optimizer.needs_second_pass():
+                with optimizer.second_pass():
+                    loss().backward()
+            optimizer.accumulate() if index == 0 else optimizer.second_step()
+        moved = (before - first_only.detach()).abs().max().item()
+        assert moved > 0.5 * 2 * before.abs().max().item(), f"step {step}: the first micro-batch's gradient"
+
+
+def test_step_hooks_run_once_per_step():
+    model = make_model()
+    optimizer = build(model, "sgd", "torch")
+    calls = []
+    optimizer.register_step_pre_hook(lambda *_: calls.append("pre"))
+    optimizer.register_step_post_hook(lambda *_: calls.append("post"))
+    x, y = make_batches(1, size=16)[0]
+    two_call(optimizer, model, micro_batches(x, y))
+    assert calls == ["pre", "post"]

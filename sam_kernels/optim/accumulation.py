@@ -20,7 +20,7 @@ import torch
 from . import combinations
 from .base import clear_grads
 from .styles import remaining_passes
-from .workspace import Parked
+from .workspace import DROPPED_SUM, Parked
 
 
 def park(engine, run) -> None:
@@ -43,7 +43,7 @@ def park(engine, run) -> None:
     with torch.no_grad():
         run.restore(ascent, engine.backend)
     if ascent.stashed is not None:  # a plain step's first gradients, put aside by first_step(zero_grad)
-        for param, grad in zip(ascent.plan.params, ascent.stashed, strict=True):
+        for param, grad in ascent.stashed:
             if param.grad is None:
                 param.grad = grad
     params = engine._params()
@@ -62,6 +62,7 @@ def unpark(engine, run, ascent) -> None:
     parked, run.parked = run.parked, None
     if parked is None:
         return
+    ascent.holds_sum = not ascent.plain
     ascent.nonfinite = torch.maximum(ascent.nonfinite, parked.nonfinite)
     adding = [(param.grad, total) for param, total in parked.grads if ascent.plain and param.grad is not None]
     if adding:
@@ -69,6 +70,14 @@ def unpark(engine, run, ascent) -> None:
     for param, total in parked.grads:  # NOTE (per-tensor loop): see park
         if param.grad is None:
             param.grad = total
+
+
+def drop_sum(run) -> None:
+    """``zero_grad()``: a parked sum is dropped with the gradients (a new accumulation starts), but
+    between a micro-batch's ascent and its descent the gradients are the sum itself: refused."""
+    if run.ascent is not None and run.ascent.holds_sum:
+        raise RuntimeError(DROPPED_SUM)
+    run.parked = None
 
 
 def micro_batch(engine, closure: Callable[[], Any], last: bool, grad_scaler: Any = None) -> Any:
@@ -79,8 +88,10 @@ def micro_batch(engine, closure: Callable[[], Any], last: bool, grad_scaler: Any
     if engine._run.ascent is not None:
         raise RuntimeError("accumulate(closure): the weights are perturbed by a pending first_step(); "
                            "finish that step first")
+    parked = engine._run.parked
     with torch.enable_grad(), engine._ascent_pass():
         loss = closure()
+    engine._run.check_sum_kept(parked)
     engine.first_step(zero_grad=True, grad_scaler=grad_scaler)
     remaining_passes(engine, closure, grad_scaler)
     if last:

@@ -41,8 +41,8 @@ def ascend(engine, run, scaler: Any, zero_grad: bool) -> None:
         ascent = run.ascent = Ascent(plan, [False] * len(plan.params), plain_norm, nonfinite, scaler,
                                      plain=True)
         accumulation.unpark(engine, run, ascent)
-        if zero_grad:  # a plain step: the gradients are put aside, not copied
-            ascent.stashed = [param.grad for param in plan.params]
+        if zero_grad:  # a plain step: the gradients (with a micro-batch sum) are put aside, not copied
+            ascent.stashed = [(param, param.grad) for param in engine._params() if param.grad is not None]
             clear_grads(engine)
         return
     directions = None
@@ -70,7 +70,8 @@ def ascend(engine, run, scaler: Any, zero_grad: bool) -> None:
             policy.after_ascent(engine._context(plan, grads, ascent))
     if zero_grad or run.parked is not None:
         clear_grads(engine)
-    accumulation.unpark(engine, run, ascent)
+    if policy.ascent_steps == 1:  # NOTE: a multi-step policy takes the sum back at its last step
+        accumulation.unpark(engine, run, ascent)
 
 
 def ascend_further(engine, run, scaler: Any, zero_grad: bool) -> None:
@@ -104,8 +105,10 @@ def ascend_further(engine, run, scaler: Any, zero_grad: bool) -> None:
         run.perturb(further, parts, norm, lambda group: policy.perturb_config(group, engine.eps, engine.seed),
                     engine.backend)
         policy.after_ascent(engine._context(plan, grads, ascent))
-    if zero_grad:
+    if zero_grad or run.parked is not None:
         clear_grads(engine)
+    if ascent.count == policy.ascent_steps:
+        accumulation.unpark(engine, run, ascent)
 
 
 def scaled_norm(engine, norm: torch.Tensor, scale: torch.Tensor, grads: list, kept) -> torch.Tensor:

@@ -41,6 +41,7 @@ import torch
 from .. import backends, ops
 from ..backends.common import SUPPORTED_DTYPE_NAMES, SUPPORTED_DTYPES, first_overlap
 from .base import run_step_hooks
+from .bn import freeze_bn_stats
 from .checks import check_non_negative, check_positive
 
 #: The state entries of each parameter: the first moment ``m`` (torch.optim.Adam's key) and the precision.
@@ -183,7 +184,7 @@ class BayesianSAM(torch.optim.Optimizer):
         with self._restoring_on_error(), torch.enable_grad():
             loss = closure()
         self.first_step()
-        with self._restoring_on_error(), torch.enable_grad():
+        with self._restoring_on_error(), torch.enable_grad(), freeze_bn_stats():
             closure()
         self.second_step()
         return loss
@@ -225,7 +226,7 @@ class BayesianSAM(torch.optim.Optimizer):
                                "gradient is taken at a sample of the posterior)")
         with self._restoring_on_error():
             ops.restore_(self._params(), [self._backups[p] for p in self._params()], backend=self.backend)
-            active, next_precisions, flags = [], [], []
+            active, next_precisions, flags, ascents = [], [], [], []
             for group in self.param_groups:
                 params = [p for p in group["params"] if p.grad is not None]
                 grads = [p.grad for p in params]
@@ -243,10 +244,15 @@ class BayesianSAM(torch.optim.Optimizer):
                 following = torch._foreach_mul(precisions, beta2)
                 torch._foreach_add_(following, spread, alpha=1.0 - beta2)
                 next_precisions.append(following)
-                # the ascent from the mean: w + rho * g / s
-                torch._foreach_addcdiv_(params, grads, precisions, value=group["rho"])
+                ascents.append((params, grads, precisions, group["rho"]))
             device = self._params()[0].device if self._params() else torch.device("cpu")
             nonfinite = torch.stack(flags).amax() if flags else torch.zeros((), device=device)
+            # NOTE (host sync): a non-finite first gradient must not reach the weights of the second pass
+            # (its forward would put NaN into BatchNorm's statistics), and _foreach ops cannot select on a
+            # device flag; the flag is read here, the step's second host read (see second_step).
+            if not nonfinite.item():
+                for params, grads, precisions, rho in ascents:  # the ascent from the mean: w + rho g / s
+                    torch._foreach_addcdiv_(params, grads, precisions, value=rho)
             self._pending = (active, next_precisions, nonfinite)
             self._phase = "ascended"
         if zero_grad:
@@ -271,8 +277,8 @@ class BayesianSAM(torch.optim.Optimizer):
         self._pending, self._phase = None, None
         self.step_count += 1
         # NOTE (host sync): the update is written with torch's _foreach ops, which cannot skip on a device
-        # flag (a select would turn the skipped step's NaNs into the state), so the flag is read once per
-        # step, here.
+        # flag (a select would turn the skipped step's NaNs into the state), so the flag is read here (and
+        # the first pass's in first_step).
         if not bool(torch.stack(flags).amax() != 0):
             for group, pairs in updates:
                 self._update(group, [p for p, _ in pairs], [s for _, s in pairs])

@@ -115,7 +115,7 @@ REFUSALS = (
     Refusal(lambda c: c.accumulate and not c.accumulates, ValueError,
             "accumulate(): {variant} with these options keeps state that follows a whole step's gradients "
             "(or renormalizes the descent by the step's ascent norm); micro-batches each with their own "
-            "ascent run with SAM, ASAM, USAM and MultiStepSAM"),
+            "ascent run with SAM, ASAM, USAM, Fisher-SAM, GC-SAM and MultiStepSAM"),
     Refusal(lambda c: c.accumulate and c.schedule == "after-backward", ValueError,
             "accumulate(): {schedule} decides from each first gradient's norm, which differs between the "
             "micro-batches of one step; use a host schedule (Interval, Randomized, LatePhase)"),

@@ -47,7 +47,7 @@ def descend(engine, run, ascent, grad_scale: torch.Tensor | None,
     plan, kept = ascent.plan, ascent.kept
     if ascent.stashed is not None:
         # NOTE: a plain step whose second backward was skipped: the first gradients come back.
-        for param, grad in zip(plan.params, ascent.stashed, strict=True):
+        for param, grad in ascent.stashed:
             if param.grad is None:
                 param.grad = grad
     grads = plan.grads() if plan is not None else None

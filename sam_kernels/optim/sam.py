@@ -167,10 +167,9 @@ class SAM(torch.optim.Optimizer):
         return None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """torch.optim's ``zero_grad``; also records that the gradients were cleared, so that a later
-        ``step(closure)`` can tell gradients computed since then (see ``step``)."""
+        """torch.optim's ``zero_grad``, recorded for ``step(closure)``; drops a parked micro-batch sum."""
+        accumulation.drop_sum(self._run)
         super().zero_grad(set_to_none)
-        self._run.parked = None  # NOTE: a micro-batch sum is dropped like the gradients
         self._run.grad_marks = (closure_convention.CLEARED if set_to_none
                                 else closure_convention.record(self._params()))
 
@@ -204,7 +203,8 @@ class SAM(torch.optim.Optimizer):
         scaler = grad_scaler if amp.scaler_enabled(grad_scaler) else None
         if self._run.ascent is not None:
             return ascend_further(self, self._run, scaler, zero_grad)  # raises unless one is due
-        run_step_hooks(self, "pre")
+        if self._run.parked is None:  # NOTE: the pre-hooks run once per step, not per micro-batch
+            run_step_hooks(self, "pre")
         ascend(self, self._run, scaler, zero_grad)
 
     def accumulate(self, closure: Callable[[], Any] | None = None, *, grad_scaler: Any = None) -> Any:

@@ -29,8 +29,10 @@ def closure_step(engine, run, closure: Callable[[], Any]) -> Any:
     if closure_convention.first_pass_done(params, run.grad_marks, type(engine).__name__):
         _warn_ascent_context_unused(engine, run)
     else:
+        parked = run.parked
         with torch.enable_grad(), engine._ascent_pass():
             loss = closure()
+        run.check_sum_kept(parked)
     engine.first_step(zero_grad=True)
     remaining_passes(engine, closure)
     engine.second_step()

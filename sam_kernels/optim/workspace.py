@@ -51,6 +51,8 @@ class Ascent:
     stashed: list | None = None
     #: Ascent steps taken (a multi-step policy takes ``Policy.ascent_steps``).
     count: int = 1
+    #: The gradients hold the micro-batches' running sum (put back at the last ascent step).
+    holds_sum: bool = False
 
 
 @dataclass
@@ -62,6 +64,13 @@ class Parked:
     grads: list
     #: 1.0 when an ascent gradient of an accumulated micro-batch was not finite.
     nonfinite: torch.Tensor
+
+
+#: The error of a ``zero_grad()`` (or a closure's) that would drop the micro-batches' running sum.
+DROPPED_SUM = ("zero_grad(): the gradients hold the micro-batches' running sum (micro-batch SAM) from a "
+               "micro-batch's first_step() to its accumulate() or descent, and a closure passed to "
+               "accumulate() or to step() after accumulate() must not zero them; clear the first gradients "
+               "with first_step(zero_grad=True)")
 
 
 @torch.compiler.disable
@@ -103,6 +112,11 @@ class Workspace:
         self.warned_ascent_context = False
         #: The micro-batches' summed SAM gradients between ``accumulate()`` and the next first step.
         self.parked: Parked | None = None
+
+    def check_sum_kept(self, parked: Parked | None) -> None:
+        """After a closure's pass at w: it must not have dropped the micro-batches' running sum."""
+        if parked is not None and self.parked is None:
+            raise RuntimeError(DROPPED_SUM)
 
     # ---------------------------------------------------------------------------- counters
 
