@@ -13,14 +13,15 @@
 #   bash scripts/test_compat.sh [PYTEST ARGS...]
 #
 # COMPAT_DIR: another place than build/compat (an absolute path). COMPAT_REF: the commit to test
-# (default HEAD). COMPAT_TESTS: what pytest runs (default: the ops, the optimizers but for their
+# (default HEAD). COMPAT_TESTS: what pytest runs (default: the ops and the noise op, the optimizers but for their
 # fuzzing, the Triton and native backends and the self-check; "python_tests" for the whole suite).
 # Then `python -m sam_kernels.selftest --quick` runs in the copy (COMPAT_SELFTEST: "full" for the whole
 # self-check, 0 for none).
 set -euo pipefail
 
-DEFAULT_TESTS="python_tests/test_ops.py python_tests/optim --ignore=python_tests/optim/test_fuzz_optim.py
-python_tests/backends/test_triton.py python_tests/backends/test_native.py python_tests/test_selftest.py"
+DEFAULT_TESTS="python_tests/test_ops.py python_tests/test_noise.py python_tests/optim
+--ignore=python_tests/optim/test_fuzz_optim.py python_tests/backends/test_triton.py
+python_tests/backends/test_native.py python_tests/test_selftest.py"
 
 # NOTE: one function, read whole before it runs, so that editing this file while the tests run (minutes)
 # cannot change the rest of that run.
