@@ -619,3 +619,26 @@ def test_companion_with_another_layout_is_a_clear_error(native):
         ops_.restore_([torch.randn(4, 14)[:, ::2]], [torch.randn(4, 7)])
     with pytest.raises(RuntimeError, match=r"dtype Int is not supported \(float32, float64, float16, "):
         ops_.restore_([torch.zeros(3, dtype=torch.int32)], [torch.zeros(3, dtype=torch.int32)])
+
+
+@pytest.mark.parametrize("keep_prob", [pytest.param(1.0, marks=pytest.mark.slow), 0.5], ids=["unmasked", "masked"])
+def test_a_large_perturbation_streams_the_backup_exactly(keep_prob):
+    """Over 16 MiB per call the CPU perturbation streams the backup with non-temporal stores (NOTE
+    (streamed backup), csrc/cpu/ops_cpu.cpp): weights and backups still equal the reference's bit for bit,
+    for a view whose data starts off a 16-byte boundary and for bfloat16 next to float32."""
+    require("native")
+    generator = torch.Generator().manual_seed(0)
+    storage = torch.randn(4_500_001, generator=generator)
+    params = [storage[1:], torch.randn(300_001, generator=generator).to(torch.bfloat16)]
+    grads = [torch.randn(p.shape, generator=generator).to(p.dtype) for p in params]
+    results = {}
+    for backend in ("native", "torch"):
+        weights = [storage.clone()[1:], params[1].clone()]  # the same misaligned start for both
+        backups = [torch.full_like(p, float("nan")) for p in weights]
+        norm = ops.grad_norm(weights, grads, backend="torch")[0]
+        ops.perturb_(weights, backups, norm, grads=grads, rho=0.5, keep_prob=keep_prob, seed=3, step=1,
+                     backend=backend)
+        results[backend] = (weights, backups)
+    assert results["native"][0][0].data_ptr() % 16 != 0  # the misaligned start is exercised
+    assert_bitwise_equal(results["native"][0], results["torch"][0], "weights")
+    assert_bitwise_equal(results["native"][1], results["torch"][1], "backups")
