@@ -621,7 +621,8 @@ def test_companion_with_another_layout_is_a_clear_error(native):
         ops_.restore_([torch.zeros(3, dtype=torch.int32)], [torch.zeros(3, dtype=torch.int32)])
 
 
-@pytest.mark.parametrize("keep_prob", [pytest.param(1.0, marks=pytest.mark.slow), 0.5], ids=["unmasked", "masked"])
+@pytest.mark.parametrize("keep_prob", [pytest.param(1.0, marks=pytest.mark.slow), 0.5],
+                         ids=["unmasked", "masked"])
 def test_a_large_perturbation_streams_the_backup_exactly(keep_prob):
     """Over 16 MiB per call the CPU perturbation streams the backup with non-temporal stores (NOTE
     (streamed backup), csrc/cpu/ops_cpu.cpp): weights and backups still equal the reference's bit for bit,
