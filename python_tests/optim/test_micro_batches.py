@@ -330,3 +330,23 @@ def test_step_hooks_run_once_per_step():
     x, y = make_batches(1, size=16)[0]
     two_call(optimizer, model, micro_batches(x, y))
     assert calls == ["pre", "post"]
+
+
+def test_momentum_sam_refuses_micro_batches_and_stays_perturbed():
+    """MomentumSAM has no ascent per micro-batch: accumulate() and micro_batch_step are refused before
+    anything moves, so the weights stay at its pending perturbation w~."""
+    from sam_kernels.optim import MomentumSAM
+
+    model = make_model()
+    optimizer = MomentumSAM(model.parameters(), lr=0.1, momentum=0.9, rho=0.3, backend="torch")
+    x, y = make_batches(1, size=16)[0]
+    for _ in range(2):
+        optimizer.zero_grad()
+        batch_loss(model, x, y).backward()
+        optimizer.step()
+    perturbed = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="one pass per step"):
+        optimizer.accumulate()
+    with pytest.raises(RuntimeError, match="one pass per step"):
+        optimizer.micro_batch_step(lambda batch: backward_closure(model, batch), micro_batches(x, y))
+    assert_bitwise_equal(list(model.parameters()), perturbed, "the weights stay at w~")

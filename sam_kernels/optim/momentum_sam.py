@@ -192,6 +192,14 @@ class MomentumSAM(SAM):
     def needs_second_pass(self) -> bool:
         return False
 
+    def accumulate(self, closure=None, *, grad_scaler: Any = None) -> Any:
+        # NOTE: refused before anything moves: the weights stay at w~, MomentumSAM's pending perturbation.
+        raise RuntimeError("accumulate(): MomentumSAM takes one pass per step, so its micro-batches have no "
+                           "ascent of their own; accumulate the gradients as for plain SGD, then step()")
+
+    def micro_batch_step(self, closure, micro_batches) -> Any:
+        return self.accumulate()
+
     # ---------------------------------------------------------------- unperturbed weights
 
     def unperturb(self) -> None:
