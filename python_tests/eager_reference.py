@@ -442,38 +442,14 @@ class EagerMSAM:
     """Momentum SAM over torch.optim.SGD: the gradient at w~ = w - rho * v / (||v|| + eps), then the SGD
     step from w (weight decay at w, torch's convention), then w~ from the new v."""
 
+    #: The optimizer-state entry the perturbation runs along.
+    direction = "momentum_buffer"
+
     def __init__(self, model: nn.Module, lr: float, momentum: float, rho: float,
                  weight_decay: float = 0.0) -> None:
-        self.params = list(model.parameters())
-        self.w = [p.detach().clone() for p in self.params]
-        self.base = torch.optim.SGD(self.params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-        self.rho = rho
+        self._start(model, torch.optim.SGD, rho, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
-    def step(self, model, x, y) -> None:
-        g = gradients(model, x, y)  # at w~ (the model holds w~ between steps)
-        with torch.no_grad():
-            for p, w in zip(self.params, self.w, strict=True):
-                p.copy_(w)
-        base_step(self.base, self.params, g)
-        self.w = [p.detach().clone() for p in self.params]
-        v = [self.base.state[p]["momentum_buffer"] for p in self.params]
-        scale = self.rho / (global_norm(v) + CHEAP_EPS)
-        with torch.no_grad():
-            for p, vi in zip(self.params, v, strict=True):
-                p.sub_(vi * scale)
-
-    def unperturbed(self) -> list[torch.Tensor]:
-        return self.w
-
-
-class EagerAdamMSAM:
-    """Momentum SAM over torch.optim.Adam or AdamW (the authors' AdamW_MSAM, MarlonBecker/MSAM): the
-    gradient at w~ = w - rho * m / (||m|| + eps), m Adam's first moment ``exp_avg`` as torch keeps it (not
-    bias corrected, rho not scaled by the learning rate), then torch's own Adam/AdamW step from w (its
-    weight decay at w, decoupled for AdamW: torch's order, decay before the update), then w~ from the new
-    m. The first step (no m yet) takes its gradient at w."""
-
-    def __init__(self, model: nn.Module, base_cls: type, rho: float, **options) -> None:
+    def _start(self, model: nn.Module, base_cls: type, rho: float, **options) -> None:
         self.params = list(model.parameters())
         self.w = [p.detach().clone() for p in self.params]
         self.base = base_cls(self.params, **options)
@@ -486,14 +462,27 @@ class EagerAdamMSAM:
                 p.copy_(w)
         base_step(self.base, self.params, g)
         self.w = [p.detach().clone() for p in self.params]
-        m = [self.base.state[p]["exp_avg"] for p in self.params]
-        scale = self.rho / (global_norm(m) + CHEAP_EPS)
+        v = [self.base.state[p][self.direction] for p in self.params]
+        scale = self.rho / (global_norm(v) + CHEAP_EPS)
         with torch.no_grad():
-            for p, mi in zip(self.params, m, strict=True):
-                p.sub_(mi * scale)
+            for p, vi in zip(self.params, v, strict=True):
+                p.sub_(vi * scale)
 
     def unperturbed(self) -> list[torch.Tensor]:
         return self.w
+
+
+class EagerAdamMSAM(EagerMSAM):
+    """Momentum SAM over torch.optim.Adam or AdamW (the authors' AdamW_MSAM, MarlonBecker/MSAM): the
+    gradient at w~ = w - rho * m / (||m|| + eps), m Adam's first moment ``exp_avg`` as torch keeps it (not
+    bias corrected, rho not scaled by the learning rate), then torch's own Adam/AdamW step from w (its
+    weight decay at w, decoupled for AdamW: torch's order, decay before the update), then w~ from the new
+    m. The first step (no m yet) takes its gradient at w."""
+
+    direction = "exp_avg"
+
+    def __init__(self, model: nn.Module, base_cls: type, rho: float, **options) -> None:
+        self._start(model, base_cls, rho, **options)
 
 
 def run(reference, model: nn.Module, batches) -> None:

@@ -27,6 +27,7 @@ import torch
 import transformers
 
 from ..optim import SAM
+from ..optim.styles import remaining_passes
 from . import unwrap
 
 __all__ = ["SAMTrainer"]
@@ -51,16 +52,10 @@ class SAMTrainer(transformers.Trainer):
         loss = super().training_step(model, inputs, num_items_in_batch)
         scaler = getattr(self.accelerator, "scaler", None)
         sam.first_step(zero_grad=True, grad_scaler=scaler)
-        for _ in range(sam.policy.ascent_steps - 1):
-            if not sam.needs_second_pass():
-                break
-            with sam.second_pass():
-                super().training_step(model, inputs, num_items_in_batch)
-            sam.first_step(zero_grad=True, grad_scaler=scaler)
-        if sam.needs_second_pass():
-            # NOTE: an error in the second pass puts the weights back to w before it propagates.
-            with sam.second_pass():
-                super().training_step(model, inputs, num_items_in_batch)
+        # NOTE: the passes at w + e (each further ascent step's too) run in second_pass(), so an error
+        # there puts the weights back to w before it propagates.
+        parent = super()
+        remaining_passes(sam, lambda: parent.training_step(model, inputs, num_items_in_batch), scaler)
         if not self.accelerator.sync_gradients:
             # NOTE (m-sharpness): not the last micro-batch of the step (the Trainer sets the flag before
             # each one): w back, this micro-batch's SAM gradient joins the sum.

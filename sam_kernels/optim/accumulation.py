@@ -29,23 +29,20 @@ def park(engine, run) -> None:
     if ascent is None:
         raise RuntimeError("accumulate(): call it after first_step() and the micro-batch's second "
                            "backward; the last micro-batch ends with second_step() (or scaler.step)")
-    row = combinations.refusal(combinations.combination_of(
-        policy, engine.base_optimizer, engine.fused, engine.foreach, engine.capturable,
-        amp=ascent.grad_scaler is not None, accumulate=True))
+    combination = combinations.combination_of(policy, engine.base_optimizer, engine.fused, engine.foreach,
+                                              engine.capturable, amp=ascent.grad_scaler is not None,
+                                              accumulate=True)
+    row = combinations.refusal(combination)
     if row is not None:
         engine._abandon_ascent()
-        row.raise_for(combinations.combination_of(policy, engine.base_optimizer, engine.fused,
-                                                  engine.foreach, engine.capturable, accumulate=True))
+        row.raise_for(combination)
     if not ascent.plain and ascent.count < policy.ascent_steps:
         engine._abandon_ascent()
         raise RuntimeError(f"accumulate(): {policy.name} takes {policy.ascent_steps} ascent steps; call "
                            "first_step() after each of them")
     with torch.no_grad():
         run.restore(ascent, engine.backend)
-    if ascent.stashed is not None:  # a plain step's first gradients, put aside by first_step(zero_grad)
-        for param, grad in ascent.stashed:
-            if param.grad is None:
-                param.grad = grad
+    ascent.unstash()
     params = engine._params()
     # NOTE (per-tensor loop): ``.grad`` is an attribute of each parameter, so parking and handing back
     # the sum visits each parameter once per micro-batch, as ``zero_grad()`` does; no tensor data moves.

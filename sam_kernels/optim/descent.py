@@ -45,11 +45,7 @@ def descend(engine, run, ascent, grad_scale: torch.Tensor | None,
     """The descent proper of ``engine`` (``run``: its ``Workspace``): the second gradients' flag and the
     policy's multiplier, then the fused or generic step; returns the context it ran with."""
     plan, kept = ascent.plan, ascent.kept
-    if ascent.stashed is not None:
-        # NOTE: a plain step whose second backward was skipped: the first gradients come back.
-        for param, grad in ascent.stashed:
-            if param.grad is None:
-                param.grad = grad
+    ascent.unstash()  # NOTE: a plain step whose second backward was skipped: the first gradients come back
     grads = plan.grads() if plan is not None else None
     if (grads is None or plan is not run.plan
             or run.plan_key(engine, engine._descent_kind()) != plan.key):

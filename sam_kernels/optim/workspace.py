@@ -54,6 +54,12 @@ class Ascent:
     #: The gradients hold the micro-batches' running sum (put back at the last ascent step).
     holds_sum: bool = False
 
+    def unstash(self) -> None:
+        """A plain step's gradients, put aside by ``first_step(zero_grad=True)``, back where none is."""
+        for param, grad in self.stashed or ():
+            if param.grad is None:
+                param.grad = grad
+
 
 @dataclass
 class Parked:
