@@ -5,7 +5,6 @@ gradient taken there drives the step (docs/algorithms.md)."""
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -105,7 +104,7 @@ def _check_beta1(betas: Any) -> None:
         beta1 = float(betas[0])
     except (TypeError, ValueError, IndexError, RuntimeError):
         raise ValueError(f"betas: expected (beta1, beta2), got {betas!r}") from None
-    if not 0 < beta1 < 1 or math.isnan(beta1):
+    if not 0 < beta1 < 1:  # NaN fails the comparison too
         raise ValueError(f"betas: MomentumSAM perturbs along Adam's first moment, so betas[0] must be in "
                          f"(0, 1), got {betas[0]!r}")
 
