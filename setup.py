@@ -84,7 +84,7 @@ def native_extensions() -> tuple[list, dict]:
         ) from error
 
     csrc = ROOT / "csrc"
-    sources = [csrc / "ops.cpp", *sorted((csrc / "cpu").glob("*.cpp"))]
+    sources = [csrc / "ops.cpp", csrc / "step_lists.cpp", *sorted((csrc / "cpu").glob("*.cpp"))]
     with_cuda, why = _cuda_decision(torch, cpp_extension)
     if force_cuda and not with_cuda:
         raise RuntimeError(f"SAM_KERNELS_FORCE_CUDA=1 but the CUDA part cannot be built: {why}")

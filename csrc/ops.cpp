@@ -3,8 +3,7 @@
 // The CPU implementations are registered in csrc/cpu/ops_cpu.cpp, the CUDA ones in csrc/cuda/ops_cuda.cpp;
 // the fake (meta) implementations that torch.compile and torch.library.opcheck need live in Python, in
 // sam_kernels/backends/native_backend.py.
-#include <Python.h>
-
+#include <pybind11/pybind11.h>
 #include <torch/library.h>
 
 #include <string>
@@ -58,54 +57,45 @@ TORCH_LIBRARY(sam_kernels, m) {
   m.def("philox4x32_10(Tensor counters, int key0, int key1) -> Tensor", tags);
 }
 
+namespace sam_kernels {
+void bind_step_lists(pybind11::module_& module);  // csrc/step_lists.cpp
+}  // namespace sam_kernels
+
 namespace {
 
 #define SAMK_STR2(x) #x
 #define SAMK_STR(x) SAMK_STR2(x)
 
-int add_build_info(PyObject* module) {
-#ifdef SAMK_WITH_CUDA
-  const long with_cuda = 1;
-  const std::string archs = sam_kernels::cuda::compiled_arch_list();
-  const std::string cuda_version = sam_kernels::cuda::compiled_cuda_version();
-#else
-  const long with_cuda = 0;
-  const std::string archs;
-  const std::string cuda_version;
-#endif
-  if (PyModule_AddIntConstant(module, "WITH_CUDA", with_cuda) < 0) return -1;
-  const long chunk_size = static_cast<long>(sam_kernels::kChunkSize);
-  if (PyModule_AddIntConstant(module, "CHUNK_SIZE", chunk_size) < 0) return -1;
-  if (PyModule_AddStringConstant(module, "CUDA_ARCHS", archs.c_str()) < 0) return -1;
-  if (PyModule_AddStringConstant(module, "CUDA_VERSION", cuda_version.c_str()) < 0) return -1;
-  if (PyModule_AddStringConstant(module, "BUILD_TOOL", SAMK_STR(SAMK_BUILD_TOOL)) < 0) return -1;
+const char* compiler_name() {
 #if defined(__clang__)
-  const char* compiler = "clang " __clang_version__;
+  return "clang " __clang_version__;
 #elif defined(__GNUC__)
-  const char* compiler = "gcc " __VERSION__;
+  return "gcc " __VERSION__;
 #elif defined(_MSC_VER)
-  const char* compiler = "msvc " SAMK_STR(_MSC_VER);
+  return "msvc " SAMK_STR(_MSC_VER);
 #else
-  const char* compiler = "unknown";
+  return "unknown";
 #endif
-  if (PyModule_AddStringConstant(module, "CXX_COMPILER", compiler) < 0) return -1;
-  return 0;
 }
-
-PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",
-                          "sam_kernels native kernels; the ops are torch.ops.sam_kernels.*", -1,
-                          nullptr};
 
 }  // namespace
 
 // NOTE: importing sam_kernels._C runs the static registrations above (TORCH_LIBRARY and the
-// TORCH_LIBRARY_IMPL blocks of the other files); the module itself only carries the build facts.
-extern "C" PyMODINIT_FUNC PyInit__C(void) {
-  PyObject* module = PyModule_Create(&module_def);
-  if (module == nullptr) return nullptr;
-  if (add_build_info(module) < 0) {
-    Py_DECREF(module);
-    return nullptr;
-  }
-  return module;
+// TORCH_LIBRARY_IMPL blocks of the other files); the module itself carries the build facts and the step
+// plans' StepLists class.
+PYBIND11_MODULE(_C, module) {
+  module.doc() = "sam_kernels native kernels; the ops are torch.ops.sam_kernels.*";
+#ifdef SAMK_WITH_CUDA
+  module.attr("WITH_CUDA") = 1;
+  module.attr("CUDA_ARCHS") = sam_kernels::cuda::compiled_arch_list();
+  module.attr("CUDA_VERSION") = sam_kernels::cuda::compiled_cuda_version();
+#else
+  module.attr("WITH_CUDA") = 0;
+  module.attr("CUDA_ARCHS") = "";
+  module.attr("CUDA_VERSION") = "";
+#endif
+  module.attr("CHUNK_SIZE") = static_cast<int64_t>(sam_kernels::kChunkSize);
+  module.attr("BUILD_TOOL") = SAMK_STR(SAMK_BUILD_TOOL);
+  module.attr("CXX_COMPILER") = compiler_name();
+  sam_kernels::bind_step_lists(module);
 }

@@ -5,12 +5,15 @@ same moment (a stale plan would write into old storage, skip a parameter or misr
 from __future__ import annotations
 
 import copy
+import weakref
 
 import pytest
 import torch
 from cases import on_backends, pairwise_over_backends
 from eager_reference import assert_models_equal, batch_loss, closure_step, make_batches, make_model
+from targets import require
 
+from sam_kernels.backends import native_backend
 from sam_kernels.optim import ESAM, SAM
 
 from .test_sam import two_call_step
@@ -238,3 +241,105 @@ def test_esam_keeps_its_plan_across_steps(backend):
         closure_step(optimizer, model, x, y)
         plans.append(optimizer._run.plan)
     assert len({id(plan) for plan in plans[2:]}) == 1
+
+
+# ----------------------------------------------------------------- the native plan's C++ lists (plan.py)
+
+CPP_LISTS_OPTIMIZERS = {name: OPTIMIZERS[name] for name in ("sgd", "adamw", "esam")}
+
+
+@pytest.mark.parametrize("name", list(CPP_LISTS_OPTIMIZERS))
+def test_native_steps_take_their_lists_in_cpp(name, monkeypatch):
+    """On the native backend a step calls no op with Python lists once the plan is built: the norms,
+    perturbations and descents go through the plan's C++ lists (ESAM's dropped tensors included), and the
+    trajectory is bit for bit the one of the same optimizer over Python lists."""
+    require("native")
+    make = CPP_LISTS_OPTIMIZERS[name]
+    model = make_model()
+    twin_model = copy.deepcopy(model)
+    optimizer, twin = make(model.parameters(), "native"), make(twin_model.parameters(), "native")
+    batches = make_batches(4)
+    for x, y in batches[:1]:  # the first step creates the state and builds the final plan
+        two_call_step(optimizer, model, x, y)
+        two_call_step(twin, twin_model, x, y)
+    assert optimizer._run.plan.lists is not None
+    python_calls = []
+    names = ("grad_norm", "perturb_", "restore_", "restore_sgd_step_", "restore_adam_step_")
+    real = {op: getattr(native_backend, op) for op in names}
+
+    def counted(op):
+        def call(*args, **kwargs):
+            python_calls.append(op)
+            return real[op](*args, **kwargs)
+        return call
+
+    for op in real:
+        monkeypatch.setattr(native_backend, op, counted(op))
+    for x, y in batches[1:]:
+        two_call_step(optimizer, model, x, y)
+    assert python_calls == []
+    with monkeypatch.context() as without_lists:  # the twin's plan is rebuilt without C++ lists
+        without_lists.delattr(native_backend, "step_lists")
+        twin.invalidate_plan()
+        for x, y in batches[1:]:
+            two_call_step(twin, twin_model, x, y)
+    assert twin._run.plan.lists is None and python_calls
+    assert_models_equal(model, twin_model)
+
+
+def test_the_plan_lets_go_of_the_gradients():
+    """After each pass the C++ lists hold no gradient: zero_grad(set_to_none=True) frees them."""
+    require("native")
+    model = make_model()
+    optimizer = OPTIMIZERS["sgd"](model.parameters(), "native")
+    x, y = make_batches(1)[0]
+    batch_loss(model, x, y).backward()
+    first = [weakref.ref(p.grad) for p in model.parameters()]
+    optimizer.first_step(zero_grad=True)
+    assert all(ref() is None for ref in first)
+    batch_loss(model, x, y).backward()
+    second = [weakref.ref(p.grad) for p in model.parameters()]
+    optimizer.second_step(zero_grad=True)
+    assert all(ref() is None for ref in second)
+
+
+def test_a_parameter_object_replaced_in_its_group_rebuilds_the_plan(backend):
+    """The plan holds the param groups' parameter objects: one replaced by another over the same storage
+    (nothing else about the plan changes) is seen, and the step uses the new one's gradient and state."""
+    params = [torch.nn.Parameter(torch.randn(4)) for _ in range(3)]
+    optimizer = SAM(params, torch.optim.SGD, lr=0.1, momentum=0.9, backend=backend)
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.ones(4)
+        optimizer.first_step()
+        optimizer.second_step()
+    replacement = torch.nn.Parameter(params[1].data)  # the same storage, a new parameter object
+    before = params[1].detach().clone()
+    optimizer.param_groups[0]["params"][1] = replacement
+    for p in params:
+        p.grad = torch.ones(4)
+    replacement.grad = torch.full((4,), 2.0)
+    optimizer.first_step()
+    optimizer.second_step()
+    # the replacement's first momentum step: buf = g, w -= lr * g
+    torch.testing.assert_close(replacement.detach(), before - 0.1 * 2.0, rtol=0, atol=1e-6)
+    assert "momentum_buffer" in optimizer.state[replacement]
+
+
+def test_a_copy_made_while_perturbed_restores_through_python_lists(backend):
+    """A deep copy of an optimizer between first_step and second_step has no C++ lists (they do not
+    copy); its descent still starts from the copied w: the same weights as the original's descent."""
+    model = make_model()
+    optimizer = OPTIMIZERS["esam"](model.parameters(), backend)
+    for x, y in make_batches(2):
+        two_call_step(optimizer, model, x, y)
+    x, y = make_batches(1, seed=9)[0]
+    batch_loss(model, x, y).backward()
+    optimizer.first_step(zero_grad=True)
+    batch_loss(model, x, y).backward()
+    model_copy, optimizer_copy = copy.deepcopy((model, optimizer))
+    for p, q in zip(model.parameters(), model_copy.parameters(), strict=True):
+        q.grad = p.grad.clone()
+    optimizer.second_step()
+    optimizer_copy.second_step()
+    assert_models_equal(model, model_copy)

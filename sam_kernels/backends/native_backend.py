@@ -129,6 +129,24 @@ def restore_adam_step_(params, backups, grads, exp_avgs, exp_avg_sqs, max_exp_av
                               grad_multiplier, found_inf)
 
 
+# ------------------------------------------------------- a step plan's lists on the C++ side (plan.py)
+
+
+def step_lists(param_lists, params, without_grad, backups, bounds, positions, contiguous: bool):
+    """A step plan's lists held in C++ (``_C.StepLists``, csrc/step_lists.cpp): ``param_lists`` the param
+    groups' parameter lists, ``params`` the planned ones (``bounds``: each group's start and stop),
+    ``without_grad`` the others, ``backups`` and ``positions`` (tensor indices) per planned parameter."""
+    return _C.StepLists(param_lists, params, without_grad, backups, bounds, positions, contiguous)
+
+
+def perturb_rows(lists, group: int, norm, step, config: PerturbConfig, kept: bytes | None) -> None:
+    """``perturb_`` over group ``group`` of a plan's C++ lists (its ``kept`` rows: one byte per planned
+    parameter, None for all), along their collected gradients."""
+    seed_lo, seed_hi = split_u64(config.seed)
+    lists.perturb(group, norm, step, config.rho, config.eps, config.keep_threshold, config.scale_factor,
+                  config.normalize, config.adaptive, config.adaptive_eta, seed_lo, seed_hi, kept)
+
+
 def philox4x32_10(counters: torch.Tensor, key: tuple[int, int]) -> torch.Tensor:
     """The kernels' own Philox4x32-10 on an int64 (N, 4) tensor of counter words; returns (N, 4) words."""
     return _ops().philox4x32_10(counters, int(key[0]), int(key[1]))

@@ -62,9 +62,9 @@ def ascend(engine, run, scaler: Any, zero_grad: bool) -> None:
     ascent = run.ascent = Ascent(plan, kept, plain_norm, nonfinite, scaler)
     if plan.params:
         with engine._restoring_on_error():
-            parts = ascent_parts(plan, grads if directions is None else directions, kept)
-            run.perturb(ascent, parts, norm,
-                        lambda group: policy.perturb_config(group, engine.eps, engine.seed), engine.backend)
+            run.perturb_plan(ascent, grads if directions is None else directions, norm,
+                             lambda group: policy.perturb_config(group, engine.eps, engine.seed),
+                             engine.backend)
     if type(policy).after_ascent is not Policy.after_ascent:  # NOTE: no context to build for SAM itself
         with engine._restoring_on_error():
             policy.after_ascent(engine._context(plan, grads, ascent))

@@ -10,7 +10,7 @@ import torch
 
 from . import amp
 from .base import base_step, clear_grads, run_step_hooks
-from .plan import StepPlan
+from .plan import StepPlan, kept_mask
 from .policy import StepContext
 
 
@@ -26,6 +26,7 @@ def run(engine, workspace, grad_scale: torch.Tensor | None, scaler_found_inf, ze
     # and leaves the optimizer state as it was.
     with engine._restoring_on_error():
         context = descend(engine, workspace, ascent, grad_scale, scaler_found_inf)
+    workspace.release()
     workspace.ascent = None
     workspace.grad_marks = None  # NOTE: step(closure) records again once its descent is done
     workspace.advance()
@@ -54,23 +55,22 @@ def descend(engine, run, ascent, grad_scale: torch.Tensor | None,
         run.restore(ascent, engine.backend)
         plan, grads = engine._plan()
         kept = [False] * len(plan.params)
-    else:
-        plan.check_grads(grads)
     context = engine._context(plan, grads, ascent)
     if grad_scale is not None:
         context.grad_scale = grad_scale.to(plan.device)
         context.inv_scale = amp.inverse(context.grad_scale)
     norm = None
+    if scaler_found_inf is not None:
+        # NOTE: GradScaler sums its per-device flags, so a flag may exceed 1; the ops want 0 or 1 (the
+        # engine's own flags are 0 or 1 already).
+        scaler_found_inf = (scaler_found_inf.to(device=plan.device, dtype=torch.float32) != 0).float()
     if scaler_found_inf is not None and not engine.policy.needs_descent_norm:
-        # NOTE: the scaler has just checked every gradient of this optimizer; no second norm pass.
-        nonfinite = scaler_found_inf.to(device=plan.device, dtype=torch.float32)
+        nonfinite = scaler_found_inf  # NOTE: the scaler has just checked every gradient; no norm pass
     else:
         norm, nonfinite = context.norm(grads)
         if scaler_found_inf is not None:
-            nonfinite = torch.maximum(nonfinite, scaler_found_inf.to(device=plan.device,
-                                                                     dtype=torch.float32))
-    # NOTE: GradScaler sums its per-device flags, so a flag may exceed 1; the ops want 0 or 1.
-    context.found_inf = (torch.maximum(ascent.nonfinite, nonfinite) != 0).float()
+            nonfinite = torch.maximum(nonfinite, scaler_found_inf)
+    context.found_inf = torch.maximum(ascent.nonfinite, nonfinite)
     context.descent_norm = norm
     if ascent.grad_scaler is not None:
         amp.record_found_inf(ascent.grad_scaler, engine, context.found_inf)
@@ -110,20 +110,25 @@ def fused(plan: StepPlan, grads: list[torch.Tensor], kept: list[bool] | None, fo
           multiplier: torch.Tensor | None, state: MutableMapping) -> None:
     """w = backup and the base optimizer's step, one fused op per param group; skipped on the device
     when ``found_inf`` is set."""
-    # NOTE: a parameter that was not perturbed (no ascent gradient, or dropped by ESAM's SWP) is its
-    # own backup: "w = backup" then reads the current weight, elementwise, before the same element
-    # is written.
-    backups = plan.backups if kept is None else [
-        backup if keep else param for backup, param, keep in zip(plan.backups, plan.local, kept,
-                                                                  strict=True)]
     # NOTE (atomic descent): the state was gathered and checked when the plan was built and every
     # group's options are read here, before any kernel runs; state the step created is stored
     # only after every group ran.
     configs = [group_plan.state.config(group_plan.group) for group_plan in plan.groups]
-    for group_plan, config in zip(plan.groups, configs, strict=True):
-        rows = slice(group_plan.start, group_plan.stop)
-        group_plan.state.run(plan.backend, plan.local[rows], backups[rows], grads[rows], config,
-                             multiplier, found_inf)
+    if plan.lists_for(grads) is not None:  # NOTE: the lists and gradients are taken in C++ (plan.py)
+        mask = kept_mask(kept)
+        for group_plan, config in zip(plan.groups, configs, strict=True):
+            group_plan.state.run_prepared(config, multiplier, found_inf, mask)
+    else:
+        # NOTE: a parameter that was not perturbed (no ascent gradient, or dropped by ESAM's SWP) is its
+        # own backup: "w = backup" then reads the current weight, elementwise, before the same element
+        # is written.
+        backups = plan.backups if kept is None else [
+            backup if keep else param
+            for backup, param, keep in zip(plan.backups, plan.local, kept, strict=True)]
+        for group_plan, config in zip(plan.groups, configs, strict=True):
+            rows = slice(group_plan.start, group_plan.stop)
+            group_plan.state.run(plan.backend, plan.local[rows], backups[rows], grads[rows], config,
+                                 multiplier, found_inf)
     for group_plan in plan.groups:
         group_plan.state.commit(state)
 

@@ -115,7 +115,21 @@ def _check_state(name: str, tensor, param: torch.Tensor, dtype: torch.dtype | No
                          "to this model and optimizer")
 
 
-class SgdGroupState:
+class _GroupState:
+    """What the fused steps' group states share: the plan's C++ lists, when it has them (``prepare``)."""
+
+    #: The plan's C++ lists (plan.py) and this group's index there.
+    lists = None
+    index = 0
+
+    def __getstate__(self) -> dict:
+        """A copied or pickled state drops the C++ lists (its plan drops them too)."""
+        state = dict(self.__dict__)
+        state.pop("lists", None)
+        return state
+
+
+class SgdGroupState(_GroupState):
     """``torch.optim.SGD``'s state of one group, as the fused restore-and-step takes it.
 
     NOTE: torch's SGD keeps ``state[p]['momentum_buffer']`` only when momentum is nonzero, created on a
@@ -150,18 +164,32 @@ class SgdGroupState:
 
     config = staticmethod(SgdConfig.of_group)
 
+    def prepare(self, lists, index: int) -> None:
+        """Hand the group's state lists to the plan's C++ lists (again after ``commit`` changed them)."""
+        self.lists, self.index = lists, index
+        lists.set_state(index, self.buffers, [], [], [], self.first_step)
+
     def run(self, backend, params, backups, grads, config: SgdConfig, grad_multiplier, found_inf) -> None:
         entry.restore_sgd_step_(backend, params, backups, grads, self.buffers, self.first_step, config,
                                 grad_multiplier, found_inf)
 
+    def run_prepared(self, config: SgdConfig, grad_multiplier, found_inf, kept: bytes | None) -> None:
+        """``run`` over the plan's own rows, its lists and collected gradients taken in C++ (``kept``:
+        ``plan.kept_mask`` of the rows the ascent perturbed)."""
+        self.lists.restore_sgd_step(self.index, config.values(), grad_multiplier, found_inf, kept)
+
     def commit(self, state: dict) -> None:
+        if not self.created:
+            return
         for index in self.created:
             state[self.params[index]]["momentum_buffer"] = self.buffers[index]
             self.first_step[index] = 0
         self.created = []
+        if self.lists is not None:
+            self.prepare(self.lists, self.index)
 
 
-class AdamGroupState:
+class AdamGroupState(_GroupState):
     """``torch.optim.Adam``/``AdamW``'s state of one group, as the fused restore-and-step takes it:
     missing entries are created the way torch's fused Adam creates them (the step on the parameter's
     device) and stored by ``commit`` once the step ran; existing ones are checked."""
@@ -206,6 +234,17 @@ class AdamGroupState:
         return entry
 
     config = staticmethod(AdamConfig.of_group)
+
+    def prepare(self, lists, index: int) -> None:
+        """Hand the group's state lists to the plan's C++ lists (they do not change after)."""
+        self.lists, self.index = lists, index
+        lists.set_state(index, self.exp_avgs, self.exp_avg_sqs, self.max_exp_avg_sqs or [], self.steps, [])
+
+    def run_prepared(self, config: AdamConfig, grad_multiplier, found_inf, kept: bytes | None) -> None:
+        """``run`` over the plan's own rows (the step counters advance in C++ as in ``entry``)."""
+        if config.amsgrad != self.amsgrad:
+            raise RuntimeError("amsgrad changed without a new step plan")
+        self.lists.restore_adam_step(self.index, config.values(), grad_multiplier, found_inf, kept)
 
     def run(self, backend, params, backups, grads, config: AdamConfig, grad_multiplier, found_inf) -> None:
         if config.amsgrad != self.amsgrad:

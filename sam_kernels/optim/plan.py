@@ -20,6 +20,14 @@ NOTE (invalidation): a plan is rebuilt when anything it holds may have changed:
     ``optimizer.invalidate_plan()`` after doing that;
   * the options that decide the fused kernels' operand lists (SGD momentum on or off, AMSGrad): in the
     key.
+NOTE (C++ lists): on the native backend a plan also holds its lists on the C++ side
+(``native_backend.step_lists``, csrc/step_lists.cpp): the parameters, backups, tensor indices and each
+group's fused-step state. A step then reads the gradients there (``grads``, one call that also runs the
+quick layout check), and the ops over the plan's own rows take their lists there (``lists_for``), so a
+step crosses into C++ a constant number of times instead of converting every list of every op call. The
+identity and storage checks above run there too. Rows that are not the plan's own (ESAM's subsets, a
+policy's directions) go through Python lists as before.
+
 Hyper-parameters (lr, rho, betas, ...) are read from the param groups at every step, so LR schedulers and
 edits of a group's options act at once.
 
@@ -48,6 +56,15 @@ from . import fused_steps
 #: ``id(None)``: NOTE: ``id(None) in map(id, grads)`` finds a missing gradient at C speed (``None in
 #: grads`` would call each tensor's ``__eq__``).
 _NONE_ID = id(None)
+
+#: ``StepLists.collect``'s status bits (csrc/step_lists.cpp): the plan is stale; a gradient failed the
+#: quick layout check (the named checks decide); some gradients are missing (allowed by ``may_lack``).
+_STALE, _CHECK, _MISSING = 1, 2, 4
+
+
+def kept_mask(kept: list[bool] | None) -> bytes | None:
+    """``kept`` (the rows that take part in an ascent) as the C++ lists take it: one byte per row."""
+    return None if kept is None else bytes(kept)
 
 #: Launch tables a Triton plan keeps per param group: each of the step's ops (norm, perturb, restore,
 #: descent) per dtype, with room for ESAM's per-step subsets.
@@ -108,11 +125,41 @@ class StepPlan:
         self._tables_backend = self._triton_tables(previous)
         #: ``backup(param)``: the backup buffer of a parameter (the optimizer's, allocated once).
         self.backups = [backup(p) for p in self.params]
-        self.check_grads(self.grads())
+        #: The plan's lists on the C++ side (see "C++ lists" above), or None.
+        self.lists = self._step_lists(groups)
+        #: The gradients of the last ``grads()`` while ``lists`` holds them (``lists_for``).
+        self.collected: list | None = None
+        self.grads()
         if kind is not None:
-            for group_plan in self.groups:
+            for index, group_plan in enumerate(self.groups):
                 params = self.params[group_plan.start:group_plan.stop]
                 group_plan.state = fused_steps.gather_state(kind, group_plan.group, params, state)
+                if self.lists is not None:
+                    group_plan.state.prepare(self.lists, index)
+
+    def _step_lists(self, groups: list[dict]):
+        """The backend's C++ copy of the plan's lists (the native backend's ``step_lists``), or None: other
+        backends, sharded parameters, and plans built while compiling use Python lists."""
+        make = getattr(backends.get(self.backend_name), "step_lists", None)
+        if make is None or self.sharded or torch.compiler.is_compiling():
+            return None
+        bounds = [row for group_plan in self.groups for row in (group_plan.start, group_plan.stop)]
+        positions = [index for group_plan in self.groups for index in group_plan.positions]
+        return make([group["params"] for group in groups], self.params, self.without_grad, self.backups,
+                    bounds, positions, self.contiguous)
+
+    def lists_for(self, grads) -> Any:
+        """The C++ lists when ``grads`` is the list the last ``grads()`` collected through them (the ops
+        can then take their gradients there), else None."""
+        if grads is None or grads is not self.collected or torch.compiler.is_compiling():
+            return None
+        return self.lists
+
+    def release(self) -> None:
+        """Let go of the collected gradients (a step's end), so that ``zero_grad`` frees them."""
+        if self.collected is not None:
+            self.collected = None
+            self.lists.release()
 
     def _triton_tables(self, previous: StepPlan | None):
         """The Triton backend over the optimizer's own launch tables, sized to its working set (a few
@@ -129,10 +176,11 @@ class StepPlan:
         return backends.get("triton").PlanBackend(capacity)
 
     def __getstate__(self) -> dict:
-        """A pickled or copied plan drops its launch tables (a cache) and finds its backend by name again,
-        so unpickling needs no Triton."""
+        """A pickled or copied plan drops its launch tables (a cache) and its C++ lists, and finds its
+        backend by name again, so unpickling needs no Triton (a copy's parameters are new objects, so its
+        plan is rebuilt, lists included, at its first step)."""
         state = dict(self.__dict__)
-        state["_tables_backend"] = None
+        state.update(_tables_backend=None, lists=None, collected=None)
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -158,9 +206,25 @@ class StepPlan:
         return tuple(map(torch.Tensor.data_ptr, self.local))
 
     def grads(self, may_lack: frozenset[int] = frozenset()) -> list[torch.Tensor | None] | None:
-        """The planned parameters' current (local) gradients, or None when the plan is stale: a planned
-        parameter has none (unless its id is in ``may_lack``: ESAM's dropped tensors, whose ascent
-        gradient autograd skipped), or a parameter left out of the plan has gained one."""
+        """The planned parameters' current (local) gradients, checked (``check_grads``), or None when the
+        plan is stale: a planned parameter has none (unless its id is in ``may_lack``: ESAM's dropped
+        tensors, whose ascent gradient autograd skipped), or a parameter left out of the plan has gained
+        one. With C++ lists the gradients are read and quick-checked there (one call)."""
+        if self.lists is not None and not torch.compiler.is_compiling():
+            status, grads = self.lists.collect(bool(may_lack))
+            if status & _STALE or (status & _MISSING and any(
+                    g is None and id(p) not in may_lack for p, g in zip(self.params, grads))):
+                return None
+            if status & _CHECK:
+                self.check_grads(grads)
+            self.collected = grads
+            return grads
+        grads = self._python_grads(may_lack)
+        self.check_grads(grads)
+        return grads
+
+    def _python_grads(self, may_lack: frozenset[int]) -> list[torch.Tensor | None] | None:
+        """``grads`` over Python lists (unchecked)."""
         grads = [p.grad for p in self.params]
         if _has_none(grads) and (not may_lack or any(
                 g is None and id(p) not in may_lack for p, g in zip(self.params, grads))):
@@ -174,7 +238,11 @@ class StepPlan:
     def is_current(self, key: tuple, groups: list[dict]) -> bool:
         """Whether the plan still describes the optimizer: the same key, the same parameter objects, the
         same storage (the gradient set is checked by ``grads``)."""
-        return key == self.key and _param_ids(groups) == self.param_ids and self._pointers() == self.pointers
+        if key != self.key:
+            return False
+        if self.lists is not None and not torch.compiler.is_compiling():
+            return self.lists.current([group["params"] for group in groups])
+        return _param_ids(groups) == self.param_ids and self._pointers() == self.pointers
 
     def check_grads(self, grads: Sequence[torch.Tensor] | None) -> None:
         """Dense gradients laid out like their parameters (see "gradients" above); the named checks only

@@ -202,10 +202,12 @@ class SAM(torch.optim.Optimizer):
         """
         scaler = grad_scaler if amp.scaler_enabled(grad_scaler) else None
         if self._run.ascent is not None:
-            return ascend_further(self, self._run, scaler, zero_grad)  # raises unless one is due
-        if self._run.parked is None:  # NOTE: the pre-hooks run once per step, not per micro-batch
-            run_step_hooks(self, "pre")
-        ascend(self, self._run, scaler, zero_grad)
+            ascend_further(self, self._run, scaler, zero_grad)  # raises unless one is due
+        else:
+            if self._run.parked is None:  # NOTE: the pre-hooks run once per step, not per micro-batch
+                run_step_hooks(self, "pre")
+            ascend(self, self._run, scaler, zero_grad)
+        self._run.release()
 
     def accumulate(self, closure: Callable[[], Any] | None = None, *, grad_scaler: Any = None) -> Any:
         """Micro-batch SAM (m-sharpness, accumulation.py): after the second backward of a micro-batch

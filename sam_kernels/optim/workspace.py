@@ -18,7 +18,7 @@ from ..backends import entry
 from ..backends.common import same_layout
 from ..distributed import all_reduce_norm, local_tensor, shard_group
 from . import closure_convention, fused_steps
-from .plan import StepPlan
+from .plan import StepPlan, kept_mask
 from .policy import StepContext
 
 
@@ -43,8 +43,10 @@ class Ascent:
     nonfinite: torch.Tensor
     #: The enabled GradScaler of the ascent (``first_step(grad_scaler=...)``), else None.
     grad_scaler: Any = None
-    #: (local params, backups) of each perturb call made: what a restore puts back.
+    #: (local params, backups) of each perturb call made over Python lists, and the plan groups perturbed
+    #: through its C++ lists (their rows in ``kept``): what a restore puts back.
     perturbed: list = field(default_factory=list)
+    perturbed_groups: list[int] = field(default_factory=list)
     #: A plain step (the schedule said no SAM): nothing was perturbed and the descent uses the first
     #: gradients, put aside in ``stashed`` when ``first_step(zero_grad=True)`` cleared them.
     plain: bool = False
@@ -163,6 +165,13 @@ class Workspace:
             self.backups[param] = backup
         return backup
 
+    def release(self) -> None:
+        """The end of an ascent or a descent: the plan lets go of the gradients it collected
+        (``StepPlan.release``). NOTE: not in a ``finally``: after an error they are held until the next
+        step's collect (a ``finally`` on every step costs more than the rare error path saves)."""
+        if self.plan is not None:
+            self.plan.release()
+
     def invalidate(self) -> None:
         self.plan_generation += 1
         self.plan = None
@@ -188,7 +197,6 @@ class Workspace:
         if plan is not None and plan.is_current(key, optimizer.param_groups):
             grads = plan.grads(may_lack)
             if grads is not None:
-                plan.check_grads(grads)
                 return plan, grads
         groups = optimizer.param_groups
         plan = self.plan = StepPlan(groups, optimizer.state, key, kind, self.backup, optimizer.backend,
@@ -198,10 +206,16 @@ class Workspace:
     # ---------------------------------------------------------------------------- norms
 
     def norm(self, plan: StepPlan, grads: list[torch.Tensor], weights: list[torch.Tensor] | None = None,
-             adaptive_eta: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Global norm and non-finite flag of ``grads`` (zeros on the device when empty); over the
-        local shards and all-reduced when the parameters are sharded (FSDP2)."""
-        if grads:
+             adaptive_eta: float = 0.0, kept: list[bool] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Global norm and non-finite flag of ``grads`` (zeros on the device when empty; the rows of
+        ``kept`` only); over the local shards and all-reduced when the parameters are sharded (FSDP2)."""
+        lists = plan.lists_for(grads)
+        if grads and lists is not None and (weights is None or weights is plan.local):
+            norm, nonfinite = lists.grad_norm(weights is not None, adaptive_eta, kept_mask(kept))
+        elif kept is not None:
+            weights = select(weights, kept) if weights is not None else None
+            return self.norm(plan, select(grads, kept), weights, adaptive_eta)
+        elif grads:
             norm, nonfinite = entry.grad_norm(plan.backend, grads, weights, adaptive_eta)
         else:
             norm = torch.zeros((), dtype=torch.float32, device=plan.device)
@@ -218,9 +232,9 @@ class Workspace:
                     weighting) -> tuple[torch.Tensor, torch.Tensor]:
         """Global norm of the ascent gradients, each group weighted by ``weighting(group)`` (ASAM)."""
         keys = [weighting(g.group) for g in plan.groups]
-        if kept is None and len(set(keys)) <= 1:  # the usual case: one call over the plan's lists
+        if len(set(keys)) <= 1:  # the usual case: one call over the plan's lists
             adaptive, eta = keys[0] if keys else (False, 0.0)
-            return self.norm(plan, grads, plan.local if adaptive else None, eta)
+            return self.norm(plan, grads, plan.local if adaptive else None, eta, kept)
         parts: dict[tuple[bool, float], tuple[list, list]] = defaultdict(lambda: ([], []))
         for key, group_plan in zip(keys, plan.groups, strict=True):
             rows = slice(group_plan.start, group_plan.stop)
@@ -270,12 +284,39 @@ class Workspace:
                              tensor_indices=positions, backend=backend)
             ascent.perturbed.append((params, backups))
 
+    def perturb_plan(self, ascent: Ascent, directions: list, norm: torch.Tensor, config_of,
+                     backend: str | None) -> None:
+        """``perturb`` over every group of the ascent's plan along ``directions``, without the tensors
+        that sit out the ascent (``ascent.kept``); when the directions are the plan's collected gradients,
+        through the plan's C++ lists (plan.py), recorded in ``ascent.perturbed_groups``."""
+        plan = ascent.plan
+        lists = plan.lists_for(directions)
+        if lists is None:
+            self.perturb(ascent, ascent_parts(plan, directions, ascent.kept), norm, config_of, backend)
+            return
+        step, mask = self.rng_step(norm.device), kept_mask(ascent.kept)
+        for index, group_plan in enumerate(plan.groups):
+            plan.backend.perturb_rows(lists, index, norm, step, config_of(group_plan.group), mask)
+            ascent.perturbed_groups.append(index)
+
     def restore(self, ascent: Ascent, backend: str | None) -> None:
         """w = backup for every parameter the ascent perturbed (idempotent: the backups hold w until the
         next ascent)."""
+        plan = ascent.plan
+        if ascent.perturbed_groups:
+            if plan.lists is not None:
+                mask = kept_mask(ascent.kept)
+                for index in ascent.perturbed_groups:
+                    plan.lists.restore(index, mask)
+            else:  # NOTE: a copied optimizer's plan has no C++ lists: the same rows through Python lists
+                for index in ascent.perturbed_groups:
+                    rows = slice(plan.groups[index].start, plan.groups[index].stop)
+                    mask = ascent.kept[rows] if ascent.kept is not None else None
+                    entry.restore_(plan.backend, select(plan.local[rows], mask),
+                                   select(plan.backups[rows], mask))
         for params, backups in ascent.perturbed:
-            if ascent.plan is not None:
-                entry.restore_(ascent.plan.backend, params, backups)
+            if plan is not None:
+                entry.restore_(plan.backend, params, backups)
             else:  # perturbed outside a step: through the op layer
                 ops.restore_(params, backups, backend=backend)
 
