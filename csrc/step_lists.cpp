@@ -134,26 +134,33 @@ class StepLists {
 
   // Reads every planned parameter's gradient (see Collected; `allow_missing`: a missing one is reported,
   // not stale); the ops below use the gradients of the last collect until `release`. Returns the status
-  // and, unless stale, the gradients as a Python list (None where missing).
-  std::tuple<int, py::object> collect(bool allow_missing) {
+  // and the rows whose gradient is missing (when allowed).
+  std::tuple<int, std::vector<int64_t>> collect(bool allow_missing) {
     for (const at::Tensor& p : without_grad_) {
-      if (p.grad().defined()) return {kStale, py::none()};
+      if (p.grad().defined()) return {kStale, {}};
     }
     int status = 0;
+    std::vector<int64_t> missing;
     for (size_t i = 0; i < params_.size(); ++i) {
       const at::Tensor& g = params_[i].grad();
       grads_[i] = g;
       if (!g.defined()) {
-        if (!allow_missing) return {kStale, py::none()};
+        if (!allow_missing) return {kStale, {}};
         status |= kMissing;
+        missing.push_back(static_cast<int64_t>(i));
       } else if (g.layout() != at::kStrided ||
                  (contiguous_ ? !g.is_contiguous() : g.strides() != params_[i].strides())) {
         status |= kCheck;
       }
     }
+    return {status, std::move(missing)};
+  }
+
+  // The collected gradients as a Python list (None where missing), for a reader on the Python side.
+  py::list grads() const {
     py::list grads(grads_.size());
     for (size_t i = 0; i < grads_.size(); ++i) grads[i] = py::cast(grads_[i]);
-    return {status, std::move(grads)};
+    return grads;
   }
 
   // Drops the collected gradients, so that a zero_grad(set_to_none=True) after the step frees them.
@@ -321,6 +328,7 @@ void bind_step_lists(py::module_& module) {
            py::arg("bounds"), py::arg("positions"), py::arg("contiguous"))
       .def("current", &StepLists::current)
       .def("collect", &StepLists::collect)
+      .def("grads", &StepLists::grads)
       .def("release", &StepLists::release)
       .def("grad_norm", &StepLists::grad_norm)
       .def("perturb", &StepLists::perturb)

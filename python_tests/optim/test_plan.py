@@ -343,3 +343,22 @@ def test_a_copy_made_while_perturbed_restores_through_python_lists(backend):
     optimizer.second_step()
     optimizer_copy.second_step()
     assert_models_equal(model, model_copy)
+
+
+def test_collected_gradients_are_read_once_and_not_after_their_pass():
+    """A native plan's gradients become a Python list on the first read (the parameters' own gradient
+    tensors, in plan order), and reading them after the pass ended raises instead of answering with a
+    later pass's gradients."""
+    require("native")
+    model = make_model()
+    optimizer = OPTIMIZERS["sgd"](model.parameters(), "native")
+    batch_loss(model, *make_batches(1)[0]).backward()
+    plan, grads = optimizer._plan()
+    read = grads[0:len(grads)]
+    assert all(g is p.grad for g, p in zip(read, model.parameters(), strict=True))
+    assert grads[0:len(grads)] is not read and list(grads) == read
+    unread = plan.grads()  # a new collect ends the pass of ``grads``
+    assert list(grads) == read  # already a list: still readable
+    plan.release()
+    with pytest.raises(RuntimeError, match="after the pass ended"):
+        unread[0]

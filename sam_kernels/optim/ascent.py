@@ -11,6 +11,7 @@ import torch
 
 from . import accumulation, amp
 from .base import clear_grads
+from .plan import as_list
 from .policy import Policy
 from .workspace import Ascent, ascent_parts, select
 
@@ -120,7 +121,7 @@ def scaled_norm(engine, norm: torch.Tensor, scale: torch.Tensor, grads: list, ke
         # norm stays non-finite, so the op still leaves the weights untouched.
         return norm + (scale - 1.0) * engine.eps
     if grads:
-        torch._foreach_mul_(select(grads, kept), amp.inverse(scale))
+        torch._foreach_mul_(select(as_list(grads), kept), amp.inverse(scale))
     return norm
 
 

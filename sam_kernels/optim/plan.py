@@ -62,6 +62,47 @@ _NONE_ID = id(None)
 _STALE, _CHECK, _MISSING = 1, 2, 4
 
 
+class Gradients(Sequence):
+    """The gradients a plan collected through its C++ lists, as a read-only sequence.
+
+    NOTE (lazy list): the ops over the plan's own rows take the gradients in C++ (``lists_for``), so a
+    SAM step never needs them as Python objects; wrapping each gradient in one costs about as much as an
+    op call. The Python list is made the first time something reads the sequence (a policy's
+    ``StepContext.grads``, an op over Python lists), once. Read after the pass ended (``release``), it
+    raises instead of answering with a later pass's gradients.
+    """
+
+    __slots__ = ("_items", "_lists", "_size")
+
+    def __init__(self, lists, size: int) -> None:
+        self._lists, self._size, self._items = lists, size, None
+
+    def list(self) -> list:
+        """The gradients as a Python list (None where a parameter sitting out the ascent has none)."""
+        if self._items is None:
+            if self._lists is None:
+                raise RuntimeError("the gradients of a pass were read after the pass ended")
+            self._items = self._lists.grads()
+        return self._items
+
+    def expire(self) -> None:
+        self._lists = None
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __getitem__(self, index):
+        return self.list()[index]
+
+    def __iter__(self):
+        return iter(self.list())
+
+
+def as_list(grads: Sequence | None) -> list | None:
+    """``grads`` as a Python list (``Gradients`` made one), for code that hands it to torch."""
+    return grads.list() if isinstance(grads, Gradients) else grads
+
+
 def kept_mask(kept: list[bool] | None) -> bytes | None:
     """``kept`` (the rows that take part in an ascent) as the C++ lists take it: one byte per row."""
     return None if kept is None else bytes(kept)
@@ -156,8 +197,9 @@ class StepPlan:
         return self.lists
 
     def release(self) -> None:
-        """Let go of the collected gradients (a step's end), so that ``zero_grad`` frees them."""
+        """Let go of the collected gradients (at a pass's end), so that ``zero_grad`` frees them."""
         if self.collected is not None:
+            self.collected.expire()
             self.collected = None
             self.lists.release()
 
@@ -211,13 +253,13 @@ class StepPlan:
         tensors, whose ascent gradient autograd skipped), or a parameter left out of the plan has gained
         one. With C++ lists the gradients are read and quick-checked there (one call)."""
         if self.lists is not None and not torch.compiler.is_compiling():
-            status, grads = self.lists.collect(bool(may_lack))
-            if status & _STALE or (status & _MISSING and any(
-                    g is None and id(p) not in may_lack for p, g in zip(self.params, grads))):
+            self.release()
+            status, missing = self.lists.collect(bool(may_lack))
+            if status & _STALE or any(id(self.params[row]) not in may_lack for row in missing):
                 return None
+            grads = self.collected = Gradients(self.lists, len(self.params))
             if status & _CHECK:
                 self.check_grads(grads)
-            self.collected = grads
             return grads
         grads = self._python_grads(may_lack)
         self.check_grads(grads)

@@ -33,6 +33,7 @@ import torch
 
 from ..backends.common import PerturbConfig
 from .checks import check_bool
+from .plan import as_list
 from .schedules import Schedule, check_schedule
 
 
@@ -44,8 +45,8 @@ class StepContext:
     #: shards), ``groups`` (per param group: ``group``, ``start``, ``stop``, ``positions``), ``backend``,
     #: ``device``.
     plan: Any
-    #: The current local gradients of ``plan.params`` (None for a tensor that sat out the ascent).
-    grads: list
+    #: The current local gradients of ``plan.params`` as the engine collected them (``grads``).
+    collected: Any
     #: The optimizer state (the base optimizer's, shared), per parameter, and the param groups (every
     #: parameter, with or without a gradient, and the group options).
     state: MutableMapping
@@ -70,6 +71,12 @@ class StepContext:
     stepped: bool | None = None
     #: The engine's working state, reached only through the methods below.
     _workspace: Any = field(default=None, repr=False)
+
+    @property
+    def grads(self) -> list:
+        """The current local gradients of ``plan.params`` (None for a tensor that sat out the ascent), a
+        Python list made on the first read (``plan.Gradients``)."""
+        return as_list(self.collected)
 
     @property
     def step(self) -> int:

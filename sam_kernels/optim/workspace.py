@@ -18,7 +18,7 @@ from ..backends import entry
 from ..backends.common import same_layout
 from ..distributed import all_reduce_norm, local_tensor, shard_group
 from . import closure_convention, fused_steps
-from .plan import StepPlan, kept_mask
+from .plan import StepPlan, as_list, kept_mask
 from .policy import StepContext
 
 
@@ -216,7 +216,7 @@ class Workspace:
             weights = select(weights, kept) if weights is not None else None
             return self.norm(plan, select(grads, kept), weights, adaptive_eta)
         elif grads:
-            norm, nonfinite = entry.grad_norm(plan.backend, grads, weights, adaptive_eta)
+            norm, nonfinite = entry.grad_norm(plan.backend, as_list(grads), weights, adaptive_eta)
         else:
             norm = torch.zeros((), dtype=torch.float32, device=plan.device)
             nonfinite = norm.clone()
