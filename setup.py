@@ -3,7 +3,7 @@
 What gets built (printed at build time; ``pip install -v`` shows it):
 
 * ``SAM_KERNELS_SKIP_EXT=1``: nothing native; the pure-Python install runs the Triton and torch backends.
-* otherwise the CPU part (csrc/ops.cpp, csrc/cpu/) always. It compiles against the installed torch, so
+* otherwise the CPU part (csrc/*.cpp, csrc/cpu/) always. It compiles against the installed torch, so
   torch must be importable at build time: build with ``pip install --no-build-isolation`` (an isolated
   build environment has no torch, and one that downloaded its own could differ from the torch the
   extension later loads into); a build that cannot import torch stops with an error saying so;
@@ -84,7 +84,8 @@ def native_extensions() -> tuple[list, dict]:
         ) from error
 
     csrc = ROOT / "csrc"
-    sources = [csrc / "ops.cpp", csrc / "step_lists.cpp", *sorted((csrc / "cpu").glob("*.cpp"))]
+    sources = [*(csrc / name for name in ("ops.cpp", "step_lists.cpp", "grad_marks.cpp")),
+               *sorted((csrc / "cpu").glob("*.cpp"))]
     with_cuda, why = _cuda_decision(torch, cpp_extension)
     if force_cuda and not with_cuda:
         raise RuntimeError(f"SAM_KERNELS_FORCE_CUDA=1 but the CUDA part cannot be built: {why}")

@@ -59,6 +59,7 @@ TORCH_LIBRARY(sam_kernels, m) {
 
 namespace sam_kernels {
 void bind_step_lists(pybind11::module_& module);  // csrc/step_lists.cpp
+void bind_grad_marks(pybind11::module_& module);  // csrc/grad_marks.cpp
 }  // namespace sam_kernels
 
 namespace {
@@ -82,7 +83,7 @@ const char* compiler_name() {
 
 // NOTE: importing sam_kernels._C runs the static registrations above (TORCH_LIBRARY and the
 // TORCH_LIBRARY_IMPL blocks of the other files); the module itself carries the build facts and the step
-// plans' StepLists class.
+// plans' StepLists and the closure convention's GradMarks.
 PYBIND11_MODULE(_C, module) {
   module.doc() = "sam_kernels native kernels; the ops are torch.ops.sam_kernels.*";
 #ifdef SAMK_WITH_CUDA
@@ -98,4 +99,5 @@ PYBIND11_MODULE(_C, module) {
   module.attr("BUILD_TOOL") = SAMK_STR(SAMK_BUILD_TOOL);
   module.attr("CXX_COMPILER") = compiler_name();
   sam_kernels::bind_step_lists(module);
+  sam_kernels::bind_grad_marks(module);
 }

@@ -21,9 +21,21 @@ from eager_reference import (
     make_model,
 )
 
-from sam_kernels.optim import SAM, Interval
+from sam_kernels.optim import SAM, Interval, closure_convention
 
 STEPS = 4
+
+
+@pytest.fixture(autouse=True, params=["native", "python"])
+def records(request, monkeypatch):
+    """Every test runs with the gradient records of the extension (csrc/grad_marks.cpp) and with the
+    Python ones (an install without the extension); each warns anew."""
+    monkeypatch.setattr(closure_convention, "_warned", set())
+    if request.param == "python":
+        monkeypatch.setattr(closure_convention, "_NATIVE_MARKS", None)
+    elif closure_convention._NATIVE_MARKS is None:
+        pytest.skip("the native extension is not built")
+    return request.param
 
 BASES = {
     "sgd": (torch.optim.SGD, {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3}),

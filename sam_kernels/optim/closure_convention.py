@@ -28,35 +28,45 @@ from collections.abc import Sequence
 
 import torch
 
+from ..backends import native_backend
+
 #: The record taken when no parameter held a gradient (the common case: ``zero_grad()``'s default
 #: ``set_to_none=True``, or a new optimizer): any gradient found later is new.
 CLEARED = ()
 
 
-class GradMarks:
-    """Per parameter, a weak reference to its gradient and the gradient's version counter (None for no
-    gradient). Weak, so that a cleared gradient is freed; the version counter changes with every
-    in-place write, backward's accumulation included."""
+class _Record:
+    """What the records share: a copied or unpickled optimizer has none (see ``first_pass_done``)."""
 
-    __slots__ = ("marks", "params")
-
-    def __init__(self, params: Sequence[torch.Tensor]) -> None:
-        # NOTE (per-tensor loop): one weak reference per parameter, taken only by step(closure) and
-        # zero_grad(set_to_none=False); the two-call style never pays it.
-        self.params = tuple(params)
-        self.marks = tuple(None if p.grad is None else (weakref.ref(p.grad), p.grad._version)
-                           for p in self.params)
+    __slots__ = ()
 
     def __reduce__(self):
-        # NOTE: weak references do not pickle, and a copy's would point at the original's gradients; a
-        # copied or unpickled optimizer has no record (see first_pass_done).
+        # NOTE: weak references do not pickle, and a copy's would point at the original's gradients.
         return _no_record, ()
 
     def __deepcopy__(self, memo: dict) -> None:
         return None
 
-    def changed(self, params: Sequence[torch.Tensor]) -> bool:
-        """Whether any of ``params`` holds a gradient that is not the recorded one, as recorded."""
+
+class GradMarks(_Record):
+    """Per parameter, a weak reference to its gradient and the gradient's version counter (None for no
+    gradient). Weak, so that a cleared gradient is freed; the version counter changes with every
+    in-place write, backward's accumulation included. Without the native extension (``NativeMarks``
+    otherwise)."""
+
+    __slots__ = ("marks", "params")
+
+    def __init__(self, params: Sequence[torch.Tensor]) -> None:
+        # NOTE (per-tensor loop): one weak reference per parameter, taken only by step(closure) and
+        # zero_grad(set_to_none=False) when the extension is not built; the two-call style never pays it.
+        self.params = tuple(params)
+        self.marks = tuple(None if p.grad is None else (weakref.ref(p.grad), p.grad._version)
+                           for p in self.params)
+
+    def changed(self, groups: list[dict]) -> bool:
+        """Whether any parameter of ``groups`` holds a gradient that is not the recorded one, as
+        recorded."""
+        params = _params(groups)
         if len(params) != len(self.params) or any(a is not b for a, b in zip(params, self.params)):
             return any(p.grad is not None for p in params)  # a new parameter set: nothing to compare
         for param, mark in zip(params, self.marks):
@@ -68,29 +78,59 @@ class GradMarks:
         return False
 
 
+class NativeMarks(_Record):
+    """``GradMarks`` taken and compared in C++ (``sam_kernels._C.GradMarks``, csrc/grad_marks.cpp): the
+    same record, one pass over the param groups' lists instead of a Python loop per parameter."""
+
+    __slots__ = ("native",)
+
+    def __init__(self, groups: list[dict]) -> None:
+        self.native = _NATIVE_MARKS([group["params"] for group in groups])
+
+    def any(self) -> bool:
+        """Whether any parameter held a gradient at the record."""
+        return self.native.any()
+
+    def changed(self, groups: list[dict]) -> bool:
+        """As ``GradMarks.changed``."""
+        return self.native.changed([group["params"] for group in groups])
+
+
+#: The extension's record, None when it is not built.
+_NATIVE_MARKS = getattr(native_backend._C, "GradMarks", None)
+
+
+def _params(groups: list[dict]) -> list[torch.Tensor]:
+    return [param for group in groups for param in group["params"]]
+
+
 def _no_record() -> None:
     return None
 
 
-def record(params: Sequence[torch.Tensor]) -> GradMarks | tuple:
-    """The gradients of ``params`` as they are now (``CLEARED`` when none has one)."""
+def record(groups: list[dict]) -> _Record | tuple:
+    """The gradients of the parameters of ``groups`` (param groups) as they are now (``CLEARED`` when none
+    has one)."""
+    if _NATIVE_MARKS is not None and not torch.compiler.is_compiling():
+        marks = NativeMarks(groups)
+        return marks if marks.any() else CLEARED
+    params = _params(groups)
     if all(p.grad is None for p in params):
         return CLEARED
     return GradMarks(params)
 
 
-def first_pass_done(params: Sequence[torch.Tensor], marks: GradMarks | tuple | None,
-                    who: str) -> bool:
+def first_pass_done(groups: list[dict], marks: _Record | tuple | None, who: str) -> bool:
     """Whether ``step(closure)`` finds the first pass already run: gradients computed at w since the
     record ``marks``. ``marks`` None (no record since a two-call step) takes torch's convention and warns
     once when gradients are present."""
     if marks is CLEARED:
-        return any(p.grad is not None for p in params)
+        return any(p.grad is not None for p in _params(groups))
     if marks is None:
-        if any(p.grad is not None for p in params):
+        if any(p.grad is not None for p in _params(groups)):
             _warn_unrecorded(who)
         return False
-    return marks.changed(params)
+    return marks.changed(groups)
 
 
 _warned: set[str] = set()

@@ -84,7 +84,7 @@ class SAM(torch.optim.Optimizer):
         backends.resolve(device_of(self.param_groups), backend)
         if self._descent_kind() is None and capturable:
             raise ValueError(f"capturable=True: {fused_steps.unsupported_reason(base, policy)}")
-        self._run.grad_marks = closure_convention.record(self._params())
+        self._run.grad_marks = closure_convention.record(self.param_groups)
         if capturable:
             self._rng_step(device_of(self.param_groups))
 
@@ -171,7 +171,7 @@ class SAM(torch.optim.Optimizer):
         accumulation.drop_sum(self._run)
         super().zero_grad(set_to_none)
         self._run.grad_marks = (closure_convention.CLEARED if set_to_none
-                                else closure_convention.record(self._params()))
+                                else closure_convention.record(self.param_groups))
 
     @contextlib.contextmanager
     def second_pass(self) -> Iterator[None]:

@@ -24,9 +24,8 @@ def closure_step(engine, run, closure: Callable[[], Any]) -> Any:
         raise RuntimeError("step(closure) under torch.amp.GradScaler is not supported (the scaler "
                            "checks the gradients before the closure runs); use first_step("
                            "grad_scaler=scaler), the second backward, then scaler.step(optimizer)")
-    params = [param for group in engine.param_groups for param in group["params"]]
     loss = None
-    if closure_convention.first_pass_done(params, run.grad_marks, type(engine).__name__):
+    if closure_convention.first_pass_done(engine.param_groups, run.grad_marks, type(engine).__name__):
         _warn_ascent_context_unused(engine, run)
     else:
         parked = run.parked
@@ -36,7 +35,7 @@ def closure_step(engine, run, closure: Callable[[], Any]) -> Any:
     engine.first_step(zero_grad=True)
     remaining_passes(engine, closure)
     engine.second_step()
-    run.grad_marks = closure_convention.record(params)
+    run.grad_marks = closure_convention.record(engine.param_groups)
     return loss
 
 
