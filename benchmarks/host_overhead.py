@@ -7,8 +7,12 @@ Variants, each an iteration's optimizer work with the gradients already in place
 * ``sam_kernels SAM/SSAM/ESAM [backend]``: the optimizer classes, ``first_step()`` + ``second_step()``
   over SGD with momentum and weight decay (ESAM: per-tensor SWP, beta 0.6, two-call loop with gamma 1);
 * ``sgd fused`` / ``sgd foreach``: one ``torch.optim.SGD`` step, the base optimizer alone;
-* ``eager SAM`` and ``foreach SAM``: the per-tensor and the foreach SAM.
-The variants are those of ``benchmarks.optimizer_step``.
+* ``eager SAM`` and ``foreach SAM``: the per-tensor and the foreach SAM;
+* on the first backend only, what the other calling styles add: ``SAM step(closure)`` (torch's closure
+  convention, the closure setting the same gradients again, as zero_grad and backward would), ``the
+  closure alone, twice`` (its own work, to subtract), and ``SAM Interval(2)`` (a schedule: every other
+  step plain).
+The variants are those of ``benchmarks.optimizer_step`` and the three above.
 
 Every variant is timed ``--repeats`` times per round, the variants interleaved over ``--rounds`` rounds;
 the median over all calls is reported with its interquartile range, and each ratio is to the fused SGD
@@ -30,6 +34,8 @@ from pathlib import Path
 import torch
 
 from benchmarks import optimizer_step
+from sam_kernels import SAM
+from sam_kernels.optim import Interval
 
 
 def make_params(count: int, device) -> list[torch.nn.Parameter]:
@@ -37,6 +43,41 @@ def make_params(count: int, device) -> list[torch.nn.Parameter]:
     for p in params:
         p.grad = torch.randn(1, device=device) * 1e-3
     return params
+
+
+class ClosureSAM:
+    """``SAM.step(closure)`` in torch's convention; the closure sets the gradients found at
+    construction again (what ``zero_grad()`` and ``backward()`` would leave)."""
+
+    def __init__(self, params, backend: str, run_optimizer: bool = True) -> None:
+        self.optimizer = optimizer_step.FusedSAM(params, backend).optimizer
+        self.pairs = [(p, p.grad) for p in params]
+        self.run_optimizer = run_optimizer
+
+    def closure(self) -> float:
+        for param, grad in self.pairs:
+            param.grad = grad
+        return 0.0
+
+    def step(self) -> None:
+        if self.run_optimizer:
+            self.optimizer.step(self.closure)
+        else:  # the closure's own work in one step(closure): two calls
+            self.closure()
+            self.closure()
+
+
+class IntervalSAM:
+    """The two-call iteration under ``schedule=Interval(2)``: every other step plain (no perturbation)."""
+
+    def __init__(self, params, backend: str) -> None:
+        self.optimizer = SAM(params, torch.optim.SGD, rho=optimizer_step.RHO, lr=optimizer_step.LR,
+                             momentum=optimizer_step.MOMENTUM, weight_decay=optimizer_step.WEIGHT_DECAY,
+                             backend=backend, schedule=Interval(2))
+
+    def step(self) -> None:
+        self.optimizer.first_step()
+        self.optimizer.second_step()
 
 
 def variants(device) -> dict:
@@ -53,6 +94,10 @@ def variants(device) -> dict:
             ps, b, renormalize=True)
         table[f"sam_kernels ESAM [{backend}]"] = lambda ps, b=backend: optimizer_step.FusedSAM(
             ps, b, keep=0.6)
+    first = optimizer_step.available_backends(device)[0]
+    table[f"sam_kernels SAM step(closure) [{first}]"] = lambda ps: ClosureSAM(ps, first)
+    table["the closure alone, twice"] = lambda ps: ClosureSAM(ps, first, run_optimizer=False)
+    table[f"sam_kernels SAM Interval(2) [{first}]"] = lambda ps: IntervalSAM(ps, first)
     return table
 
 
@@ -100,7 +145,7 @@ def summary_lines(rows: list[dict]) -> list[str]:
     """One line per tensor count: each sam_kernels SAM row's host time against the fused SGD step's."""
     return [f"host cost, {row['params']} tensors: {row['variant']} {row['vs_sgd_fused']:.2f}x fused SGD "
             f"({row['vs_sgd_fused_range'][0]:.2f}-{row['vs_sgd_fused_range'][1]:.2f})"
-            for row in rows if row["variant"].startswith("sam_kernels SAM")]
+            for row in rows if row["variant"].startswith("sam_kernels SAM [")]
 
 
 def format_table(rows: list[dict], device) -> str:

@@ -79,7 +79,9 @@ def test_fused_variant_perturbs_before_it_restores(monkeypatch):
     assert_close(seen["perturbed"], expected)
 
 
-@pytest.mark.parametrize("name", ["sgd foreach", "sam_kernels SAM [native]", "sam_kernels ESAM [native]"])
+@pytest.mark.parametrize("name", ["sgd foreach", "sam_kernels SAM [native]", "sam_kernels ESAM [native]",
+                                  "sam_kernels SAM step(closure) [native]",
+                                  "sam_kernels SAM Interval(2) [native]"])
 def test_host_overhead_variants_end_at_the_base_step(name):
     from benchmarks import host_overhead
 
