@@ -51,6 +51,10 @@ c10::TypedOperatorHandle<Signature> op(const char* name) {
 // counter for these ops either).
 using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
 
+// NOTE (GIL): the op methods release the GIL while the kernels run, as torch's own op calls from Python
+// do (a CPU step can take tens of milliseconds); the Python objects they read (the kept mask's bytes)
+// are held by the caller's arguments for the whole call.
+
 using OptionalTensor = std::optional<at::Tensor>;
 
 // The rows of a step that take part in its ascent (ESAM's per-tensor SWP leaves some out): None for all of
@@ -172,6 +176,7 @@ class StepLists {
     static const auto norm_op =
         op<std::tuple<at::Tensor, at::Tensor>(at::TensorList, at::TensorList, double)>("sam_kernels::grad_norm");
     const Kept kept(mask, params_.size());
+    const py::gil_scoped_release no_gil;
     BelowAutograd below;
     if (kept.all()) {
       return norm_op.call(grads_, weighted ? at::TensorList(params_) : at::TensorList(), adaptive_eta);
@@ -199,6 +204,7 @@ class StepLists {
             "sam_kernels::perturb_");
     const GroupLists& g = group_at(group);
     const Kept kept(mask, params_.size());
+    const py::gil_scoped_release no_gil;
     BelowAutograd below;
     if (kept.all()) {
       perturb_op.call(rows(params_, g), rows(grads_, g), rows(backups_, g),
@@ -225,6 +231,7 @@ class StepLists {
     static const auto restore_op = op<void(at::TensorList, at::TensorList)>("sam_kernels::restore_");
     const GroupLists& g = group_at(group);
     const Kept kept(mask, params_.size());
+    const py::gil_scoped_release no_gil;
     BelowAutograd below;
     if (kept.all()) {
       restore_op.call(rows(params_, g), rows(backups_, g));
@@ -256,6 +263,7 @@ class StepLists {
                 at::ArrayRef<double>, const OptionalTensor&, const OptionalTensor&)>("sam_kernels::restore_sgd_step_");
     const GroupLists& g = group_at(group);
     const std::vector<at::Tensor> backups = group_backups(g, Kept(mask, params_.size()));
+    const py::gil_scoped_release no_gil;
     BelowAutograd below;
     sgd_op.call(rows(params_, g), backups, rows(grads_, g), g.state[0], g.first_step, config, grad_multiplier,
                 found_inf);
@@ -270,6 +278,7 @@ class StepLists {
             "sam_kernels::restore_adam_step_");
     const GroupLists& g = group_at(group);
     const std::vector<at::Tensor> backups = group_backups(g, Kept(mask, params_.size()));
+    const py::gil_scoped_release no_gil;
     BelowAutograd below;
     if (found_inf.has_value()) {
       const at::Tensor increment = found_inf->eq(0).to(at::kFloat);

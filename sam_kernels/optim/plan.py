@@ -24,9 +24,10 @@ NOTE (C++ lists): on the native backend a plan also holds its lists on the C++ s
 (``native_backend.step_lists``, csrc/step_lists.cpp): the parameters, backups, tensor indices and each
 group's fused-step state. A step then reads the gradients there (``grads``, one call that also runs the
 quick layout check), and the ops over the plan's own rows take their lists there (``lists_for``), so a
-step crosses into C++ a constant number of times instead of converting every list of every op call. The
-identity and storage checks above run there too. Rows that are not the plan's own (ESAM's subsets, a
-policy's directions) go through Python lists as before.
+step crosses into C++ a constant number of times instead of converting every list of every op call
+(ESAM's rows that sit out the ascent as a byte mask, ``kept_mask``). The identity and storage checks
+above run there too. Lists that are not the plan's own (a policy's directions) go through Python lists
+as before.
 
 Hyper-parameters (lr, rho, betas, ...) are read from the param groups at every step, so LR schedulers and
 edits of a group's options act at once.
@@ -169,7 +170,7 @@ class StepPlan:
         #: The plan's lists on the C++ side (see "C++ lists" above), or None.
         self.lists = self._step_lists(groups)
         #: The gradients of the last ``grads()`` while ``lists`` holds them (``lists_for``).
-        self.collected: list | None = None
+        self.collected: Gradients | None = None
         self.grads()
         if kind is not None:
             for index, group_plan in enumerate(self.groups):
@@ -256,6 +257,7 @@ class StepPlan:
             self.release()
             status, missing = self.lists.collect(bool(may_lack))
             if status & _STALE or any(id(self.params[row]) not in may_lack for row in missing):
+                self.lists.release()
                 return None
             grads = self.collected = Gradients(self.lists, len(self.params))
             if status & _CHECK:
