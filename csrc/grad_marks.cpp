@@ -28,14 +28,16 @@ struct Mark {
   int64_t version = 0;           // its version counter then (every in-place write, backward's included, bumps it)
 };
 
-// The parameters of `param_lists` (each group's "params" list), flattened, as (object, tensor).
+// The parameters of `param_lists` (each group's "params", a list or a tuple: closure_convention.py
+// makes any other sequence a list), flattened, as (object, tensor); false when an entry is neither.
 template <typename F>
 bool for_each_param(const py::list& param_lists, F&& f) {
   for (const py::handle list : param_lists) {
-    if (!PyList_Check(list.ptr())) return false;
-    const Py_ssize_t size = PyList_GET_SIZE(list.ptr());
+    if (!(PyList_Check(list.ptr()) || PyTuple_Check(list.ptr()))) return false;
+    const Py_ssize_t size = PySequence_Fast_GET_SIZE(list.ptr());
+    PyObject** items = PySequence_Fast_ITEMS(list.ptr());
     for (Py_ssize_t i = 0; i < size; ++i) {
-      PyObject* object = PyList_GET_ITEM(list.ptr(), i);
+      PyObject* object = items[i];
       if (!THPVariable_Check(object)) return false;
       if (!f(object, THPVariable_Unpack(object))) return false;
     }

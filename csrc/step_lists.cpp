@@ -124,10 +124,15 @@ class StepLists {
     if (static_cast<size_t>(py::len(param_lists)) != lengths_.size()) return false;
     size_t k = 0;
     for (size_t g = 0; g < lengths_.size(); ++g) {
+      // NOTE: a group's "params" is a list (torch.optim makes it one) or a tuple a user assigned; any
+      // other sequence is reported stale here (the plan then checks over Python lists).
       PyObject* list = PyList_GET_ITEM(param_lists.ptr(), g);
-      if (!PyList_Check(list) || PyList_GET_SIZE(list) != lengths_[g]) return false;
+      if (!(PyList_Check(list) || PyTuple_Check(list)) || PySequence_Fast_GET_SIZE(list) != lengths_[g]) {
+        return false;
+      }
+      PyObject** items = PySequence_Fast_ITEMS(list);
       for (Py_ssize_t i = 0; i < lengths_[g]; ++i, ++k) {
-        if (PyList_GET_ITEM(list, i) != objects_[k].ptr()) return false;
+        if (items[i] != objects_[k].ptr()) return false;
       }
     }
     for (size_t i = 0; i < params_.size(); ++i) {

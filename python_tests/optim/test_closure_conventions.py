@@ -203,3 +203,16 @@ def test_an_optimizer_with_a_record_copies_and_pickles():
         warnings.simplefilter("ignore")
         closure_step(optimizer_copy, model_copy, x, y, calls)
     assert len(calls) == 2
+
+
+def test_groups_holding_tuples_are_recorded():
+    """torch's convention over param groups whose "params" a user replaced by tuples: the record still
+    sees their gradients, so the closure runs twice on every step."""
+    model = make_model()
+    optimizer = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.05)
+    for group in optimizer.param_groups:
+        group["params"] = tuple(group["params"])
+    for x, y in make_batches(3):
+        calls: list = []
+        closure_step(optimizer, model, x, y, calls)
+        assert len(calls) == 2

@@ -362,3 +362,85 @@ def test_collected_gradients_are_read_once_and_not_after_their_pass():
     plan.release()
     with pytest.raises(RuntimeError, match="after the pass ended"):
         unread[0]
+
+
+def test_groups_holding_tuples_keep_their_plan_and_their_ascent_steps(backend):
+    """A param group whose "params" a user replaced by a tuple is checked like a list: the plan is not
+    rebuilt every step, so a multi-step ascent keeps its plan between its steps."""
+    from sam_kernels.optim import MultiStepSAM
+    model = make_model()
+    optimizer = MultiStepSAM(model.parameters(), torch.optim.SGD, lr=0.05, ascent_steps=2, backend=backend)
+    for group in optimizer.param_groups:
+        group["params"] = tuple(group["params"])
+    plans = []
+    for x, y in make_batches(3):
+        batch_loss(model, x, y).backward()
+        optimizer.first_step(zero_grad=True)
+        batch_loss(model, x, y).backward()
+        optimizer.first_step(zero_grad=True)
+        batch_loss(model, x, y).backward()
+        optimizer.second_step(zero_grad=True)
+        plans.append(optimizer._run.plan)
+    assert plans[1] is plans[2]
+
+
+def test_a_copy_restores_when_a_whole_group_sat_out_the_ascent():
+    """ESAM dropping every tensor of a group: a copy made while perturbed (no C++ lists) puts back
+    exactly the weights of the groups that moved."""
+    require("native")
+    torch.manual_seed(0)
+    for seed in range(64):  # a seed whose draw drops the second group's only tensor
+        model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2, bias=False))
+        optimizer = ESAM([{"params": list(model[0].parameters())}, {"params": list(model[1].parameters())}],
+                         torch.optim.SGD, lr=0.1, beta=0.5, gamma=1.0, seed=seed, backend="native")
+        model(torch.randn(5, 4)).sum().backward()
+        before = [p.detach().clone() for p in model.parameters()]
+        optimizer.first_step(zero_grad=True)
+        kept = optimizer._run.ascent.kept
+        if kept is not None and not kept[-1] and any(kept):
+            break
+    else:
+        pytest.fail("no seed dropped the second group")
+    model_copy, optimizer_copy = copy.deepcopy((model, optimizer))
+    optimizer_copy._abandon_ascent()
+    assert all(torch.equal(p.detach(), b) for p, b in zip(model_copy.parameters(), before, strict=True))
+
+
+def test_a_policy_reads_the_gradients_in_after_step(backend):
+    """``StepContext.grads`` is readable in every hook of a step, ``after_step`` included."""
+    from sam_kernels.optim.policy import Policy
+
+    class Reading(Policy):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list = []
+
+        def after_step(self, context) -> None:
+            self.seen.append([g is p.grad for g, p in zip(context.grads, context.plan.params, strict=True)])
+
+    model = make_model()
+    policy = Reading()
+    optimizer = SAM(model.parameters(), torch.optim.SGD, lr=0.05, backend=backend, policy=policy)
+    for x, y in make_batches(2):
+        two_call_step(optimizer, model, x, y)
+    assert len(policy.seen) == 2 and all(all(row) for row in policy.seen)
+
+
+def test_zero_grad_frees_the_gradients_after_an_error_in_a_step(monkeypatch):
+    """An error inside the ascent leaves no gradient held by the plan once zero_grad() ran."""
+    require("native")
+    model = make_model()
+    optimizer = SAM([{"params": list(model.parameters())[:2]}, {"params": list(model.parameters())[2:]}],
+                    torch.optim.SGD, lr=0.05, backend="native")
+    x, y = make_batches(1)[0]
+    batch_loss(model, x, y).backward()
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("perturb failed")
+
+    monkeypatch.setattr(native_backend, "perturb_rows", failing)
+    with pytest.raises(RuntimeError, match="perturb failed"):
+        optimizer.first_step()
+    refs = [weakref.ref(p.grad) for p in model.parameters()]
+    optimizer.zero_grad()
+    assert all(ref() is None for ref in refs)

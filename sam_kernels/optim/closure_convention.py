@@ -85,7 +85,7 @@ class NativeMarks(_Record):
     __slots__ = ("native",)
 
     def __init__(self, groups: list[dict]) -> None:
-        self.native = _NATIVE_MARKS([group["params"] for group in groups])
+        self.native = _NATIVE_MARKS(_param_lists(groups))
 
     def any(self) -> bool:
         """Whether any parameter held a gradient at the record."""
@@ -93,11 +93,18 @@ class NativeMarks(_Record):
 
     def changed(self, groups: list[dict]) -> bool:
         """As ``GradMarks.changed``."""
-        return self.native.changed([group["params"] for group in groups])
+        return self.native.changed(_param_lists(groups))
 
 
 #: The extension's record, None when it is not built.
 _NATIVE_MARKS = getattr(native_backend._C, "GradMarks", None)
+
+
+def _param_lists(groups: list[dict]) -> list:
+    """Each group's parameters as a list or tuple (what the native record walks; torch.optim keeps a list,
+    a user may have assigned another sequence)."""
+    return [params if type(params) in (list, tuple) else list(params)
+            for params in (group["params"] for group in groups)]
 
 
 def _params(groups: list[dict]) -> list[torch.Tensor]:

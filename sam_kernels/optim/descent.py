@@ -26,12 +26,12 @@ def run(engine, workspace, grad_scale: torch.Tensor | None, scaler_found_inf, ze
     # and leaves the optimizer state as it was.
     with engine._restoring_on_error():
         context = descend(engine, workspace, ascent, grad_scale, scaler_found_inf)
-    workspace.release()
     workspace.ascent = None
     workspace.grad_marks = None  # NOTE: step(closure) records again once its descent is done
     workspace.advance()
     with engine._restoring_on_error():
         engine.policy.after_step(context)
+    workspace.release()  # NOTE: after after_step, which may still read context.grads
     # NOTE: torch's LR schedulers warn unless the optimizer marks itself as stepped; the two-call loop
     # never calls step(), so the descent sets the flag that their step() wrapper would set.
     engine._opt_called = True

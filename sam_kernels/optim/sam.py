@@ -169,6 +169,7 @@ class SAM(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """torch.optim's ``zero_grad``, recorded for ``step(closure)``; drops a parked micro-batch sum."""
         accumulation.drop_sum(self._run)
+        self._run.release()  # NOTE: after an error inside a step the plan may still hold gradients
         super().zero_grad(set_to_none)
         self._run.grad_marks = (closure_convention.CLEARED if set_to_none
                                 else closure_convention.record(self.param_groups))
@@ -288,6 +289,7 @@ class SAM(torch.optim.Optimizer):
     def _abandon_ascent(self) -> None:
         """Put the weights back to w, forget the ascent (the backups hold w until the next ascent)."""
         ascent, self._run.ascent = self._run.ascent, None
+        self._run.release()
         if ascent is not None:
             with torch.no_grad():
                 self._run.restore(ascent, self.backend)

@@ -312,8 +312,9 @@ class Workspace:
                 for index in ascent.perturbed_groups:
                     rows = slice(plan.groups[index].start, plan.groups[index].stop)
                     mask = ascent.kept[rows] if ascent.kept is not None else None
-                    entry.restore_(plan.backend, select(plan.local[rows], mask),
-                                   select(plan.backups[rows], mask))
+                    params = select(plan.local[rows], mask)
+                    if params:  # NOTE: a group all of whose rows sat out the ascent moved nothing
+                        entry.restore_(plan.backend, params, select(plan.backups[rows], mask))
         for params, backups in ascent.perturbed:
             if plan is not None:
                 entry.restore_(plan.backend, params, backups)
