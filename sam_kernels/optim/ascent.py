@@ -11,7 +11,7 @@ import torch
 
 from . import accumulation, amp
 from .base import clear_grads
-from .plan import as_list
+from .gradients import as_list
 from .policy import Policy
 from .workspace import Ascent, ascent_parts, select
 

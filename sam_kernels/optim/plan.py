@@ -53,6 +53,7 @@ from .. import backends
 from ..backends.common import SUPPORTED_DTYPE_NAMES, SUPPORTED_DTYPES, is_dense, same_layout
 from ..distributed import DTensor, local_tensor
 from . import fused_steps
+from .gradients import Gradients
 
 #: ``id(None)``: NOTE: ``id(None) in map(id, grads)`` finds a missing gradient at C speed (``None in
 #: grads`` would call each tensor's ``__eq__``).
@@ -61,47 +62,6 @@ _NONE_ID = id(None)
 #: ``StepLists.collect``'s status bits (csrc/step_lists.cpp): the plan is stale; a gradient failed the
 #: quick layout check (the named checks decide); some gradients are missing (allowed by ``may_lack``).
 _STALE, _CHECK, _MISSING = 1, 2, 4
-
-
-class Gradients(Sequence):
-    """The gradients a plan collected through its C++ lists, as a read-only sequence.
-
-    NOTE (lazy list): the ops over the plan's own rows take the gradients in C++ (``lists_for``), so a
-    SAM step never needs them as Python objects; wrapping each gradient in one costs about as much as an
-    op call. The Python list is made the first time something reads the sequence (a policy's
-    ``StepContext.grads``, an op over Python lists), once. Read after the pass ended (``release``), it
-    raises instead of answering with a later pass's gradients.
-    """
-
-    __slots__ = ("_items", "_lists", "_size")
-
-    def __init__(self, lists, size: int) -> None:
-        self._lists, self._size, self._items = lists, size, None
-
-    def list(self) -> list:
-        """The gradients as a Python list (None where a parameter sitting out the ascent has none)."""
-        if self._items is None:
-            if self._lists is None:
-                raise RuntimeError("the gradients of a pass were read after the pass ended")
-            self._items = self._lists.grads()
-        return self._items
-
-    def expire(self) -> None:
-        self._lists = None
-
-    def __len__(self) -> int:
-        return self._size
-
-    def __getitem__(self, index):
-        return self.list()[index]
-
-    def __iter__(self):
-        return iter(self.list())
-
-
-def as_list(grads: Sequence | None) -> list | None:
-    """``grads`` as a Python list (``Gradients`` made one), for code that hands it to torch."""
-    return grads.list() if isinstance(grads, Gradients) else grads
 
 
 def kept_mask(kept: list[bool] | None) -> bytes | None:

@@ -33,7 +33,7 @@ import torch
 
 from ..backends.common import PerturbConfig
 from .checks import check_bool
-from .plan import as_list
+from .gradients import as_list
 from .schedules import Schedule, check_schedule
 
 
@@ -75,7 +75,7 @@ class StepContext:
     @property
     def grads(self) -> list:
         """The current local gradients of ``plan.params`` (None for a tensor that sat out the ascent), a
-        Python list made on the first read (``plan.Gradients``)."""
+        Python list made on the first read (``gradients.Gradients``)."""
         return as_list(self.collected)
 
     @property

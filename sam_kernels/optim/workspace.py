@@ -18,7 +18,8 @@ from ..backends import entry
 from ..backends.common import same_layout
 from ..distributed import all_reduce_norm, local_tensor, shard_group
 from . import closure_convention, fused_steps
-from .plan import StepPlan, as_list, kept_mask
+from .gradients import as_list
+from .plan import StepPlan, kept_mask
 from .policy import StepContext
 
 
