@@ -6,6 +6,7 @@ import pytest
 import torch
 from eager_reference import EagerAdamMSAM, EagerMSAM
 from sparse_sam_reference import EagerSparseSAM
+from targets import require
 from tolerance import assert_close
 from torch import nn
 from variant_reference import (
@@ -20,7 +21,7 @@ from variant_reference import (
     EagerWSAM,
 )
 
-from benchmarks import optimizer_step
+from benchmarks import native_cpu_iteration, optimizer_step
 from benchmarks.shapes import PARAM_SETS, numel
 from sam_kernels import backends
 
@@ -102,6 +103,34 @@ def test_host_overhead_cli_writes_its_table(tmp_path, capsys):
     assert {row["variant"] for row in rows} == set(host_overhead.variants(torch.device("cpu")))
     assert all(row["host_us"] > 0 for row in rows)
     assert "vs fused SGD step" in capsys.readouterr().out
+
+
+def test_native_cpu_iteration_ops_take_a_sam_step():
+    """The op-by-op CPU benchmark's iteration (norm, perturb, norm, restore and step) ends at the base
+    step, and each op it times alone does its part: the backup holds w, the perturbation moves w."""
+    require("native")
+    params = tiny_params()
+    native = native_cpu_iteration.NativeOps(params)
+    before = [p.detach().clone() for p in params]
+    native.perturb()
+    assert_close(native.backups, before, msg="backups")
+    assert not any(torch.equal(p.detach(), b) for p, b in zip(params, before, strict=True))
+    native.descent()
+    assert_close([p.detach() for p in params], sgd_reference_step(), msg="perturb, restore and step")
+    params = tiny_params()
+    native_cpu_iteration.NativeOps(params).iteration()
+    assert_close([p.detach() for p in params], sgd_reference_step(), msg="iteration")
+
+
+def test_native_cpu_iteration_cli_prints_every_row(monkeypatch, capsys):
+    require("native")
+    monkeypatch.setitem(PARAM_SETS, "tiny", lambda: TINY_SHAPES)
+    native_cpu_iteration.main(["--set", "tiny", "--repeats", "1", "--warmup", "1"])
+    out = capsys.readouterr().out
+    for name in ("grad norm", "perturb + backup", "restore + SGD step", "SAM iteration", "fused SGD",
+                 "eager SAM"):
+        assert f"  {name} " in out
+    assert "as one iteration" in out
 
 
 def test_model_shapes_have_the_published_sizes():
