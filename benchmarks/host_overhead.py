@@ -11,7 +11,7 @@ Variants, each an iteration's optimizer work with the gradients already in place
 * on the first backend only, what the other calling styles add: ``SAM step(closure)`` (torch's closure
   convention, the closure setting the same gradients again, as zero_grad and backward would), ``the
   closure alone, twice`` (its own work, to subtract), and ``SAM Interval(2)`` (a schedule: every other
-  step plain).
+  step plain); on a GPU also ``SAM [backend, CUDA graph]``, the iteration captured once and replayed.
 The variants are those of ``benchmarks.optimizer_step`` and the three above.
 
 Every variant is timed ``--repeats`` times per round, the variants interleaved over ``--rounds`` rounds;
@@ -98,6 +98,8 @@ def variants(device) -> dict:
     table[f"sam_kernels SAM step(closure) [{first}]"] = lambda ps: ClosureSAM(ps, first)
     table["the closure alone, twice"] = lambda ps: ClosureSAM(ps, first, run_optimizer=False)
     table[f"sam_kernels SAM Interval(2) [{first}]"] = lambda ps: IntervalSAM(ps, first)
+    if device.type == "cuda":
+        table[f"sam_kernels SAM [{first}, CUDA graph]"] = lambda ps: optimizer_step.GraphedSAM(ps, first)
     return table
 
 

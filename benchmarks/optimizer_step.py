@@ -3,7 +3,7 @@
 One iteration's optimizer work is everything SAM adds around the two backward passes plus the base step:
 global gradient norm, backup and perturbation, restore and the base optimizer's step (SGD with momentum
 0.9 and weight decay 5e-4). The gradients already in ``.grad`` stand in for both passes' gradients, so
-every SAM variant ends an iteration with the same weights, which ``check_variants`` verifies.
+every SAM variant ends an iteration with the same weights, which python_tests/test_benchmarks.py verifies.
 
 Bytes-moved model per parameter (b = bytes per element): base SGD step reads w, g, buf and writes w, buf:
 5b. SAM: norm reads g (1b), perturb reads w, g and writes backup, w (4b), restore-and-step reads backup,
@@ -145,6 +145,36 @@ class FusedSAM(Variant):
         self.optimizer.second_step()
 
 
+class GraphedSAM(Variant):
+    """A SAM iteration's optimizer calls (``first_step()`` + ``second_step()``, ``capturable=True``)
+    captured once in a CUDA graph and replayed: one host call per iteration (CUDA only). Construction runs
+    ``WARMUP`` iterations on a side stream first, as graph capture requires (state and workspace are
+    allocated there), so the parameters have taken ``WARMUP`` steps before the first replay."""
+
+    WARMUP = 3
+
+    def __init__(self, params, backend: str):
+        super().__init__(params)
+        self.optimizer = SAM(params, torch.optim.SGD, rho=RHO, lr=LR, momentum=MOMENTUM,
+                             weight_decay=WEIGHT_DECAY, backend=backend, capturable=True)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(self.WARMUP):
+                self.iteration()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.iteration()
+
+    def iteration(self):
+        self.optimizer.first_step()
+        self.optimizer.second_step()
+
+    def step(self):
+        self.graph.replay()
+
+
 def available_backends(device: torch.device) -> list[str]:
     """The sam_kernels backends that run on ``device`` at full speed: not the Triton interpreter, and
     the torch reference (written for reading) only where no kernel backend is available."""
@@ -175,6 +205,9 @@ def make_variants(params_factory, device) -> dict[str, callable]:
                                                                           renormalize=True)
         variants[f"sam_kernels ESAM [{name}]"] = lambda n=name: FusedSAM(params_factory(), n,
                                                                           keep=ESAM_BETA)
+    if device.type == "cuda":
+        first = available_backends(device)[0]
+        variants[f"sam_kernels SAM [{first}, CUDA graph]"] = lambda: GraphedSAM(params_factory(), first)
     return variants
 
 

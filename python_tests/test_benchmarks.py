@@ -105,6 +105,23 @@ def test_host_overhead_cli_writes_its_table(tmp_path, capsys):
     assert "vs fused SGD step" in capsys.readouterr().out
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_graphed_sam_replays_a_sam_iteration():
+    """With the same gradient in both passes each SAM iteration is one SGD step, so the captured
+    iteration's warm-up and two replays end where WARMUP + 2 torch.optim.SGD steps do."""
+    device = torch.device("cuda")
+    params = optimizer_step.make_params(TINY_SHAPES, torch.float32, device, seed=3)
+    expected = tiny_params()
+    graphed = optimizer_step.GraphedSAM(params, optimizer_step.available_backends(device)[0])
+    graphed.step()
+    graphed.step()
+    base = torch.optim.SGD(expected, lr=optimizer_step.LR, momentum=optimizer_step.MOMENTUM,
+                           weight_decay=optimizer_step.WEIGHT_DECAY)
+    for _ in range(optimizer_step.GraphedSAM.WARMUP + 2):
+        base.step()
+    assert_close([p.detach().cpu() for p in params], [p.detach() for p in expected], scale=10)
+
+
 def test_native_cpu_iteration_ops_take_a_sam_step():
     """The op-by-op CPU benchmark's iteration (norm, perturb, norm, restore and step) ends at the base
     step, and each op it times alone does its part: the backup holds w, the perturbation moves w."""
