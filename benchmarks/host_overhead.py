@@ -12,7 +12,7 @@ Variants, each an iteration's optimizer work with the gradients already in place
   convention, the closure setting the same gradients again, as zero_grad and backward would), ``the
   closure alone, twice`` (its own work, to subtract), and ``SAM Interval(2)`` (a schedule: every other
   step plain); on a GPU also ``SAM [backend, CUDA graph]``, the iteration captured once and replayed.
-The variants are those of ``benchmarks.optimizer_step`` and the three above.
+The variants are those of ``benchmarks.optimizer_step`` and the ones above.
 
 Every variant is timed ``--repeats`` times per round, the variants interleaved over ``--rounds`` rounds;
 the median over all calls is reported with its interquartile range, and each ratio is to the fused SGD

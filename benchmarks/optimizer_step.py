@@ -376,15 +376,16 @@ def summary_lines(rows: list[Row]) -> list[str]:
 
 def format_table(rows: list[Row]) -> str:
     head = rows[0]
+    width = max(28, *(len(r.variant) for r in rows))
     lines = [f"\n{head.param_set} ({head.tensors} tensors, {head.parameters / 1e6:.1f}M parameters, "
              f"{head.dtype})",
-             f"{'variant':<28} {'median ms':>10} {'min-max ms':>15} {'/eager SAM':>11} {'/fused SGD':>11} "
-             f"{'GB/s':>8} {'of bw':>8} {'ops/iter':>9} {'peak MB':>8}"]
+             f"{'variant':<{width}} {'median ms':>10} {'min-max ms':>15} {'/eager SAM':>11} "
+             f"{'/fused SGD':>11} {'GB/s':>8} {'of bw':>8} {'ops/iter':>9} {'peak MB':>8}"]
     for r in rows:
         peak = "n/a" if r.peak_extra_mb is None else f"{r.peak_extra_mb:.0f}"
         spread = f"{r.min_ms:.2f}-{r.max_ms:.2f}"
         flag = "!" if r.of_copy_bandwidth > 1 else " "
-        lines.append(f"{r.variant:<28} {r.median_ms:>10.2f} {spread:>15} {r.vs_eager_sam:>10.2f}x "
+        lines.append(f"{r.variant:<{width}} {r.median_ms:>10.2f} {spread:>15} {r.vs_eager_sam:>10.2f}x "
                      f"{r.vs_fused_sgd:>10.2f}x {r.gbytes_per_s:>8.1f} {r.of_copy_bandwidth:>6.0%}{flag} "
                      f"{r.ops_per_iteration:>9} {peak:>8}")
     return "\n".join(lines)

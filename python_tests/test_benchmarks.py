@@ -100,7 +100,8 @@ def test_host_overhead_cli_writes_its_table(tmp_path, capsys):
     out = tmp_path / "host.json"
     host_overhead.main(["--counts", "3", "--rounds", "1", "--repeats", "3", "--json", str(out)])
     rows = json.loads(out.read_text())["rows"]
-    assert {row["variant"] for row in rows} == set(host_overhead.variants(torch.device("cpu")))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the device main() picks
+    assert {row["variant"] for row in rows} == set(host_overhead.variants(device))
     assert all(row["host_us"] > 0 for row in rows)
     assert "vs fused SGD step" in capsys.readouterr().out
 
@@ -159,7 +160,8 @@ def test_cli_runs_and_writes_its_record(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(PARAM_SETS, "tiny", lambda: TINY_SHAPES)
     monkeypatch.setattr(optimizer_step, "copy_bandwidth",
                         lambda device: {"add": 1e10, "triad": 9e9, "reference": 1e10})
-    optimizer_step.main(["--sets", "tiny", "--dtypes", "float32", "--repeats", "1", "--out", str(tmp_path)])
+    optimizer_step.main(["--sets", "tiny", "--dtypes", "float32", "--repeats", "1", "--device", "cpu",
+                         "--out", str(tmp_path)])
     record = json.loads((tmp_path / "optimizer_step_cpu.json").read_text())
     variants = {row["variant"] for row in record["rows"]}
     assert {"eager SAM", "eager ESAM", "foreach SAM", "sgd fused (base only)"} <= variants
