@@ -22,13 +22,15 @@ fi
 export MAX_JOBS=${MAX_JOBS:-2}
 
 # NOTE (stamps): a hash of everything an install or a build reads: the pinned requirements; the build
-# files, the C++/CUDA sources and the build's environment variables.
+# files, the C++/CUDA sources and the environment variables setup.py reads. Only those: the tests'
+# SAM_KERNELS_EXPECT_* switches do not change the build and must not trigger a rebuild (in CI they are
+# set after the first set-up, and a rebuild of the CPU and CUDA parts takes minutes).
 stamp() { sha256sum "$@" | sha256sum | cut -c1-16; }
 requirements_stamp=$(stamp "$REQUIREMENTS_FILE")
 build_inputs=$(find csrc -type f | sort)
 build_stamp=$(
   { stamp setup.py CMakeLists.txt pyproject.toml $build_inputs
-    env | grep -E '^(SAM_KERNELS_|TORCH_CUDA_ARCH_LIST=|CUDA_HOME=)' | sort; } | sha256sum | cut -c1-16)
+    env | grep -E '^(SAM_KERNELS_(NO_CUDA|SKIP_EXT|FORCE_CUDA)=|TORCH_CUDA_ARCH_LIST=|CUDA_HOME=)' | sort; } | sha256sum | cut -c1-16)
 
 if [ "$(cat "$VENV_DIR"/.requirements_stamp 2>/dev/null)" != "$requirements_stamp" ]; then
   "$VENV_DIR"/bin/python -m pip install --quiet --upgrade pip
