@@ -14,10 +14,12 @@ Variants, each an iteration's optimizer work with the gradients already in place
   step plain); on a GPU also ``SAM [backend, CUDA graph]``, the iteration captured once and replayed.
 The variants are those of ``benchmarks.optimizer_step`` and the ones above.
 
-Every variant is timed ``--repeats`` times per round, the variants interleaved over ``--rounds`` rounds;
-the median over all calls is reported with its interquartile range, and each ratio is to the fused SGD
-step measured in the same run. On a GPU the host time is the wall time of the calls before any
-synchronize; the device time (after a synchronize) is reported apart.
+Every variant is called ``--repeats`` times per round, the variants taking turns call by call, over
+``--rounds`` rounds; the median over all calls is reported with its interquartile range. Each ratio to
+the fused SGD step (measured in the same run) is the median over the rounds of the ratio of the two
+round medians, with its min-max. On a GPU the host time is the wall time of a call with no synchronize;
+the device time per call, from a batch of calls queued back to back and then a synchronize, is
+reported apart.
 
     python -m benchmarks.host_overhead [--counts 161 2000] [--rounds 5] [--repeats 40] [--json out.json]
 """
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import sys
 import time
@@ -103,20 +106,39 @@ def variants(device) -> dict:
     return table
 
 
-def time_calls(variant, device, repeats: int) -> tuple[list[float], float]:
-    """Host seconds of each of ``repeats`` calls (no synchronize between them) and the device seconds
-    of the whole batch (0 on the CPU, where the calls are synchronous)."""
-    host = []
+def host_round(built: dict, repeats: int) -> dict[str, list[float]]:
+    """Host seconds of ``repeats`` calls of each variant, one call of every variant in turn.
+
+    NOTE (interleaved calls): a slow spell of a shared machine lasts milliseconds to a second; with the
+    variants taking turns call by call it falls on all of them alike, where in blocks of calls it landed
+    on one variant's block and moved the 2000-tensor ratio by 2x between two runs. The order is shuffled
+    on every turn (seeded): a call runs with what its predecessor left in the caches, and in a fixed order
+    the variant after eager SAM always found them cold (1.6x SSAM's time, which does more)."""
+    host: dict[str, list[float]] = {name: [] for name in built}
+    order = list(built)
+    shuffle = random.Random(0).shuffle
+    for _ in range(repeats):
+        shuffle(order)
+        for name in order:
+            variant = built[name]
+            start = time.perf_counter()
+            variant.step()
+            host[name].append(time.perf_counter() - start)
+    return host
+
+
+def device_seconds(variant, device, repeats: int) -> float:
+    """Device seconds per call of ``repeats`` calls queued back to back (0 on the CPU, where the calls
+    are synchronous): the wall time after the last call is queued, until the device is done."""
+    if device.type != "cuda":
+        return 0.0
+    torch.cuda.synchronize(device)
     start_all = time.perf_counter()
     for _ in range(repeats):
-        start = time.perf_counter()
         variant.step()
-        host.append(time.perf_counter() - start)
     queued = time.perf_counter() - start_all
-    if device.type != "cuda":
-        return host, 0.0
     torch.cuda.synchronize(device)
-    return host, max(time.perf_counter() - start_all - queued, 0.0) / repeats
+    return max(time.perf_counter() - start_all - queued, 0.0) / repeats
 
 
 def run(counts, device, rounds: int, repeats: int) -> list[dict]:
@@ -127,19 +149,20 @@ def run(counts, device, rounds: int, repeats: int) -> list[dict]:
             for _ in range(3):
                 variant.step()
         samples: dict[str, list[float]] = {name: [] for name in built}
-        device_time: dict[str, list[float]] = {name: [] for name in built}
+        round_medians: dict[str, list[float]] = {name: [] for name in built}
         for _ in range(rounds):
-            for name, variant in built.items():  # NOTE: interleaved, so load drift hits every variant
-                host, dev = time_calls(variant, device, repeats)
+            for name, host in host_round(built, repeats).items():
                 samples[name].extend(host)
-                device_time[name].append(dev)
+                round_medians[name].append(statistics.median(host))
+        device_time = {name: device_seconds(variant, device, repeats) for name, variant in built.items()}
         for name, values in samples.items():
             q1, _, q3 = statistics.quantiles(values, n=4)
-            ratio, (low, high) = optimizer_step.round_ratios(values, samples["sgd fused"])
+            # NOTE (round medians): the ratio is taken per round, of the round's median calls; a ratio of
+            # single calls pairs two unrelated calls (a collection or a page fault in either one).
+            ratio, (low, high) = optimizer_step.round_ratios(round_medians[name], round_medians["sgd fused"])
             rows.append({"params": count, "variant": name, "host_us": statistics.median(values) * 1e6,
                          "q1_us": q1 * 1e6, "q3_us": q3 * 1e6, "vs_sgd_fused": ratio,
-                         "vs_sgd_fused_range": [low, high],
-                         "device_us": statistics.median(device_time[name]) * 1e6})
+                         "vs_sgd_fused_range": [low, high], "device_us": device_time[name] * 1e6})
     return rows
 
 

@@ -20,7 +20,7 @@ if [ "${1:-}" = "--full" ]; then
   shift
   .venv/bin/python -m benchmarks.optimizer_step --threads "$threads" --summary "$summary" "$@"
 elif [ "$#" -eq 0 ]; then
-  .venv/bin/python -m benchmarks.host_overhead --threads "$threads" --counts 161 2000 --rounds 5 \
+  .venv/bin/python -m benchmarks.host_overhead --threads "$threads" --counts 161 2000 --rounds 9 \
     --repeats 20 --summary "$summary"
   # NOTE (rounds): eager SAM's step time alternates from one step to the next (about 70 and 90 ms on
   # ResNet-50's shapes: the backups it clones every step land on reused or on fresh memory), so with 7
